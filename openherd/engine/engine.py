@@ -1,0 +1,644 @@
+"""The engine: one loaded model, one continuous-batching scheduler.
+
+A single scheduler thread owns the llama.cpp context. Each step it builds one
+``llama_batch`` holding
+
+  * one token for every sequence that is decoding, and
+  * a chunk of prompt tokens for sequences still prefilling (bounded, so a long
+    prompt never stalls the other streams for more than one chunk),
+
+runs one ``llama_decode``, samples every sequence that produced logits, and
+hands the resulting events to the requests' handles. Requests join and leave
+between steps. Sequences live in fixed *slots* (llama.cpp sequence ids); a
+finished slot keeps its KV cells, and a new request reuses the slot whose
+tokens share the longest prefix with its prompt (like llama-server), or copies
+a shared prefix from a busy slot (``llama_memory_seq_cp`` is free with a
+unified KV cache). The reused length is reported as ``cached_tokens``.
+
+    submit() --> waiting queue --> slot --> prefill chunks --> decode --> FinishEvent
+                 (bounded: QueueFull)        (interleaved with other sequences)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..chat_template import ChatTemplate
+from ..errors import ContextOverflow, HerdError, InvalidRequest, QueueFull, Unavailable
+from ..settings import default_threads
+from . import grammar as _grammar
+from .detok import StreamDecoder
+from .runtime import ContextConfig, LlamaContext, LlamaModel, ModelInfo, load_lora
+from .sampling import Sampler, log_softmax, token_logprobs
+from .types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent, Usage
+
+log = logging.getLogger("openherd.engine")
+
+Event = TokenEvent | FinishEvent
+
+
+@dataclass
+class EngineConfig:
+    n_ctx: int = 4096  # context per sequence (clamped to the model's training context)
+    n_parallel: int = 8  # sequences decoded together (llama.cpp sequence ids)
+    n_threads: int = 0  # 0 = settings.default_threads()
+    n_batch: int = 512  # max tokens per llama_decode
+    prefill_chunk: int = 256  # prompt tokens per step while other sequences decode
+    max_queue: int = 64  # waiting requests before QueueFull
+    lora: str | None = None  # GGUF LoRA adapter applied to every sequence of this engine
+    lora_scale: float = 1.0
+    n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp
+    embed_ctx: int = 2048  # context of the lazily created embedding context
+    # Unified KV lets a new sequence share a *busy* slot's prefix cells (seq_cp), e.g.
+    # n>1 choices or many users on one system prompt; split KV decodes ~15% faster on
+    # CPU when prompts differ. Same-slot prefix reuse works either way.
+    kv_unified: bool = False
+
+    def __post_init__(self):
+        if self.n_ctx < 16:
+            raise InvalidRequest("context size must be at least 16 tokens")
+        if not 1 <= self.n_parallel <= 256:
+            raise InvalidRequest("n_parallel must be between 1 and 256")
+        if self.n_batch < 1 or self.prefill_chunk < 1:
+            raise InvalidRequest("n_batch and prefill_chunk must be positive")
+        if self.max_queue < 0:
+            raise InvalidRequest("max_queue must be >= 0")
+
+
+@dataclass
+class EngineStats:
+    queue_depth: int = 0
+    active: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class RequestHandle:
+    """The caller's side of one request: iterate events (sync or async), or cancel.
+
+    Leaving the iteration early (``break``, a dropped HTTP stream cancelling the
+    async generator) cancels the request, so its slot and KV are freed within
+    one scheduler step.
+    """
+
+    def __init__(self, engine: Engine, req: GenerationRequest):
+        self.engine = engine
+        self.request = req
+        self.cancelled = False
+        self.finished = False
+        self._events: collections.deque[Event] = collections.deque()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self.submitted_at = time.perf_counter()
+
+    # Scheduler side -------------------------------------------------------------
+    def _push(self, ev: Event) -> None:
+        with self._cond:
+            self._events.append(ev)
+            self._cond.notify()
+            loop, wake = self._loop, self._wake
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(wake.set)
+            except RuntimeError:  # loop closed: the consumer is gone
+                self.cancelled = True
+
+    # Consumer side --------------------------------------------------------------
+    def cancel(self) -> None:
+        if not self.finished and not self.cancelled:
+            self.cancelled = True
+            self.engine._notify()
+
+    def __iter__(self) -> Iterator[Event]:
+        try:
+            while True:
+                with self._cond:
+                    while not self._events:
+                        self._cond.wait()
+                    ev = self._events.popleft()
+                if isinstance(ev, FinishEvent):
+                    self.finished = True
+                yield ev
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        with self._cond:
+            self._loop = asyncio.get_running_loop()
+            self._wake = asyncio.Event()
+        try:
+            while True:
+                self._wake.clear()
+                with self._cond:
+                    ev = self._events.popleft() if self._events else None
+                if ev is None:
+                    await self._wake.wait()
+                    continue
+                if isinstance(ev, FinishEvent):
+                    self.finished = True
+                yield ev
+                if self.finished:
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def result(self) -> tuple[str, FinishEvent]:
+        """Block until done; return (text, finish)."""
+        parts = []
+        for ev in self:
+            parts.append(ev.text)
+            if isinstance(ev, FinishEvent):
+                return "".join(parts), ev
+        raise RuntimeError("stream ended without a FinishEvent")
+
+
+@dataclass
+class _Slot:
+    id: int
+    tokens: list[int] = field(default_factory=list)  # tokens whose KV is in the cache, in order
+    seq: _Seq | None = None
+    last_used: float = 0.0
+
+
+@dataclass
+class _Seq:
+    handle: RequestHandle
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    decoder: StreamDecoder
+    constraint: object | None
+    slot: _Slot | None = None
+    pending: int | None = None  # sampled token not yet in the KV cache
+    n_generated: int = 0
+    cached: int = 0
+    lp_from: int | None = None  # score prompt tokens from this index (evals)
+    prompt_logprobs: list[tuple[float, bool]] = field(default_factory=list)
+    t_admit: float = 0.0
+    t_first: float = 0.0
+    t_last: float = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.slot is not None and len(self.slot.tokens) < len(self.prompt)
+
+
+def _lcp(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    # Vectorised compare: prompts are thousands of tokens and this runs per admission.
+    x = np.asarray(a[:n], dtype=np.int32) != np.asarray(b[:n], dtype=np.int32)
+    idx = int(np.argmax(x))
+    return idx if x[idx] else n
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, config: EngineConfig, name: str = "", own_model: bool = True):
+        self.config = config
+        self.model = model
+        self._own_model = own_model
+        n_threads = config.n_threads or default_threads()
+        self.n_threads = n_threads
+        n_ctx_train = _n_ctx_train(model)
+        self.n_ctx_seq = min(config.n_ctx, n_ctx_train) if n_ctx_train > 0 else config.n_ctx
+        self.ctx = LlamaContext(
+            model,
+            ContextConfig(
+                n_ctx=self.n_ctx_seq * config.n_parallel,
+                n_seq_max=config.n_parallel,
+                n_batch=config.n_batch,
+                n_threads=n_threads,
+                kv_unified=config.kv_unified,
+            ),
+        )
+        self._lora = None
+        if config.lora:
+            self._lora = load_lora(model, config.lora)
+            self.ctx.set_adapters([self._lora], [config.lora_scale])
+        self.info: ModelInfo = model.info(name or os.path.basename(model.path), self.n_ctx_seq)
+        self.template = ChatTemplate(self.info.chat_template, self.info.bos_text, self.info.eos_text)
+        self._slots = [_Slot(i) for i in range(config.n_parallel)]
+        self._waiting: collections.deque[_Seq] = collections.deque()
+        self._active: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stats = EngineStats()
+        self._embed_ctx: LlamaContext | None = None
+        self._embed_lock = threading.Lock()
+        self.last_used = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name=f"herd-sched-{self.info.name}", daemon=True)
+        self._thread.start()
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(cls, path: str, config: EngineConfig | None = None, name: str = "") -> Engine:
+        from ..gguf import read_gguf
+
+        read_gguf(path)  # validate in Python before llama.cpp parses anything
+        config = config or EngineConfig()
+        model = LlamaModel(path, n_gpu_layers=config.n_gpu_layers)
+        try:
+            return cls(model, config, name=name)
+        except BaseException:
+            model.close()
+            raise
+
+    # ----------------------------------------------------------------- tokens
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self.model.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.model.detokenize(tokens)
+
+    def token_piece(self, token: int) -> bytes:
+        return self.model.piece(token)
+
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None, **extra) -> list[int]:
+        """Render the model's template and tokenise, adding BOS only if the template didn't."""
+        text = self.template.render(messages, tools=tools, add_generation_prompt=True, **extra)
+        add_bos = self.info.add_bos and not (self.info.bos_text and text.startswith(self.info.bos_text))
+        toks = self.model.tokenize(text, add_special=False, parse_special=True)
+        return [self.info.bos] + toks if add_bos else toks
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, req: GenerationRequest) -> RequestHandle:
+        if self._closed:
+            raise Unavailable("the model is unloading; retry")
+        p = req.params
+        n_prompt = len(req.prompt)
+        if n_prompt == 0:
+            raise InvalidRequest("the prompt is empty")
+        bad = [t for t in req.prompt if not 0 <= t < self.info.n_vocab]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary (0..{self.info.n_vocab - 1})")
+        if n_prompt >= self.n_ctx_seq:
+            raise ContextOverflow(
+                f"the prompt has {n_prompt} tokens but the context window is {self.n_ctx_seq} tokens; "
+                "shorten the prompt or raise the context size (num_ctx / --ctx)"
+            )
+        if p.max_tokens is not None and n_prompt + p.max_tokens > self.n_ctx_seq:
+            raise ContextOverflow(
+                f"this model's context window is {self.n_ctx_seq} tokens, but {n_prompt + p.max_tokens} were "
+                f"requested ({n_prompt} in the prompt, {p.max_tokens} for the completion); "
+                "reduce the prompt or max_tokens"
+            )
+        lp_from = req.prompt_logprobs_from
+        if lp_from is not None and not 1 <= lp_from <= n_prompt:
+            raise InvalidRequest("prompt_logprobs_from must be within the prompt")
+        constraint = None
+        if p.grammar is not None:
+            constraint = _grammar.Constraint(p.grammar, self.model, self.info.n_vocab)
+        handle = RequestHandle(self, req)
+        seq = _Seq(
+            handle=handle,
+            prompt=list(req.prompt),
+            params=p,
+            sampler=Sampler(p, self.info.n_vocab),
+            decoder=StreamDecoder(p.stop),
+            constraint=constraint,
+            lp_from=lp_from,
+        )
+        with self._cond:
+            if len(self._waiting) >= self.config.max_queue + max(0, self._free_slots()):
+                raise QueueFull(retry_after=max(1, len(self._waiting) // max(1, self.config.n_parallel)))
+            self._waiting.append(seq)
+            self._stats.requests += 1
+            self._cond.notify()
+        self.last_used = time.monotonic()
+        return handle
+
+    def generate(self, req: GenerationRequest) -> Iterator[Event]:
+        return iter(self.submit(req))
+
+    def loglikelihood(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
+        """Sum of log P(continuation | context) and whether it is the greedy continuation."""
+        return self.score_many([(context, continuation)])[0]
+
+    def score_many(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Prefill-only scoring of many (context, continuation) pairs, batched by the scheduler."""
+        handles = []
+        for ctx_toks, cont in pairs:
+            if not ctx_toks or not cont:
+                raise InvalidRequest("context and continuation must both be non-empty")
+            req = GenerationRequest(prompt=ctx_toks + cont, params=SamplingParams(temperature=0, max_tokens=0),
+                                    prompt_logprobs_from=len(ctx_toks))
+            handles.append(self.submit(req))
+        out = []
+        for h in handles:
+            _, fin = h.result()
+            if fin.reason == "error":
+                raise Unavailable(fin.error or "scoring failed")
+            lps = fin.prompt_logprobs
+            out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
+        return out
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            s = EngineStats(**vars(self._stats))
+            s.queue_depth = len(self._waiting)
+            s.active = len(self._active)
+        return s
+
+    # ----------------------------------------------------------------- embeddings
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Mean-pooled, L2-normalised embeddings from a dedicated embedding context.
+
+        Pooling is mean over the sequence's last hidden states (llama.cpp
+        LLAMA_POOLING_TYPE_MEAN): decoder-only chat models have no CLS token and
+        last-token pooling is worse for retrieval with models not trained for it.
+        """
+        toks = [self.model.tokenize(t, add_special=True, parse_special=False) for t in texts]
+        limit = self.config.embed_ctx
+        for i, t in enumerate(toks):
+            if len(t) > limit:
+                raise ContextOverflow(f"input {i} has {len(t)} tokens; the embedding context is {limit} tokens")
+            if not t:
+                raise InvalidRequest(f"input {i} is empty", param="input")
+        n_seq = 8
+        with self._embed_lock:
+            if self._embed_ctx is None:
+                self._embed_ctx = LlamaContext(
+                    self.model,
+                    ContextConfig(n_ctx=limit, n_seq_max=n_seq, n_batch=limit, n_threads=self.n_threads,
+                                  embeddings=True, pooling=1),
+                )
+            ec = self._embed_ctx
+            out: list[list[float]] = []
+            i = 0
+            while i < len(toks):
+                ec.clear()
+                ec.batch.clear()
+                group = []
+                used = 0
+                while i < len(toks) and len(group) < n_seq and used + len(toks[i]) <= limit:
+                    s = len(group)
+                    for pos, t in enumerate(toks[i]):
+                        ec.batch.add(t, pos, s, True)
+                    used += len(toks[i])
+                    group.append(i)
+                    i += 1
+                rc = ec.decode()
+                if rc != 0:
+                    raise Unavailable(f"embedding failed (llama_decode returned {rc})")
+                for s, _ in enumerate(group):
+                    v = ec.embedding(s, self.info.n_embd).astype(np.float64)
+                    norm = float(np.linalg.norm(v)) or 1.0
+                    out.append((v / norm).tolist())
+        self.last_used = time.monotonic()
+        return out, sum(len(t) for t in toks)
+
+    # ----------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        if self._embed_ctx is not None:
+            self._embed_ctx.close()
+        self.ctx.close()
+        _grammar.forget_model(self.model)
+        if self._own_model:
+            self.model.close()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._waiting or self._active)
+
+    def _notify(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    def _free_slots(self) -> int:
+        return sum(1 for s in self._slots if s.seq is None)
+
+    # ----------------------------------------------------------------- scheduler
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                self._step()
+            except Exception as e:  # never let the scheduler die silently
+                log.exception("scheduler step failed")
+                self._fail_all(f"internal engine error: {type(e).__name__}")
+        self._fail_all("the model was unloaded", reason="abort")
+
+    def _fail_all(self, message: str, reason: str = "error") -> None:
+        with self._cond:
+            seqs = list(self._active) + list(self._waiting)
+            self._waiting.clear()
+        for s in seqs:
+            self._finish(s, reason, error=message)
+
+    def _admit(self) -> None:
+        with self._cond:
+            while self._waiting and any(sl.seq is None for sl in self._slots):
+                s = self._waiting.popleft()
+                if s.handle.cancelled:
+                    self._push_finish(s, "abort")
+                    continue
+                self._assign(s)
+                self._active.append(s)
+
+    def _assign(self, s: _Seq) -> None:
+        """Pick a free slot, reusing the longest cached prefix (maybe from a busy slot)."""
+        limit = len(s.prompt) - 1  # at least one token must be evaluated to get logits
+        if s.lp_from is not None:
+            limit = min(limit, s.lp_from - 1)  # scored positions need fresh logits
+        free = [sl for sl in self._slots if sl.seq is None]
+        best = max(free, key=lambda sl: (_lcp(sl.tokens, s.prompt), -sl.last_used))
+        n_reuse = min(_lcp(best.tokens, s.prompt), limit)
+        donor, n_donor = None, 0
+        for sl in self._slots if self.config.kv_unified else ():
+            if sl.seq is not None:
+                n = min(_lcp(sl.tokens, s.prompt), limit)
+                if n > n_donor:
+                    donor, n_donor = sl, n
+        if donor is not None and n_donor > n_reuse:
+            self.ctx.seq_rm(best.id, 0, -1)
+            self.ctx.seq_cp(donor.id, best.id, 0, n_donor)
+            best.tokens = s.prompt[:n_donor]
+            n_reuse = n_donor
+        else:
+            if not self.ctx.seq_rm(best.id, n_reuse, -1):
+                self.ctx.seq_rm(best.id, 0, -1)
+                n_reuse = 0
+            del best.tokens[n_reuse:]
+        best.seq = s
+        s.slot = best
+        s.cached = n_reuse
+        s.t_admit = time.perf_counter()
+
+    def _step(self) -> None:
+        self._admit()
+        # Cancelled sequences leave before we spend compute on them.
+        for s in [s for s in self._active if s.handle.cancelled]:
+            self._finish(s, "abort")
+        if not self._active:
+            return
+        batch = self.ctx.batch
+        batch.clear()
+        outputs: list[tuple[_Seq, int, int]] = []  # (seq, batch index, position)
+        staged: list[tuple[_Seq, list[int]]] = []  # tokens to commit to slots once decode succeeds
+        decoding = [s for s in self._active if s.pending is not None]
+        for s in decoding:
+            pos = len(s.slot.tokens)
+            outputs.append((s, batch.add(s.pending, pos, s.slot.id, True), pos))
+            staged.append((s, [s.pending]))
+        budget = batch.free if not decoding else min(batch.free, self.config.prefill_chunk)
+        for s in self._active:
+            if budget <= 0:
+                break
+            if not s.prefilling:
+                continue
+            start = len(s.slot.tokens)
+            chunk = s.prompt[start : start + budget]
+            last = len(s.prompt) - 1
+            for j, t in enumerate(chunk):
+                pos = start + j
+                want = pos == last or (s.lp_from is not None and pos >= s.lp_from - 1)
+                idx = batch.add(t, pos, s.slot.id, want)
+                if want:
+                    outputs.append((s, idx, pos))
+            staged.append((s, chunk))
+            budget -= len(chunk)
+        if batch.n == 0:
+            return
+        rc = self.ctx.decode()
+        if rc != 0:
+            self._recover_decode(rc, [s for s, _ in staged])
+            return
+        self._stats.steps += 1
+        for s, toks in staged:
+            s.slot.tokens.extend(toks)
+            if s in decoding:
+                s.pending = None
+        now = time.perf_counter()
+        for s, idx, pos in outputs:
+            if s.handle.cancelled or s.slot is None:
+                continue
+            if pos < len(s.prompt) - 1:  # a scored prompt position (evals)
+                lp = log_softmax(self.ctx.logits(idx))
+                nxt = s.prompt[pos + 1]
+                s.prompt_logprobs.append((float(lp[nxt]), int(np.argmax(lp)) == nxt))
+                continue
+            self._sample(s, idx, now)
+
+    def _sample(self, s: _Seq, idx: int, now: float) -> None:
+        p = s.params
+        if s.n_generated == 0 and s.pending is None and s.t_first == 0.0:
+            s.t_first = now
+            with self._cond:
+                self._stats.prompt_tokens += len(s.prompt)
+                self._stats.cached_tokens += s.cached
+        if p.max_tokens == 0:
+            self._finish(s, "length")
+            return
+        logits = self.ctx.logits(idx)  # zero-copy: edits here are what the sampler sees
+        raw = logits.copy() if p.logprobs is not None else None
+        if s.constraint is not None:
+            s.constraint.apply(logits)
+        if p.ignore_eos:
+            logits[list(self.info.eog_tokens)] = -np.inf
+        tok = s.sampler.sample(self.ctx.ptr, idx)
+        lp = top = None
+        if raw is not None:
+            lp, top = token_logprobs(raw, tok, p.logprobs, self.model.piece)
+        if s.constraint is not None:
+            s.constraint.consume(tok)
+        s.t_last = now
+        if tok in self.info.eog_tokens and not p.ignore_eos:
+            self._finish(s, "stop")
+            return
+        s.n_generated += 1
+        self._stats.generated_tokens += 1
+        piece = self.model.piece(tok)
+        text = s.decoder.feed(piece)
+        s.handle._push(TokenEvent(token=tok, text=text, logprob=lp, top_logprobs=top, bytes=piece))
+        if s.decoder.stopped:
+            self._finish(s, "stop")
+        elif s.constraint is not None and s.constraint.done:
+            self._finish(s, "stop")
+        elif p.max_tokens is not None and s.n_generated >= p.max_tokens:
+            self._finish(s, "length")
+        elif len(s.slot.tokens) + 1 >= self.n_ctx_seq:
+            self._finish(s, "length")
+        else:
+            s.pending = tok
+
+    def _recover_decode(self, rc: int, seqs: list[_Seq]) -> None:
+        """llama_decode failed: free idle cached prefixes and retry next step; if the
+        cache is truly full, fail the longest sequence so the others continue."""
+        for s in seqs:  # roll back any cells the failed batch may have written
+            self.ctx.seq_rm(s.slot.id, len(s.slot.tokens), -1)
+        idle = [sl for sl in self._slots if sl.seq is None and sl.tokens]
+        if rc == 1 and idle:
+            for sl in idle:
+                self.ctx.seq_rm(sl.id, 0, -1)
+                sl.tokens.clear()
+            return
+        victim = max(seqs, key=lambda s: len(s.slot.tokens))
+        log.error("llama_decode returned %d; failing one sequence", rc)
+        self._finish(victim, "error", error="out of KV cache space; retry with a shorter prompt" if rc == 1
+                     else f"llama_decode failed ({rc})")
+
+    def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            if s in self._active:
+                self._active.remove(s)
+            if s.slot is not None:
+                s.slot.seq = None
+                s.slot.last_used = time.monotonic()
+                if reason == "error":
+                    self.ctx.seq_rm(s.slot.id, 0, -1)
+                    s.slot.tokens.clear()
+        self._push_finish(s, reason, error)
+
+    def _push_finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+        tail = s.decoder.flush() if reason != "error" else ""
+        t_end = s.t_last or time.perf_counter()
+        usage = Usage(
+            prompt_tokens=len(s.prompt),
+            completion_tokens=s.n_generated,
+            cached_tokens=s.cached,
+            queue_ms=((s.t_admit or t_end) - s.handle.submitted_at) * 1000,
+            prompt_ms=((s.t_first or t_end) - (s.t_admit or t_end)) * 1000,
+            decode_ms=(t_end - (s.t_first or t_end)) * 1000,
+        )
+        fin = FinishEvent(reason=reason, usage=usage, text=tail, error=error, prompt_logprobs=s.prompt_logprobs)
+        s.sampler.close()
+        self.last_used = time.monotonic()  # keep_alive counts from the end of the last request
+        s.handle._push(fin)
+
+
+def _n_ctx_train(model: LlamaModel) -> int:
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_ctx_train(model.ptr))
+
+
+__all__ = ["Engine", "EngineConfig", "EngineStats", "RequestHandle", "HerdError"]

@@ -1,0 +1,251 @@
+"""Which models are loaded: on demand, kept alive, evicted least-recently-used.
+
+Like Ollama's scheduler: a request names a model; if it is not loaded, it is
+loaded (in a worker thread, so the event loop keeps serving); it stays loaded
+for ``keep_alive`` seconds after its last use (per request, default 5 min,
+0 = unload when idle, negative = forever). When loading another model would
+exceed the memory budget or the model count, idle models are evicted oldest
+first. A model that fails to load produces an error for that request only.
+
+LoRA-tuned models (a manifest with ``base`` + ``adapter``) get their own engine
+(llama.cpp applies adapters per context) but share the base model's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..errors import HerdError, InvalidRequest, Unavailable
+from ..settings import Settings, get_settings
+from .engine import Engine, EngineConfig
+from .runtime import LlamaModel
+
+log = logging.getLogger("openherd.manager")
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    engine: Engine
+    manifest: object  # openherd.store.Manifest
+    size: int  # estimated resident bytes (weights + KV cache)
+    loaded_at: float = field(default_factory=time.time)
+    keep_alive: float = 300.0  # seconds after last use; < 0 = forever
+    load_seconds: float = 0.0  # wall time the load took (Ollama's load_duration)
+
+    @property
+    def expires_at(self) -> float | None:
+        """Wall-clock expiry (None = never), as /api/ps reports it."""
+        if self.keep_alive < 0:
+            return None
+        idle_for = time.monotonic() - self.engine.last_used
+        return time.time() - idle_for + self.keep_alive
+
+
+class _SharedModels:
+    """Ref-counted llama_model objects so adapters of one base share its weights."""
+
+    def __init__(self):
+        self._models: dict[str, tuple[LlamaModel, int]] = {}
+
+    def get(self, path: str, n_gpu_layers: int) -> LlamaModel:
+        key = os.path.realpath(path)
+        if key in self._models:
+            m, n = self._models[key]
+            self._models[key] = (m, n + 1)
+            return m
+        m = LlamaModel(path, n_gpu_layers=n_gpu_layers)
+        self._models[key] = (m, 1)
+        return m
+
+    def put(self, model: LlamaModel) -> None:
+        key = os.path.realpath(model.path)
+        m, n = self._models[key]
+        if n <= 1:
+            del self._models[key]
+            m.close()
+        else:
+            self._models[key] = (m, n - 1)
+
+
+def _kv_bytes(engine: Engine) -> int:
+    import llama_cpp
+
+    m = engine.model.ptr
+    n_kv = llama_cpp.llama_model_n_head_kv(m)
+    n_head = max(1, llama_cpp.llama_model_n_head(m))
+    head_dim = engine.info.n_embd // n_head
+    cells = engine.n_ctx_seq * engine.config.n_parallel
+    return cells * engine.info.n_layer * 2 * n_kv * head_dim * 2  # K and V, f16
+
+
+def _total_ram() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+class ModelManager:
+    def __init__(self, settings: Settings | None = None, store=None):
+        self.settings = settings or get_settings()
+        if store is None:
+            from ..store import Store
+
+            store = Store(self.settings)
+        self.store = store
+        self._loaded: dict[str, LoadedModel] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._global = asyncio.Lock()
+        self._shared = _SharedModels()
+        self._reaper: asyncio.Task | None = None
+        self.budget = self.settings.memory_budget or int(_total_ram() * 0.7)
+
+    # ------------------------------------------------------------------ public
+    async def start(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap_loop())
+
+    async def acquire(self, name: str, keep_alive: float | None = None, num_ctx: int | None = None) -> Engine:
+        """The loaded engine for ``name``, loading it if needed."""
+        lock = self._locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            lm = self._loaded.get(name)
+            if lm is not None and num_ctx and num_ctx != lm.engine.config.n_ctx and not lm.engine.busy:
+                await self._unload(name)  # Ollama semantics: a new num_ctx reloads the model
+                lm = None
+            if lm is None:
+                lm = await self._load(name, num_ctx)
+            if keep_alive is not None:
+                lm.keep_alive = keep_alive
+            lm.engine.last_used = time.monotonic()
+            return lm.engine
+
+    def loaded(self) -> list[LoadedModel]:
+        return sorted(self._loaded.values(), key=lambda m: -m.engine.last_used)
+
+    def get_loaded(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    async def unload(self, name: str) -> bool:
+        async with self._locks.setdefault(name, asyncio.Lock()):
+            return await self._unload(name)
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
+        for name in list(self._loaded):
+            await self._unload(name)
+
+    # ------------------------------------------------------------------ loading
+    def _config(self, num_ctx: int | None, adapter: str | None) -> EngineConfig:
+        s = self.settings
+        return EngineConfig(
+            n_ctx=num_ctx or s.num_ctx,
+            n_parallel=s.num_parallel,
+            n_threads=s.threads,
+            max_queue=s.max_queue,
+            lora=adapter,
+        )
+
+    async def _load(self, name: str, num_ctx: int | None) -> LoadedModel:
+        manifest = await asyncio.to_thread(self.store.resolve, name)
+        cfg = self._config(num_ctx, manifest.adapter)
+        async with self._global:
+            await self._make_room(manifest.size)
+            t0 = time.perf_counter()
+            try:
+                engine = await asyncio.to_thread(self._build, manifest, cfg, name)
+            except HerdError:
+                raise
+            except Exception as e:  # llama.cpp allocation failures, OS errors
+                log.exception("loading %s failed", name)
+                raise Unavailable(f"model '{name}' failed to load: {type(e).__name__}") from None
+            lm = LoadedModel(name=name, engine=engine, manifest=manifest,
+                             size=engine.info.size_bytes + _kv_bytes(engine), keep_alive=self.settings.keep_alive,
+                             load_seconds=time.perf_counter() - t0)
+            self._loaded[name] = lm
+            log.info("loaded %s in %.2fs", name, lm.load_seconds)
+            return lm
+
+    def _build(self, manifest, cfg: EngineConfig, name: str) -> Engine:
+        from ..gguf import read_gguf
+
+        read_gguf(manifest.path)  # validate before llama.cpp parses the file
+        model = self._shared.get(manifest.path, cfg.n_gpu_layers)
+        try:
+            return Engine(model, cfg, name=name, own_model=False)
+        except BaseException:
+            self._shared.put(model)
+            raise
+
+    async def _make_room(self, incoming: int) -> None:
+        """Evict idle models, oldest first, until the new one fits."""
+        def over() -> bool:
+            used = sum(m.size for m in self._loaded.values())
+            return len(self._loaded) >= self.settings.max_loaded_models or used + incoming > self.budget
+
+        while self._loaded and over():
+            idle = [m for m in self._loaded.values() if not m.engine.busy]
+            if not idle:
+                if len(self._loaded) >= self.settings.max_loaded_models:
+                    raise Unavailable("all loaded models are busy and no more can be loaded; retry shortly")
+                return  # over the memory budget but nothing idle: try anyway
+            victim = min(idle, key=lambda m: m.engine.last_used)
+            await self._unload(victim.name)
+
+    async def _unload(self, name: str) -> bool:
+        lm = self._loaded.pop(name, None)
+        if lm is None:
+            return False
+        await asyncio.to_thread(self._teardown, lm)
+        log.info("unloaded %s", name)
+        return True
+
+    def _teardown(self, lm: LoadedModel) -> None:
+        lm.engine.close()
+        self._shared.put(lm.engine.model)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for name, lm in list(self._loaded.items()):
+                if lm.keep_alive < 0 or lm.engine.busy:
+                    continue
+                if now - lm.engine.last_used >= lm.keep_alive:
+                    try:
+                        await self.unload(name)
+                    except Exception:  # keep reaping the others
+                        log.exception("unloading %s failed", name)
+
+
+def parse_keep_alive(value) -> float | None:
+    """Ollama keep_alive: seconds as a number, or a duration string '5m', '1h30m', '-1'."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise InvalidRequest("keep_alive must be a duration like '5m' or a number of seconds", param="keep_alive")
+    if isinstance(value, (int, float)):
+        return float(value)
+    s = str(value).strip()
+    if not s:
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        pass
+    import re
+
+    m = re.fullmatch(r"(-)?((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+)", s)
+    if not m:
+        raise InvalidRequest(f"invalid keep_alive duration {s!r}; use e.g. '5m', '30s', '1h' or -1",
+                             param="keep_alive")
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+    total = sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", m.group(2)))
+    return -total if m.group(1) else total

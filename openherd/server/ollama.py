@@ -1,0 +1,658 @@
+"""The Ollama API (``/api``) as a translation layer over the native engine.
+
+Not a second server: each handler translates Ollama's request shape (``options``,
+``format``, ``keep_alive``, ``context``) into the same token prompts and
+``SamplingParams`` the OpenAI layer produces, starts a ``Generation`` through
+``serving``, and renders the events as Ollama does: NDJSON lines while
+streaming (the default), then a final object with ``done: true`` and Ollama's
+statistics in nanoseconds (total_duration, load_duration, prompt_eval_count,
+prompt_eval_duration, eval_count, eval_duration).
+
+Errors are ``{"error": "message"}`` with the HTTP status (``app.py`` renders
+them for every ``/api/`` path), which is what the official clients parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import __version__
+from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
+from ..errors import HerdError, InvalidRequest, ModelNotFound
+from ..store.manifest import is_valid_name, validate_name
+from . import protocol as p
+from .serving import (
+    EventStream,
+    Generation,
+    ServerState,
+    check_token_ids,
+    error_in_stream,
+    raise_for_finish,
+    request_id,
+    run_unless_disconnected,
+    start_generation,
+)
+from .tools import ParsedCall, ToolCallParser, detect_format, prepare_messages
+
+router = APIRouter()
+
+NDJSON = "application/x-ndjson"
+# Reported by /api/version. Clients gate features on Ollama's version (e.g. tools
+# need >= 0.3), so we report the Ollama API level we implement, plus our own.
+OLLAMA_API_VERSION = "0.6.0"
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.herd
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:  # forever: Ollama reports a date centuries away
+        return (datetime.now(UTC) + timedelta(days=365 * 100)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _ns(seconds: float) -> int:
+    return int(seconds * 1e9)
+
+
+def _line(obj: dict) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+# ============================================================================
+# options / format -> SamplingParams
+# ============================================================================
+
+
+def _grammar(fmt) -> GrammarSpec | None:
+    if fmt is None or fmt == "":
+        return None
+    if fmt == "json":
+        return GrammarSpec("json")
+    return GrammarSpec("json_schema", fmt)
+
+
+def sampling_params(opts: p.OllamaOptions | None, fmt, logprobs: int | None, engine) -> SamplingParams:
+    """Ollama options -> SamplingParams. Unset options keep llama.cpp's defaults,
+    which SamplingParams' defaults already are (Ollama's are the same)."""
+    o = opts or p.OllamaOptions()
+    kw: dict = {}
+    for src, dst in (
+        ("temperature", "temperature"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+        ("min_p", "min_p"),
+        ("repeat_penalty", "repeat_penalty"),
+        ("repeat_last_n", "repeat_last_n"),
+        ("presence_penalty", "presence_penalty"),
+        ("frequency_penalty", "frequency_penalty"),
+    ):
+        v = getattr(o, src)
+        if v is not None:
+            kw[dst] = v
+    if kw.get("top_p") == 0.0:
+        kw["top_p"], kw["temperature"] = 1.0, 0.0
+    if o.seed is not None and o.seed >= 0:  # Ollama: -1 = random
+        kw["seed"] = o.seed % 2**32
+    if o.num_predict is not None and o.num_predict >= 0:
+        kw["max_tokens"] = o.num_predict
+    if o.stop:
+        kw["stop"] = list(o.stop)
+    return SamplingParams(**kw, logprobs=logprobs, grammar=_grammar(fmt))
+
+
+def _logprobs(req) -> int | None:
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def _lp_entries(ev: TokenEvent) -> list[dict]:
+    return [
+        {
+            "token": ev.bytes.decode("utf-8", errors="replace"),
+            "logprob": ev.logprob if ev.logprob is not None else 0.0,
+            "bytes": list(ev.bytes),
+            "top_logprobs": [
+                {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode("utf-8"))}
+                for t in (ev.top_logprobs or [])
+            ],
+        }
+    ]
+
+
+def _stats(t0: float, load_s: float, fin: FinishEvent) -> dict:
+    u = fin.usage
+    return {
+        "total_duration": _ns(time.perf_counter() - t0),
+        "load_duration": _ns(load_s),
+        "prompt_eval_count": u.prompt_tokens,
+        "prompt_eval_duration": int(u.prompt_ms * 1e6),
+        "eval_count": u.completion_tokens,
+        "eval_duration": int(u.decode_ms * 1e6),
+    }
+
+
+def _done_reason(fin: FinishEvent) -> str:
+    return "length" if fin.reason == "length" else "stop"
+
+
+async def _load_only(state: ServerState, model: str, keep_alive: float | None, t0: float, key: str, empty) -> dict:
+    """A request with nothing to generate loads (or, with keep_alive 0, unloads) the model."""
+    validate_name(model)
+    if keep_alive == 0:
+        await state.manager.unload(model)
+        return {"model": model, "created_at": now_iso(), key: empty, "done_reason": "unload", "done": True}
+    _, load_s = await state.engine(model, keep_alive=keep_alive)
+    return {
+        "model": model,
+        "created_at": now_iso(),
+        key: empty,
+        "done_reason": "load",
+        "done": True,
+        "total_duration": _ns(time.perf_counter() - t0),
+        "load_duration": _ns(load_s),
+    }
+
+
+def _fit_messages(engine, messages: list[dict], tools, n_ctx: int) -> list[int]:
+    """Render and tokenise; like Ollama, drop the oldest non-system messages (never
+    the last one) until the prompt fits the context window."""
+    messages = list(messages)
+    while True:
+        prompt = engine.encode_chat(messages, tools=tools)
+        if len(prompt) < n_ctx:
+            return prompt
+        droppable = [i for i, m in enumerate(messages[:-1]) if m.get("role") != "system"]
+        if not droppable:
+            return prompt  # the engine reports the overflow with the numbers
+        del messages[droppable[0]]
+
+
+# ============================================================================
+# /api/chat
+# ============================================================================
+
+
+def _chat_messages(req: p.OllamaChatRequest) -> list[dict]:
+    out = []
+    for m in req.messages:
+        d: dict = {"role": m.role, "content": m.content or ""}
+        if m.tool_calls:
+            d["tool_calls"] = [
+                {"type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+                for c in m.tool_calls
+            ]
+        if m.role == "tool" and m.tool_name:
+            d["name"] = m.tool_name
+        out.append(d)
+    return out
+
+
+def _ollama_calls(calls: list[ParsedCall]) -> list[dict]:
+    return [{"id": c.id, "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
+
+
+@router.post("/api/chat")
+async def chat(request: Request) -> Response:
+    t0 = time.perf_counter()
+    state = _state(request)
+    req = p.parse_request(p.OllamaChatRequest, await request.body())
+    keep_alive = p.parse_keep_alive(req.keep_alive)
+    if not req.messages:
+        return JSONResponse(
+            await _load_only(state, req.model, keep_alive, t0, "message", {"role": "assistant", "content": ""})
+        )
+    opts = req.options or p.OllamaOptions()
+    engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+    fmt = detect_format(engine.template.source)
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
+    names = {t["function"]["name"] for t in tools or []}
+
+    def build() -> list[int]:
+        messages, template_tools = prepare_messages(_chat_messages(req), tools, fmt)
+        return _fit_messages(engine, messages, template_tools, engine.info.n_ctx)
+
+    prompt = await run_in_threadpool(build)
+    params = sampling_params(opts, req.format, _logprobs(req), engine)
+    gen = await start_generation(state, engine, req.model, [(prompt, params)], t0, request_id("chat"))
+    new_parser = (lambda: ToolCallParser(fmt, names)) if tools else (lambda: None)
+
+    if req.stream is not False:
+        return EventStream(_chat_stream(gen, req, new_parser(), t0, load_s), media_type=NDJSON)
+
+    async def collect() -> dict:
+        parser = new_parser()
+        content, calls, lps = [], [], []
+        fin = None
+        async for _, ev in gen.events():
+            if isinstance(ev, TokenEvent) and req.logprobs:
+                lps += _lp_entries(ev)
+            c, k = parser.feed(ev.text) if parser else (ev.text, [])
+            content.append(c)
+            calls += k
+            if isinstance(ev, FinishEvent):
+                if parser:
+                    c, k = parser.finish()
+                    content.append(c)
+                    calls += k
+                fin = ev
+        raise_for_finish(fin)
+        message: dict = {"role": "assistant", "content": "".join(content).strip() if calls else "".join(content)}
+        if calls:
+            message["tool_calls"] = _ollama_calls(calls)
+        out = {"model": req.model, "created_at": now_iso(), "message": message, "done_reason": _done_reason(fin), "done": True}
+        if req.logprobs:
+            out["logprobs"] = lps
+        return {**out, **_stats(t0, load_s, fin)}
+
+    return JSONResponse(await run_unless_disconnected(request, collect()))
+
+
+async def _chat_stream(gen: Generation, req: p.OllamaChatRequest, parser, t0: float, load_s: float) -> AsyncIterator[str]:
+    def line(content: str, calls: list[ParsedCall] | None = None, lps: list | None = None) -> str:
+        message: dict = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = _ollama_calls(calls)
+        obj = {"model": req.model, "created_at": now_iso(), "message": message, "done": False}
+        if lps is not None:
+            obj["logprobs"] = lps
+        return _line(obj)
+
+    try:
+        async for _, ev in gen.events():
+            content, calls = parser.feed(ev.text) if parser else (ev.text, [])
+            if isinstance(ev, TokenEvent):
+                lps = _lp_entries(ev) if req.logprobs else None
+                if content or calls or lps:
+                    yield line(content, calls, lps)
+                continue
+            if parser:
+                c, k = parser.finish()
+                content, calls = content + c, calls + k
+            raise_for_finish(ev)
+            if content or calls:
+                yield line(content, calls)
+            final = {
+                "model": req.model,
+                "created_at": now_iso(),
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": _done_reason(ev),
+                "done": True,
+                **_stats(t0, load_s, ev),
+            }
+            yield _line(final)
+    except Exception as e:
+        yield _line({"error": error_in_stream(e).message})
+    finally:
+        gen.cancel()
+
+
+# ============================================================================
+# /api/generate
+# ============================================================================
+
+
+@router.post("/api/generate")
+async def generate(request: Request) -> Response:
+    t0 = time.perf_counter()
+    state = _state(request)
+    req = p.parse_request(p.OllamaGenerateRequest, await request.body())
+    keep_alive = p.parse_keep_alive(req.keep_alive)
+    if not req.prompt and not req.context:
+        return JSONResponse(await _load_only(state, req.model, keep_alive, t0, "response", ""))
+    opts = req.options or p.OllamaOptions()
+    engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+
+    def build() -> list[int]:
+        context = list(req.context or [])
+        check_token_ids(engine, context, "context")
+        text = req.prompt or ""
+        if req.raw:
+            toks = engine.tokenize(text, add_special=not context, parse_special=True) if text else []
+        else:
+            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": text}]
+            toks = engine.encode_chat(messages)
+            if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
+                toks = toks[1:]  # the context already starts the sequence
+        return context + toks
+
+    prompt = await run_in_threadpool(build)
+    params = sampling_params(opts, req.format, _logprobs(req), engine)
+    gen = await start_generation(state, engine, req.model, [(prompt, params)], t0, request_id("gen"))
+
+    if req.stream is not False:
+        return EventStream(_generate_stream(gen, req, prompt, t0, load_s), media_type=NDJSON)
+
+    async def collect() -> dict:
+        [r] = await gen.collect()
+        out = {
+            "model": req.model,
+            "created_at": now_iso(),
+            "response": r.text,
+            "done": True,
+            "done_reason": _done_reason(r.finish),
+            "context": prompt + [ev.token for ev in r.events],
+            **_stats(t0, load_s, r.finish),
+        }
+        if req.logprobs:
+            out["logprobs"] = [e for ev in r.events for e in _lp_entries(ev)]
+        return out
+
+    return JSONResponse(await run_unless_disconnected(request, collect()))
+
+
+async def _generate_stream(gen: Generation, req: p.OllamaGenerateRequest, prompt: list[int], t0: float, load_s: float) -> AsyncIterator[str]:
+    tokens: list[int] = []
+    try:
+        async for _, ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                tokens.append(ev.token)
+                if ev.text or req.logprobs:
+                    obj = {"model": req.model, "created_at": now_iso(), "response": ev.text, "done": False}
+                    if req.logprobs:
+                        obj["logprobs"] = _lp_entries(ev)
+                    yield _line(obj)
+                continue
+            raise_for_finish(ev)
+            if ev.text:
+                yield _line({"model": req.model, "created_at": now_iso(), "response": ev.text, "done": False})
+            yield _line(
+                {
+                    "model": req.model,
+                    "created_at": now_iso(),
+                    "response": "",
+                    "done": True,
+                    "done_reason": _done_reason(ev),
+                    "context": prompt + tokens,
+                    **_stats(t0, load_s, ev),
+                }
+            )
+    except Exception as e:
+        yield _line({"error": error_in_stream(e).message})
+    finally:
+        gen.cancel()
+
+
+# ============================================================================
+# Models: /api/tags, /api/show, /api/ps, /api/pull, /api/delete
+# ============================================================================
+
+
+def _parameter_size(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.0f}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.0f}K"
+    return str(n)
+
+
+def _details(m) -> dict:
+    return {
+        "parent_model": m.base or "",
+        "format": m.format,
+        "family": m.architecture,
+        "families": [m.architecture] if m.architecture else None,
+        "parameter_size": _parameter_size(m.parameters),
+        "quantization_level": m.quantization,
+    }
+
+
+def _modified(m) -> str:
+    return m.created_at or now_iso()
+
+
+@router.get("/api/tags")
+async def tags(request: Request) -> Response:
+    manifests = await run_in_threadpool(_state(request).store.list)
+    models = [
+        {"name": m.name, "model": m.name, "modified_at": _modified(m), "size": m.size, "digest": m.sha256, "details": _details(m)}
+        for m in manifests
+    ]
+    return JSONResponse({"models": models})
+
+
+def _resolve(state: ServerState, name: str):
+    validate_name(name)
+    manifest = state.store.get(name)
+    if manifest is None:
+        raise ModelNotFound(name)
+    return manifest
+
+
+@router.post("/api/show")
+async def show(request: Request) -> Response:
+    state = _state(request)
+    req = p.parse_request(p.OllamaShowRequest, await request.body())
+    m = await run_in_threadpool(_resolve, state, req.model)
+    arch = m.architecture or "llama"
+    info: dict = {
+        "general.architecture": arch,
+        "general.parameter_count": m.parameters,
+        f"{arch}.context_length": m.context_length,
+    }
+    for key, gguf_key in (
+        ("block_count", "block_count"),
+        ("embedding_length", "embedding_length"),
+        ("head_count", "attention.head_count"),
+        ("head_count_kv", "attention.head_count_kv"),
+    ):
+        if m.details.get(key):
+            info[f"{arch}.{gguf_key}"] = m.details[key]
+    if m.details.get("model_name"):
+        info["general.name"] = m.details["model_name"]
+    template = m.chat_template or ""
+    modelfile = f"# Modelfile generated by openherd\nFROM {m.name}\n"
+    if template:
+        modelfile += f'TEMPLATE """{template}"""\n'
+    body = {
+        "license": m.details.get("license", ""),
+        "modelfile": modelfile,
+        "parameters": "",
+        "template": template,
+        "details": _details(m),
+        "model_info": info,
+        # Tools work with any chat model here (see tools.py); embeddings with any model.
+        "capabilities": ["completion", "tools"],
+        "modified_at": _modified(m),
+    }
+    return JSONResponse(body)
+
+
+@router.get("/api/ps")
+async def ps(request: Request) -> Response:
+    models = []
+    for lm in _state(request).manager.loaded():
+        m = lm.manifest
+        models.append(
+            {
+                "name": lm.name,
+                "model": lm.name,
+                "size": lm.size,
+                "digest": getattr(m, "sha256", ""),
+                "details": _details(m),
+                "expires_at": _iso(lm.expires_at),
+                "size_vram": 0,  # llama.cpp CPU build: nothing in GPU memory
+                "context_length": lm.engine.info.n_ctx,
+            }
+        )
+    return JSONResponse({"models": models})
+
+
+class _PullCancelled(Exception):
+    pass
+
+
+def _pullable(state: ServerState, name: str) -> str:
+    """Over HTTP only catalog names and hub references can be pulled: a path would let a
+    client import any file the server can read. (`herd pull PATH` is for local files.)"""
+    from ..store.hub import is_hub_ref
+
+    if is_hub_ref(name):
+        return name
+    validate_name(name)
+    key = name[: -len(":latest")] if name.endswith(":latest") else name
+    if key not in state.store.catalog:
+        known = ", ".join(sorted(state.store.catalog)) or "none"
+        raise ModelNotFound(name, f"model '{name}' is not in the catalog (known: {known}); or pull hf:OWNER/REPO/FILE.gguf")
+    return key
+
+
+@router.post("/api/pull")
+async def pull(request: Request) -> Response:
+    state = _state(request)
+    req = p.parse_request(p.OllamaPullRequest, await request.body())
+    source = _pullable(state, req.model)
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancelled = False
+
+    def progress(ev) -> None:
+        if cancelled:  # the client went away: stop the download between chunks
+            raise _PullCancelled()
+        line = {"status": ev.status}
+        if ev.digest:
+            line["digest"] = ev.digest
+        if ev.total:
+            line["total"], line["completed"] = ev.total, ev.completed
+        loop.call_soon_threadsafe(queue.put_nowait, line)
+
+    def work() -> None:
+        state.store.pull(source, progress=progress)
+
+    task = asyncio.ensure_future(run_in_threadpool(work))
+
+    if req.stream is False:
+        try:
+            await run_unless_disconnected(request, asyncio.shield(task))
+        except BaseException:
+            cancelled = True
+            raise
+        return JSONResponse({"status": "success"})
+
+    async def stream() -> AsyncIterator[str]:
+        nonlocal cancelled
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    line = getter.result()
+                    yield _line(line)
+                    if line["status"] == "success":
+                        await task
+                        return
+                    continue
+                getter.cancel()
+                while not queue.empty():
+                    yield _line(queue.get_nowait())
+                exc = task.exception()
+                if exc is not None:
+                    raise exc
+                return
+        except Exception as e:
+            err = e if isinstance(e, HerdError) else error_in_stream(e)
+            yield _line({"error": err.message})
+        finally:
+            cancelled = True
+
+    return EventStream(stream(), media_type=NDJSON)
+
+
+@router.delete("/api/delete")
+async def delete(request: Request) -> Response:
+    state = _state(request)
+    req = p.parse_request(p.OllamaDeleteRequest, await request.body())
+    validate_name(req.model)
+    await state.manager.unload(req.model)
+    await run_in_threadpool(state.store.remove, req.model)
+    return Response(status_code=200)
+
+
+# ============================================================================
+# Embeddings: /api/embed, /api/embeddings (legacy)
+# ============================================================================
+
+
+def _embed(engine, texts: list[str], truncate: bool):
+    limit = engine.config.embed_ctx
+    if truncate:
+        clipped = []
+        for t in texts:
+            toks = engine.tokenize(t, add_special=True, parse_special=False)
+            clipped.append(engine.detokenize(toks[: limit - 1]) if len(toks) > limit else t)
+        texts = clipped
+    if any(not t for t in texts):
+        raise InvalidRequest("inputs must not be empty", param="input")
+    return engine.embed(texts)
+
+
+@router.post("/api/embed")
+async def embed(request: Request) -> Response:
+    t0 = time.perf_counter()
+    state = _state(request)
+    req = p.parse_request(p.OllamaEmbedRequest, await request.body())
+    opts = req.options or p.OllamaOptions()
+    engine, load_s = await state.engine(req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx)
+    if req.dimensions is not None and req.dimensions != engine.info.n_embd:
+        raise InvalidRequest(
+            f"this model's embeddings have {engine.info.n_embd} dimensions; 'dimensions' cannot change that",
+            param="dimensions",
+        )
+    texts = [req.input] if isinstance(req.input, str) else list(req.input)
+    vectors, n_tokens = await run_in_threadpool(_embed, engine, texts, req.truncate is not False)
+    return JSONResponse(
+        {
+            "model": req.model,
+            "embeddings": vectors,
+            "total_duration": _ns(time.perf_counter() - t0),
+            "load_duration": _ns(load_s),
+            "prompt_eval_count": n_tokens,
+        }
+    )
+
+
+@router.post("/api/embeddings")
+async def embeddings(request: Request) -> Response:
+    state = _state(request)
+    req = p.parse_request(p.OllamaEmbeddingsRequest, await request.body())
+    opts = req.options or p.OllamaOptions()
+    engine, _ = await state.engine(req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx)
+    if not req.prompt:
+        return JSONResponse({"embedding": []})
+    vectors, _ = await run_in_threadpool(_embed, engine, [req.prompt], True)
+    return JSONResponse({"embedding": vectors[0]})
+
+
+# ============================================================================
+# /api/version, /
+# ============================================================================
+
+
+@router.get("/api/version")
+async def version() -> Response:
+    return JSONResponse({"version": OLLAMA_API_VERSION, "openherd": __version__})
+
+
+@router.get("/")
+@router.head("/")
+async def root() -> Response:
+    # Ollama answers "Ollama is running"; health checks written for it probe "/".
+    return Response("openherd is running", media_type="text/plain")
+
+
+__all__ = ["router", "is_valid_name"]
