@@ -55,7 +55,7 @@ INT64_MAX = 2**63 - 1
 MAX_KV_COUNT = 1 << 20  # real files carry tens to a few hundred key-values
 MAX_TENSOR_COUNT = 1 << 20  # the largest MoE checkpoints carry a few thousand per shard
 MAX_STRING_BYTES = 64 << 20  # chat templates are kilobytes; nothing legitimate is 64 MiB
-MAX_ARRAY_DEPTH = 2  # an array of arrays; llama.cpp itself rejects any nesting
+MAX_ARRAY_DEPTH = 2  # arrays of arrays at most; real files never nest arrays at all
 MAX_WALKED_ITEMS = 1 << 25  # string/array items visited one by one (vocab + merges ~ 1e6)
 MAX_LOADED_ITEMS = 1 << 24  # arrays longer than this stay ArrayRef even with load_arrays
 

@@ -324,16 +324,19 @@ def test_quantization_falls_back_to_dominant_tensor_type(tmp_path: Path):
     assert info.parameter_count == 8 * 64 + 64 + 64
 
 
-def test_load_arrays(tiny_gguf: Path):
-    tokens, merges = tm.tiny_vocab()
+def test_load_arrays(tiny_gguf: Path, tmp_path: Path):
+    voc = tm.tiny_vocab()
     full = read_gguf(tiny_gguf, load_arrays=True)
-    assert full.metadata["tokenizer.ggml.tokens"] == tokens
-    assert full.metadata["tokenizer.ggml.merges"] == [f"{a} {b}" for a, b in merges]
+    assert full.metadata["tokenizer.ggml.tokens"] == voc.tokens
+    assert full.metadata["tokenizer.ggml.merges"] == [f"{a} {b}" for a, b in voc.merges]
     assert full.metadata["tokenizer.ggml.token_type"] == [3, 3, 3] + [1] * 509
     assert full.vocab_size == 512
     # max_array raises the load threshold without load_arrays.
-    assert read_gguf(tiny_gguf, max_array=1000).metadata["tokenizer.ggml.tokens"] == tokens
+    assert read_gguf(tiny_gguf, max_array=1000).metadata["tokenizer.ggml.tokens"] == voc.tokens
     assert read_gguf(tiny_gguf, max_array=0).metadata["tokenizer.ggml.tokens"] == ArrayRef(8, 512)
+    spm = read_gguf(tm.write_tiny_gguf(tmp_path / "spm.gguf", vocab="spm"), load_arrays=True)
+    assert spm.metadata["tokenizer.ggml.scores"] == tm.tiny_vocab("spm").scores
+    assert spm.metadata["tokenizer.ggml.token_type"] == tm.tiny_vocab("spm").token_types
 
 
 def test_small_values_of_every_type(tmp_path: Path):
@@ -539,33 +542,64 @@ def test_tinymodels_are_deterministic(tmp_path: Path):
         assert (hf1 / name).read_bytes() == (hf2 / name).read_bytes(), name
 
 
-def test_tiny_vocab_covers_every_byte():
-    tokens, merges = tm.tiny_vocab()
-    assert len(tokens) == len(set(tokens)) == 512
-    assert tokens[:3] == list(tm.SPECIAL_TOKENS)
-    assert sorted(tokens[3:259]) == sorted(tm.bytes_to_unicode().values())
-    known = set(tokens)
-    assert all(a in known and b in known and a + b in known for a, b in merges)
+@pytest.mark.parametrize("kind", tm.VOCABS)
+def test_tiny_vocab_covers_every_byte(kind: str):
+    voc = tm.tiny_vocab(kind)
+    assert len(voc) == len(set(voc.tokens)) == len(voc.token_types) == 512
+    assert (voc.unk_id, voc.bos_id, voc.eos_id) == (tm.UNK_ID, tm.BOS_ID, tm.EOS_ID)
+    if kind == "bpe":
+        assert voc.tokens[:3] == list(tm.SPECIAL_TOKENS)
+        assert voc.tokens[3:259] == [tm.bytes_to_unicode()[b] for b in range(256)]
+    else:
+        assert voc.tokens[:3] == list(tm.SPM_SPECIAL_TOKENS)
+        assert voc.tokens[3:259] == [f"<0x{b:02X}>" for b in range(256)]
+        assert voc.token_types[3:259] == [tm.TOKEN_BYTE] * 256
+        assert len(voc.scores) == 512
+    known = set(voc.tokens)
+    assert all(a in known and b in known and a + b in known for a, b in voc.merges)
 
 
-def test_llama_cpp_loads_tiny_gguf_and_round_trips_text(tiny_gguf: Path):
+TEXTS = ["héllo wörld 🦙 中文", "The herd moved slowly.", "  two  spaces\n\ttab", "digits 12345", "a\nb", ""]
+
+
+@pytest.mark.parametrize("vocab", tm.VOCABS)
+def test_llama_cpp_tokenizer_round_trips_and_matches_hf(tmp_path: Path, vocab: str):
+    import llama_cpp
+
+    voc = tm.tiny_vocab(vocab)
+    llm = llama_cpp.Llama(model_path=str(tm.write_tiny_gguf(tmp_path / "m.gguf", vocab=vocab)), verbose=False)
+    hf = tm.build_hf_tokenizer(vocab)
+    try:
+        assert (llm.n_vocab(), llm.token_bos(), llm.token_eos()) == (512, voc.bos_id, voc.eos_id)
+        for text in TEXTS:
+            # add_bos=True means "as the model says": BOS for "spm", nothing for "bpe".
+            ids = llm.tokenize(text.encode(), add_bos=True, special=False)
+            assert ids[:1] == [voc.bos_id] if voc.add_bos else voc.bos_id not in ids
+            # SentencePiece's leading "▁" is dropped after BOS, so the text comes back exactly.
+            assert llm.detokenize(ids).decode("utf-8") == text
+            # llama.cpp and the HF tokenizer built from the same vocabulary agree exactly.
+            assert ids == hf.encode(text).ids, text
+            assert hf.decode(ids, skip_special_tokens=True) == text
+        # Special tokens parse to single CONTROL ids.
+        eos = voc.tokens[voc.eos_id]
+        assert llm.tokenize(f"hi{eos}".encode(), add_bos=False, special=True)[-1] == voc.eos_id
+    finally:
+        llm.close()
+
+
+def test_llama_cpp_generates_from_tiny_gguf(tiny_gguf: Path):
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(tiny_gguf), n_ctx=256, verbose=False)
     try:
-        assert (llm.n_vocab(), llm.token_bos(), llm.token_eos()) == (512, tm.BOS_ID, tm.EOS_ID)
-        text = "héllo wörld 🦙 中文"
-        ids = llm.tokenize(text.encode(), add_bos=False, special=False)
-        assert llm.detokenize(ids).decode("utf-8") == text
-        # Same ids as the HF tokenizer built from the same vocabulary (identical pre-tokenization).
-        assert ids == tm.build_hf_tokenizer().encode(text).ids
-        # Special tokens parse to single CONTROL ids.
-        assert llm.tokenize(b"<|im_start|>user\n", add_bos=False, special=True)[0] == tm.BOS_ID
+        assert llm.metadata["tokenizer.chat_template"] == tm.CHATML_TEMPLATE
         out = llm("The herd moved", max_tokens=12, temperature=0.0)
         again = llm("The herd moved", max_tokens=12, temperature=0.0)
+        other = llm("What is the capital of France?", max_tokens=12, temperature=0.0)
         assert out["usage"]["completion_tokens"] == 12  # quiet_specials: greedy never stops early
         assert out["choices"][0]["finish_reason"] == "length"
         assert out["choices"][0]["text"] == again["choices"][0]["text"]
+        assert out["choices"][0]["text"] != other["choices"][0]["text"]  # output depends on the prompt
     finally:
         llm.close()
 
@@ -583,28 +617,46 @@ def test_llama_cpp_loads_quantized_tiny_gguf(tmp_path: Path, dtype: str):
         llm.close()
 
 
-@pytest.mark.parametrize(("arch", "tie"), [("llama", False), ("llama", True), ("qwen2", False)])
-def test_gguf_and_hf_dir_are_the_same_model(tmp_path: Path, arch: str, tie: bool):
-    """llama.cpp on the GGUF and transformers on the HF dir give the same logits.
+@pytest.mark.parametrize(
+    ("arch", "tie", "vocab"), [("llama", False, "bpe"), ("llama", True, "bpe"), ("qwen2", False, "bpe"),
+                               ("llama", False, "spm")]
+)  # fmt: skip
+def test_gguf_and_hf_dir_are_the_same_model(tmp_path: Path, arch: str, tie: bool, vocab: str):
+    """llama.cpp on the GGUF and transformers on the HF dir give the same tokens and logits.
 
-    This pins the Q/K row permutation (llama) and the tensor-name mapping, which the
-    torch loader and the exporters rely on.
+    This pins the Q/K row permutation (llama), the tensor-name mapping and the HF
+    tokenizer files, which the torch loader, the converter and the exporters rely on.
     """
     import llama_cpp
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = tm.write_tiny_gguf(tmp_path / "m.gguf", arch=arch, tie_embeddings=tie, seed=7)
-    hf_dir = tm.write_tiny_hf_dir(tmp_path / "hf", arch=arch, tie_embeddings=tie, seed=7)
+    gguf_path = tm.write_tiny_gguf(tmp_path / "m.gguf", arch=arch, vocab=vocab, tie_embeddings=tie, seed=7)
+    hf_dir = tm.write_tiny_hf_dir(tmp_path / "hf", arch=arch, vocab=vocab, tie_embeddings=tie, seed=7)
+    text = "The herd moved slowly, 🦙 中文 42"
     llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=128, logits_all=True, verbose=False)
     try:
-        ids = llm.tokenize("The herd moved slowly, 🦙 中文 42".encode(), add_bos=False)
+        ids = llm.tokenize(text.encode())  # BOS as the model's add_bos_token says
         llm.eval(ids)
         ours = np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert tokenizer.encode(text) == ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(ours, ref, atol=2e-2, rtol=0)
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+def test_hf_dir_chat_template_renders_chatml(tiny_hf_dir: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_dir)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)

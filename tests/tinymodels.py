@@ -5,13 +5,18 @@ Both writers draw the same weights for the same config and seed, so
 two formats: llama.cpp on the GGUF and transformers / openherd.model on the HF
 directory give the same logits (up to float error). That is what parity tests need.
 
-The tokenizer is a real byte-level BPE (GPT-2 ``bytes_to_unicode`` alphabet, so every
-UTF-8 byte has a token and emoji/CJK round-trip exactly), trained at import time
-on a small built-in English text, plus ChatML special tokens laid out like SmolLM2:
-``<|endoftext|>`` = 0 (unk), ``<|im_start|>`` = 1 (bos), ``<|im_end|>`` = 2 (eos, pad).
-Pre-tokenization is SmolLM2's: single digits, then the GPT-2 regex, which is
-llama.cpp's ``tokenizer.ggml.pre = "smollm"`` and the tokenizers ``Digits`` +
-``ByteLevel`` sequence, so llama.cpp and HF tokenize identically.
+Two real 512-token tokenizers, both learned on first use from a small built-in
+English text, both covering every UTF-8 byte so emoji/CJK round-trip exactly:
+
+* ``vocab="bpe"`` (default, like SmolLM2): byte-level BPE over GPT-2's
+  ``bytes_to_unicode`` alphabet, ChatML specials ``<|endoftext|>`` = 0 (unk),
+  ``<|im_start|>`` = 1 (bos), ``<|im_end|>`` = 2 (eos, pad), no BOS added.
+  Pre-tokenization is SmolLM2's (single digits, then the GPT-2 regex): llama.cpp's
+  ``tokenizer.ggml.pre = "smollm"`` and the tokenizers ``Digits`` + ``ByteLevel`` sequence.
+* ``vocab="spm"`` (like Llama 2 / TinyLlama): SentencePiece pieces with "▁" for spaces
+  and ``<0xNN>`` byte fallback, ``<unk>`` = 0, ``<s>`` = 1 (added), ``</s>`` = 2.
+
+llama.cpp and the HF tokenizer produce the same ids for both (tests/test_gguf.py).
 
 Only numpy, gguf, safetensors and tokenizers are needed (no torch).
 """
@@ -36,9 +41,11 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
-PAD_ID = EOS_ID  # as in SmolLM2
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # the "bpe" vocab's
+SPM_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")  # the "spm" vocab's
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2  # the same ids in both vocabularies
+PAD_ID = EOS_ID  # as in SmolLM2 ("bpe"); the "spm" vocab has no pad token, like Llama 2
+N_SPECIAL = 3
 N_VOCAB = 512  # specials + 256 byte tokens + learned merges
 VOCABS = ("bpe", "spm")
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_BYTE = 1, 2, 3, 6  # gguf.TokenType
@@ -86,8 +93,11 @@ class TinyConfig:
     rope_theta: float = 10000.0
     rms_eps: float = 1e-5
     quiet_specials: bool = True  # zero the special tokens' output rows (see _tiny_weights)
+    vocab: str = "bpe"  # "bpe" (SmolLM2-like byte-level BPE) or "spm" (Llama-2-like SentencePiece)
 
     def __post_init__(self):
+        if self.vocab not in VOCABS:
+            raise ValueError(f"vocab must be one of {VOCABS}, got {self.vocab!r}")
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
         if self.n_embd % self.n_head or self.n_head % self.n_head_kv:
@@ -101,7 +111,7 @@ class TinyConfig:
 
     @property
     def n_vocab(self) -> int:
-        return len(tiny_vocab()[0])
+        return len(tiny_vocab(self.vocab))
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -222,7 +232,7 @@ def tiny_vocab(kind: str = "bpe") -> TinyVocab:
         # SentencePiece spells a space as "▁" and starts the text with one (add_space_prefix).
         words = Counter("▁" + w for w in _CORPUS.split())
         chars = sorted({c for w in words for c in w})
-        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars
+        tokens = list(SPM_SPECIAL_TOKENS) + [f"<0x{b:02X}>" for b in range(256)] + chars
         merges = _train_merges(words, N_VOCAB - len(tokens))
         n_base = len(tokens)
         _append_merged(tokens, merges)
@@ -231,7 +241,7 @@ def tiny_vocab(kind: str = "bpe") -> TinyVocab:
         # llama.cpp's SPM tokenizer merges the adjacent pair whose result scores highest;
         # scoring merged pieces by merge rank makes it follow the BPE merge order.
         scores = [0.0] * 259 + [-1e6] * (n_base - 259) + [-float(r) for r in range(len(tokens) - n_base)]
-        return TinyVocab("spm", tokens, types, scores, merges, 1, 2, 0, None, add_bos=True)
+        return TinyVocab("spm", tokens, types, scores, merges, BOS_ID, EOS_ID, UNK_ID, None, add_bos=True)
     raise ValueError(f"vocab must be 'bpe' or 'spm', got {kind!r}")
 
 
@@ -247,7 +257,7 @@ def _tiny_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
     the prompt instead of collapsing to one token. With ``quiet_specials`` the
     output rows of the special tokens are zero, so their logit is exactly 0 while
     the best of ~500 ordinary logits is ~+3: greedy decoding never emits
-    ``<|im_end|>`` and tests get outputs of the length they asked for.
+    ``<|im_end|>`` / ``</s>`` and tests get outputs of the length they asked for.
     """
     rng = np.random.default_rng(cfg.seed)
     d, hd, v = cfg.n_embd, cfg.head_dim, cfg.n_vocab
@@ -283,7 +293,7 @@ def _tiny_weights(cfg: TinyConfig) -> dict[str, np.ndarray]:
         w["lm_head.weight"] = linear(v, d)
     if cfg.quiet_specials:
         out = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-        w[out][: len(SPECIAL_TOKENS)] = 0.0
+        w[out][:N_SPECIAL] = 0.0
     return w
 
 
@@ -364,31 +374,21 @@ def write_tiny_gguf(
 ) -> Path:
     """Write a tiny random model that real llama.cpp loads, tokenizes with and generates from.
 
+    vocab: "bpe" (SmolLM2-like: byte-level BPE, ChatML specials, no BOS added) or
+    "spm" (Llama-2-like: SentencePiece pieces with byte fallback, BOS added).
     dtype: "f32", "f16" or "q8_0" for the 2-D weight matrices (norms and biases
     stay F32, as llama.cpp's converters do); general.file_type follows it.
     chat_template=None leaves the template out. Deterministic for a given seed.
     """
     import gguf
 
-    if vocab != "bpe":
-        raise ValueError(f"vocab must be 'bpe' (byte-level BPE), got {vocab!r}")
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
-    cfg = TinyConfig(
-        arch,
-        n_layer,
-        n_embd,
-        n_head,
-        n_head_kv,
-        n_ff,
-        n_ctx,
-        seed,
-        tie_embeddings,
-        rope_theta,
-        quiet_specials=quiet_specials,
-    )
+    cfg = TinyConfig(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                     n_ctx=n_ctx, seed=seed, tie_embeddings=tie_embeddings, rope_theta=rope_theta,
+                     quiet_specials=quiet_specials, vocab=vocab)  # fmt: skip
     path = Path(path)
-    tokens, merges = tiny_vocab()
+    voc = tiny_vocab(vocab)
 
     w = gguf.GGUFWriter(path, arch)
     w.add_name(name or f"tiny-{arch}-{dtype}-s{seed}")
@@ -401,29 +401,30 @@ def write_tiny_gguf(
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_eps)
-    w.add_vocab_size(len(tokens))
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[dtype]
+    w.add_vocab_size(len(voc))
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]  # fmt: skip
     w.add_file_type(int(file_type))
     if dtype == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
-    w.add_token_list(tokens)
-    w.add_token_types(
-        [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS)
-        + [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIAL_TOKENS))
-    )
-    w.add_token_merges([f"{a} {b}" for a, b in merges])
-    w.add_bos_token_id(BOS_ID)
-    w.add_eos_token_id(EOS_ID)
-    w.add_unk_token_id(UNK_ID)
-    w.add_pad_token_id(PAD_ID)
-    w.add_add_bos_token(False)
+    if voc.kind == "bpe":
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("smollm")
+        w.add_token_merges([f"{a} {b}" for a, b in voc.merges])
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_scores(voc.scores)
+        w.add_add_space_prefix(True)
+    w.add_token_list(voc.tokens)
+    w.add_token_types(voc.token_types)
+    w.add_bos_token_id(voc.bos_id)
+    w.add_eos_token_id(voc.eos_id)
+    w.add_unk_token_id(voc.unk_id)
+    if voc.pad_id is not None:
+        w.add_pad_token_id(voc.pad_id)
+    w.add_add_bos_token(voc.add_bos)
     w.add_add_eos_token(False)
     if chat_template is not None:
         w.add_chat_template(chat_template)
@@ -447,21 +448,42 @@ def write_tiny_gguf(
 # --------------------------------------------------------------------------- Hugging Face directory
 
 
-def build_hf_tokenizer():
-    """The same vocabulary as a `tokenizers.Tokenizer` (ByteLevel BPE, SmolLM2's pre-tokenizer)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+def build_hf_tokenizer(vocab: str = "bpe"):
+    """The same vocabulary as a `tokenizers.Tokenizer`.
 
-    tokens, merges = tiny_vocab()
-    tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    bpe: ByteLevel BPE with SmolLM2's pre-tokenizer (single digits, then GPT-2 regex).
+    spm: the Llama-2 `tokenizer.json` layout: "▁" prepended and substituted for spaces,
+    BPE with byte fallback, and a decoder that undoes both; BOS added on encode.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    voc = tiny_vocab(vocab)
+    ids = {t: i for i, t in enumerate(voc.tokens)}
+    specials = voc.tokens[:N_SPECIAL]
+    if voc.kind == "bpe":
+        tok = Tokenizer(models.BPE(vocab=ids, merges=voc.merges, fuse_unk=False))
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+        tok.decoder = decoders.ByteLevel()
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:
+        bos = voc.tokens[voc.bos_id]
+        tok = Tokenizer(
+            models.BPE(vocab=ids, merges=voc.merges, unk_token=voc.tokens[voc.unk_id], byte_fallback=True,
+                       fuse_unk=True)
+        )  # fmt: skip
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, voc.bos_id)]
+        )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return tok
 
 
@@ -469,6 +491,7 @@ def write_tiny_hf_dir(
     path: str | Path,
     *,
     arch: str = "llama",
+    vocab: str = "bpe",
     n_layer: int = 2,
     n_embd: int = 64,
     n_head: int = 4,
@@ -492,19 +515,10 @@ def write_tiny_hf_dir(
 
     if dtype not in HF_DTYPES:
         raise ValueError(f"dtype must be one of {HF_DTYPES}, got {dtype!r}")
-    cfg = TinyConfig(
-        arch,
-        n_layer,
-        n_embd,
-        n_head,
-        n_head_kv,
-        n_ff,
-        n_ctx,
-        seed,
-        tie_embeddings,
-        rope_theta,
-        quiet_specials=quiet_specials,
-    )
+    cfg = TinyConfig(arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff,
+                     n_ctx=n_ctx, seed=seed, tie_embeddings=tie_embeddings, rope_theta=rope_theta,
+                     quiet_specials=quiet_specials, vocab=vocab)  # fmt: skip
+    voc = tiny_vocab(vocab)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     np_dtype = np.float32 if dtype == "float32" else np.float16
@@ -528,9 +542,9 @@ def write_tiny_hf_dir(
         "rope_theta": cfg.rope_theta,
         "rope_scaling": None,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        "bos_token_id": voc.bos_id,
+        "eos_token_id": voc.eos_id,
+        "pad_token_id": voc.pad_id,
         "initializer_range": 0.02,
         "use_cache": True,
         "torch_dtype": dtype,
@@ -542,24 +556,25 @@ def write_tiny_hf_dir(
     _write_json(path / "config.json", config)
     _write_json(
         path / "generation_config.json",
-        {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID},
+        {"bos_token_id": voc.bos_id, "eos_token_id": voc.eos_id, "pad_token_id": voc.pad_id},
     )
 
-    build_hf_tokenizer().save(str(path / "tokenizer.json"))
+    build_hf_tokenizer(vocab).save(str(path / "tokenizer.json"))
     specials = {
-        "bos_token": SPECIAL_TOKENS[BOS_ID],
-        "eos_token": SPECIAL_TOKENS[EOS_ID],
-        "unk_token": SPECIAL_TOKENS[UNK_ID],
-        "pad_token": SPECIAL_TOKENS[PAD_ID],
+        "bos_token": voc.tokens[voc.bos_id],
+        "eos_token": voc.tokens[voc.eos_id],
+        "unk_token": voc.tokens[voc.unk_id],
     }
+    if voc.pad_id is not None:
+        specials["pad_token"] = voc.tokens[voc.pad_id]
+    special_tokens = voc.tokens[:N_SPECIAL]
     tok_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": False,
+        "add_bos_token": voc.add_bos,
         "add_eos_token": False,
-        "add_prefix_space": False,
+        "add_prefix_space": voc.kind == "spm",
         "clean_up_tokenization_spaces": False,
         "model_max_length": cfg.n_ctx,
-        "additional_special_tokens": list(SPECIAL_TOKENS),
         "added_tokens_decoder": {
             str(i): {
                 "content": t,
@@ -569,16 +584,16 @@ def write_tiny_hf_dir(
                 "single_word": False,
                 "special": True,
             }
-            for i, t in enumerate(SPECIAL_TOKENS)
-        },
+            for i, t in enumerate(special_tokens)
+        },  # fmt: skip
         **specials,
     }
+    if voc.kind == "bpe":
+        tok_config["additional_special_tokens"] = list(special_tokens)
     if chat_template is not None:
         tok_config["chat_template"] = chat_template
     _write_json(path / "tokenizer_config.json", tok_config)
-    _write_json(
-        path / "special_tokens_map.json", {**specials, "additional_special_tokens": list(SPECIAL_TOKENS)}
-    )
+    _write_json(path / "special_tokens_map.json", specials)
     return path
 
 

@@ -161,7 +161,7 @@ def cmd_run(args) -> int:
 
 
 # --------------------------------------------------------------------------- chat
-def _read_message(prompt: str) -> str | None:
+def _read_message(prompt: str, more: str = "... ") -> str | None:
     """One user message; triple quotes start/end a multi-line message. None = EOF."""
     try:
         line = input(prompt)
@@ -174,7 +174,7 @@ def _read_message(prompt: str) -> str | None:
         return body[0].rstrip()[:-3]
     while True:
         try:
-            nxt = input("... ")
+            nxt = input(more)
         except EOFError:
             break
         if nxt.rstrip().endswith('"""'):
@@ -219,7 +219,7 @@ def cmd_chat(args) -> int:
     try:
         while True:
             try:
-                text = _read_message(">>> " if interactive else "")
+                text = _read_message(">>> ", "... ") if interactive else _read_message("", "")
             except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, like a shell
                 print()
                 continue

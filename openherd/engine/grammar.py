@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 
 import numpy as np
 
@@ -34,7 +35,9 @@ def _tokenizer_for(model) -> object:
             eos = llama_cpp.llama_vocab_eot(model.vocab)
             if eos < 0:
                 eos = llama_cpp.llama_vocab_eos(model.vocab)
-            tok = lltokenizer_from_vocab(model.vocab, eos_token=eos)
+            with warnings.catch_warnings():  # it calls a llama.cpp API deprecated upstream
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tok = lltokenizer_from_vocab(model.vocab, eos_token=eos)
             _tokenizers[key] = tok
         return tok
 

@@ -402,7 +402,7 @@ def init_main(cfg: dict, report: Report, root: bool, alive_r: int) -> None:
         try:
             program_main(cfg, root, last_cap, stdin_fd, keep_fds={report.fd, exec_err_w})
         except BaseException as e:
-            import traceback; os.write(exec_err_w, traceback.format_exc().encode())
+            os.write(exec_err_w, f"{type(e).__name__}: {e}".encode())
         os._exit(127)
     os.close(exec_err_w)
     os.close(stdin_fd)

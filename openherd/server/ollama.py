@@ -28,7 +28,7 @@ from starlette.responses import JSONResponse, Response
 from .. import __version__
 from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
 from ..errors import HerdError, InvalidRequest, ModelNotFound
-from ..store.manifest import is_valid_name, validate_name
+from ..store.manifest import validate_name
 from . import protocol as p
 from .serving import (
     EventStream,
@@ -535,6 +535,8 @@ async def pull(request: Request) -> Response:
         state.store.pull(source, progress=progress)
 
     task = asyncio.ensure_future(run_in_threadpool(work))
+    # A pull whose client left ends in _PullCancelled; nobody awaits it then.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     if req.stream is False:
         try:
@@ -654,5 +656,3 @@ async def root() -> Response:
     # Ollama answers "Ollama is running"; health checks written for it probe "/".
     return Response("openherd is running", media_type="text/plain")
 
-
-__all__ = ["router", "is_valid_name"]

@@ -418,9 +418,12 @@ _QWEN2_REGEX = (
 
 @dataclass
 class TokenizerSpec:
+    model: str  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece-style BPE)
     tokens: list[str]
     toktypes: list[int]  # gguf.TokenType per token
-    pre: str  # tokenizer.ggml.pre
+    pre: str | None = None  # tokenizer.ggml.pre ("gpt2" model only)
+    scores: list[float] | None = None  # piece scores ("llama" model only): higher merges first
+    add_space_prefix: bool = True  # "llama" model: SentencePiece's leading "▁"
 
 
 def _pre_steps(tj: dict[str, Any]) -> list[tuple[Any, ...]]:
@@ -470,29 +473,60 @@ def _looks_special(token: str) -> bool:
     return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
 
 
+def _spm_space_prefix(tj: dict[str, Any], where: Path) -> bool | None:
+    """For a SentencePiece-style tokenizer.json (spaces spelled "▁"): whether a leading "▁"
+    is added. None if the tokenizer is not SentencePiece-style."""
+    norm = tj.get("normalizer") or {}
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else ([norm] if norm else [])
+    pre = tj.get("pre_tokenizer") or {}
+    # Legacy Llama 2 / Mistral layout: normalizer Prepend("▁") + Replace(" ", "▁").
+    replace = any(
+        st.get("type") == "Replace" and (st.get("pattern") or {}).get("String") == " " and st.get("content") == "▁"
+        for st in steps
+    )
+    if replace:
+        if pre or any(st.get("type") not in ("Prepend", "Replace") for st in steps):
+            raise _bad(where, "unsupported SentencePiece-style normalizer in tokenizer.json")
+        return any(st.get("type") == "Prepend" and st.get("prepend") == "▁" for st in steps)
+    # Newer layout: a Metaspace pre-tokenizer does the same.
+    if pre.get("type") == "Metaspace" and pre.get("replacement", "▁") == "▁" and not steps:
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        return scheme in ("first", "always")
+    return None
+
+
+def _merge_ranks(model: dict[str, Any]) -> dict[str, int]:
+    """token -> rank of the first merge producing it (merges are "a b" strings or [a, b] pairs)."""
+    ranks: dict[str, int] = {}
+    for rank, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        ranks.setdefault(a + b, rank)
+    return ranks
+
+
 def read_tokenizer(model_dir: Path, n_vocab: int) -> TokenizerSpec:
+    """tokens, types and pre-tokenizer (or scores) from tokenizer.json, as llama.cpp expects."""
     from gguf import TokenType
 
     path = model_dir / "tokenizer.json"
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _bad(model_dir, "no tokenizer.json (a byte-level BPE tokenizer is required)") from None
+        raise _bad(model_dir, "no tokenizer.json (openherd converts tokenizers from tokenizer.json)") from None
     except (OSError, ValueError) as e:
         raise _bad(model_dir, f"tokenizer.json is unreadable ({e})") from None
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise _bad(model_dir, f"tokenizer.json model type {model.get('type')!r} is not supported (need BPE)")
-    if model.get("byte_fallback"):
-        raise _bad(
-            model_dir,
-            "SentencePiece-style tokenizers (byte_fallback BPE, as in Llama 2 and Mistral v0.1-v0.3) "
-            "are not supported by this converter; use a GGUF of the model instead",
-        )
-    normalizer = tj.get("normalizer")
-    if normalizer and normalizer.get("type") != "NFC":
-        raise _bad(model_dir, f"unsupported tokenizer normalizer {normalizer.get('type')!r}")
-    pre = pre_tokenizer_name(tj, model_dir)
+
+    spm_prefix = _spm_space_prefix(tj, model_dir) if model.get("byte_fallback") else None
+    if model.get("byte_fallback") and spm_prefix is None:
+        raise _bad(model_dir, "unsupported byte-fallback BPE tokenizer (expected SentencePiece-style '▁' spaces)")
+    if spm_prefix is None:
+        normalizer = tj.get("normalizer")
+        if normalizer and normalizer.get("type") != "NFC":  # Qwen2 declares NFC; llama.cpp skips it
+            raise _bad(model_dir, f"unsupported tokenizer normalizer {normalizer.get('type')!r}")
+        pre = pre_tokenizer_name(tj, model_dir)
 
     vocab: dict[str, int] = dict(model["vocab"])
     added: dict[int, dict[str, Any]] = {}
@@ -502,21 +536,35 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> TokenizerSpec:
     if vocab and max(vocab.values()) >= n_vocab:
         raise _bad(model_dir, f"tokenizer has token id {max(vocab.values())} but vocab_size is {n_vocab}")
     reverse = {i: t for t, i in vocab.items()}
+    unk = model.get("unk_token")
+    ranks = _merge_ranks(model) if spm_prefix is not None else {}
 
     tokens: list[str] = []
     toktypes: list[int] = []
+    scores: list[float] = []
     for i in range(n_vocab):
-        if i not in reverse:  # embedding rows padded beyond the tokenizer
-            tokens.append(f"[PAD{i}]")
-            toktypes.append(TokenType.UNUSED)
-        elif i in added:
-            tokens.append(reverse[i])
-            special = added[i].get("special") or _looks_special(reverse[i])
-            toktypes.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+        token = reverse.get(i)
+        if token is None:  # embedding rows padded beyond the tokenizer
+            token, kind = f"[PAD{i}]", TokenType.UNUSED
+        elif i in added and token != unk:
+            special = added[i].get("special") or _looks_special(token)
+            kind = TokenType.CONTROL if special else TokenType.USER_DEFINED
+        elif token == unk:
+            kind = TokenType.UNKNOWN
+        elif spm_prefix is not None and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            kind = TokenType.BYTE
         else:
-            tokens.append(reverse[i])
-            toktypes.append(TokenType.NORMAL)
-    return TokenizerSpec(tokens, toktypes, pre)
+            kind = TokenType.NORMAL
+        tokens.append(token)
+        toktypes.append(kind)
+        # llama.cpp's SentencePiece tokenizer merges the adjacent pair whose result scores
+        # highest; scoring each piece by the rank of the merge that makes it reproduces the
+        # BPE merge order of tokenizer.json (which HF derived from those same scores).
+        scores.append(-float(ranks[token]) if token in ranks else 0.0)
+
+    if spm_prefix is not None:
+        return TokenizerSpec("llama", tokens, toktypes, scores=scores, add_space_prefix=spm_prefix)
+    return TokenizerSpec("gpt2", tokens, toktypes, pre=pre)
 
 
 # --------------------------------------------------------------------------- writer
@@ -542,16 +590,22 @@ def convert_hf_dir(model_dir: Path, out_path: Path, quant: str = "f16", progress
     weights = open_weights(model_dir)
     plan = plan_tensors(cfg, weights, quant, model_dir)
     tok = read_tokenizer(model_dir, cfg.n_vocab)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=cfg.n_vocab)
-    if not special.merges:
+    # SpecialVocab is llama.cpp's own reader of merges, bos/eos/pad ids, add_bos/add_eos
+    # (from tokenizer_config.json or the post-processor) and the chat template.
+    special = gguf.SpecialVocab(model_dir, load_merges=tok.model == "gpt2", n_vocab=cfg.n_vocab)
+    if tok.model == "gpt2" and not special.merges:
         raise _bad(model_dir, "tokenizer.json has no BPE merges")
 
     w = gguf.GGUFWriter(out_path, cfg.arch)
     try:
         _write_metadata(w, cfg, quant, model_dir.name)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(tok.pre)
+        w.add_tokenizer_model(tok.model)
+        if tok.model == "gpt2":
+            w.add_tokenizer_pre(tok.pre)
         w.add_token_list(tok.tokens)
+        if tok.scores is not None:
+            w.add_token_scores(tok.scores)
+            w.add_add_space_prefix(tok.add_space_prefix)
         w.add_token_types(tok.toktypes)
         special.add_to_gguf(w, quiet=True)
 
@@ -576,7 +630,7 @@ def convert_hf_dir(model_dir: Path, out_path: Path, quant: str = "f16", progress
         w.close()
     details = {
         "converted_from": cfg.hf_arch,
-        "tokenizer_pre": tok.pre,
+        "tokenizer": tok.model if tok.pre is None else f"{tok.model}/{tok.pre}",
         "rope_scaling": _rope_type(cfg),
     }
     return ConvertResult(out_path, cfg.arch, quant, len(plan), details)

@@ -1,0 +1,554 @@
+"""The OpenAI API of a live `herd serve`, driven by the official `openai` SDK.
+
+One server (tiny random model) serves the whole module; a random model says
+nothing sensible, so the tests check structure, determinism and constraints:
+what the SDK parses, seeds that reproduce, stop strings that cut, schemas that
+validate, tool calls that are forced, errors that map to the SDK's exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from server_helpers import MODEL, NO_EOS, live_server
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_gguf):
+    with live_server(tmp_path_factory.mktemp("serve-openai"), tiny_gguf) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def chat(client, content="Say something.", **kw):
+    kw.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert ids == [MODEL]
+    m = client.models.retrieve(MODEL)
+    assert m.id == MODEL and m.object == "model" and m.owned_by == "openherd"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+def test_chat_basic_shape_and_usage(client):
+    r = chat(client, max_tokens=5, logit_bias=NO_EOS)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == MODEL
+    [choice] = r.choices
+    assert choice.index == 0 and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.tool_calls is None
+    assert choice.finish_reason == "length"
+    assert r.usage.completion_tokens == 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 5
+    assert r.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_max_completion_tokens_is_honoured(client):
+    r = chat(client, max_tokens=None, max_completion_tokens=3, logit_bias=NO_EOS)
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_prefix_cache_reported_as_cached_tokens(client):
+    system = "You are a careful assistant. " * 8
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": "first question"}]
+    client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    msgs[1]["content"] = "second question"
+    r = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2)
+    # The shared system prompt is reused from the first request's KV cache.
+    assert r.usage.prompt_tokens_details.cached_tokens >= 40
+    assert r.usage.prompt_tokens_details.cached_tokens < r.usage.prompt_tokens
+
+
+def test_text_content_parts_and_roles(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}]},
+            {"role": "assistant", "content": "Hi."},
+            {"role": "user", "content": "Again?"},
+        ],
+        max_tokens=3,
+    )
+    assert r.choices[0].message.role == "assistant"
+
+
+def test_n_choices(client):
+    r = chat(client, n=3, max_tokens=6, seed=11, logit_bias=NO_EOS)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert r.usage.completion_tokens == 18
+    # Choice i is seeded with seed+i: different samples of the same prompt.
+    assert len({c.message.content for c in r.choices}) > 1
+
+
+def test_seed_reproduces(client):
+    kw = dict(seed=1234, temperature=1.0, max_tokens=16, logit_bias=NO_EOS)
+    a = chat(client, **kw).choices[0].message.content
+    b = chat(client, **kw).choices[0].message.content
+    c = chat(client, **{**kw, "seed": 4321}).choices[0].message.content
+    assert a == b
+    assert a != c
+
+
+def test_stop_string_cuts_and_is_excluded(client):
+    full = chat(client, temperature=0, max_tokens=30, logit_bias=NO_EOS).choices[0].message.content
+    assert len(full) > 8
+    stop = full[4:7]
+    r = chat(client, temperature=0, max_tokens=30, logit_bias=NO_EOS, stop=[stop, "\u2603never"])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content == full[: full.find(stop)]
+
+
+def test_logprobs(client):
+    r = chat(client, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3, logit_bias=NO_EOS)
+    entries = r.choices[0].logprobs.content
+    assert len(entries) == 5
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        # Greedy: the chosen token is the most likely one.
+        assert math.isclose(e.logprob, max(t.logprob for t in e.top_logprobs), abs_tol=1e-4)
+    assert "".join(bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace")) == r.choices[0].message.content
+
+
+def test_logit_bias_forces_a_token(client):
+    # +100 on one token makes it the only one ever sampled.
+    r = chat(client, max_tokens=4, logit_bias={"97": 100}, temperature=1.0, logprobs=True)
+    pieces = [bytes(e.bytes) for e in r.choices[0].logprobs.content]
+    assert len(pieces) == 4 and len(set(pieces)) == 1
+    assert r.choices[0].message.content == (pieces[0] * 4).decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def test_stream_chunks_and_usage(client):
+    stream = chat(client, max_tokens=6, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage.completion_tokens == 6
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stream_matches_non_streamed(client):
+    kw = dict(temperature=0, max_tokens=12, logit_bias=NO_EOS)
+    full = chat(client, **kw).choices[0].message.content
+    streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, **kw) if c.choices)
+    assert streamed == full
+
+
+def test_stream_exact_sse_format(server):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 3,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
+    raw = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    events = raw.text.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-2]]
+    assert all(e.startswith("data: {") for e in events[:-2])
+    assert all("usage" not in p for p in payloads)  # no include_usage: no usage key at all
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads[-1]["choices"][0]["delta"] == {} and payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+    body["stream_options"] = {"include_usage": True}
+    events = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).text.split("\n\n")
+    payloads = [json.loads(e[len("data: ") :]) for e in events[:-2]]
+    assert all(p["usage"] is None for p in payloads[:-1])
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] == 3
+
+
+def test_stream_n_choices(client):
+    stream = chat(client, n=2, max_tokens=4, stream=True, logit_bias=NO_EOS)
+    text = {0: "", 1: ""}
+    finished = set()
+    for c in stream:
+        for ch in c.choices:
+            text[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finished.add(ch.index)
+    assert finished == {0, 1}
+
+
+def test_async_client_concurrent_streams(server):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+
+        async def one(i):
+            stream = await aclient.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=8, stream=True,
+                logit_bias=NO_EOS,
+            )
+            n = 0
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    n += 1
+            return n
+
+        results = await asyncio.gather(*(one(i) for i in range(6)))
+        r = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        await aclient.close()
+        return results, r
+
+    results, r = asyncio.run(main())
+    assert all(n >= 1 for n in results)
+    assert r.choices[0].message.role == "assistant"
+
+
+# ---------------------------------------------------------------------------- structured output
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["ok", "color", "tags"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_strict_always_validates(client):
+    for seed in range(4):
+        r = chat(
+            client,
+            max_tokens=60,
+            seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}},
+        )
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+
+
+def test_json_object_mode_parses(client):
+    r = chat(client, max_tokens=40, seed=3, response_format={"type": "json_object"}, logit_bias={"2": -100})
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+    else:  # cut by max_tokens: still a prefix of an object
+        assert r.choices[0].message.content.startswith("{")
+
+
+def test_json_schema_streamed(client):
+    stream = chat(
+        client,
+        max_tokens=60,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}},
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
+def test_invalid_schema_is_400(client):
+    with pytest.raises(openai.BadRequestError):
+        chat(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
+
+
+# ---------------------------------------------------------------------------- tools
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Lima"]}, "unit": {"enum": ["C", "F"]}},
+                "required": ["city", "unit"],
+                "additionalProperties": False,
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Local time",
+            "parameters": {
+                "type": "object",
+                "properties": {"zone": {"enum": ["UTC", "CET"]}},
+                "required": ["zone"],
+                "additionalProperties": False,
+            },
+        },
+    },
+]
+
+
+def _check_call(call, allowed=("get_weather", "get_time")):
+    assert call.id.startswith("call_") and call.type == "function"
+    assert call.function.name in allowed
+    args = json.loads(call.function.arguments)
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call.function.name)
+    jsonschema.validate(args, schema)
+    return args
+
+
+def test_tool_choice_required_forces_a_valid_call(client):
+    r = chat(client, "What's the weather?", tools=TOOLS, tool_choice="required", max_tokens=80, parallel_tool_calls=False)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert len(choice.message.tool_calls) == 1
+    _check_call(choice.message.tool_calls[0])
+
+
+def test_named_tool_choice(client):
+    for seed in range(3):
+        r = chat(
+            client,
+            "What time is it?",
+            tools=TOOLS,
+            tool_choice={"type": "function", "function": {"name": "get_time"}},
+            max_tokens=80,
+            seed=seed,
+        )
+        calls = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and calls
+        assert all(_check_call(c, ("get_time",)) is not None for c in calls)
+
+
+def test_tool_calls_stream_as_deltas(client):
+    stream = chat(
+        client, "Weather?", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=80, stream=True, parallel_tool_calls=False,
+    )
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        for ch in chunk.choices:
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
+                c["id"] = d.id or c["id"]
+                c["name"] += d.function.name or ""
+                c["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+    assert finish == "tool_calls"
+    assert list(calls) == [0]
+    assert calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), TOOLS[0]["function"]["parameters"])
+
+
+def test_tool_result_round_trip(client):
+    r = chat(client, "Weather in Paris?", tools=TOOLS, tool_choice="required", max_tokens=80, parallel_tool_calls=False)
+    call = r.choices[0].message.tool_calls[0]
+    follow = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
+        ],
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=5,
+    )
+    assert follow.choices[0].message.tool_calls is None
+    assert follow.choices[0].finish_reason in ("stop", "length")
+
+
+def test_tool_choice_auto_returns_content_or_calls(client):
+    r = chat(client, "Hi", tools=TOOLS, max_tokens=8)
+    msg = r.choices[0].message
+    assert msg.content is not None or msg.tool_calls
+
+
+# ---------------------------------------------------------------------------- completions, embeddings
+
+
+def test_completions(client):
+    r = client.completions.create(model=MODEL, prompt="The herd", max_tokens=4, logit_bias=NO_EOS, echo=True, logprobs=2)
+    [c] = r.choices
+    assert r.object == "text_completion" and c.text.startswith("The herd") and c.finish_reason == "length"
+    assert len(c.logprobs.tokens) == 4 and all(len(t) == 2 for t in c.logprobs.top_logprobs)
+    assert c.logprobs.text_offset[0] == len("The herd")
+    r = client.completions.create(model=MODEL, prompt=["one", "two"], n=2, max_tokens=2, logit_bias=NO_EOS)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    text = "".join(
+        c.choices[0].text for c in client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True) if c.choices
+    )
+    assert isinstance(text, str)
+
+
+def test_embeddings(client):
+    r = client.embeddings.create(model=MODEL, input=["a llama", "an alpaca"])  # the SDK asks for base64
+    assert len(r.data) == 2 and [d.index for d in r.data] == [0, 1]
+    for d in r.data:
+        assert len(d.embedding) == 64
+        assert math.isclose(sum(x * x for x in d.embedding), 1.0, rel_tol=1e-4)
+    f = client.embeddings.create(model=MODEL, input="a llama", encoding_format="float")
+    assert max(abs(a - b) for a, b in zip(f.data[0].embedding, r.data[0].embedding, strict=True)) < 1e-5
+    assert r.usage.prompt_tokens > 0
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_errors_map_to_sdk_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, n=9)
+    assert e.value.body["param"] == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, logit_bias={"999999": 5})
+    assert e.value.body["param"] == "logit_bias"
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, top_logprobs=3)  # without logprobs=True
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=[])
+
+
+def test_context_overflow_states_the_numbers(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, "word " * 600)  # the tiny model's window is 512 tokens
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert "512" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(client, max_tokens=10_000)
+    assert "512" in e.value.message and "10000" in e.value.message
+
+
+# ---------------------------------------------------------------------------- disconnects, metrics
+
+
+def _drop_stream_midway(url: str, i: int) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": f"long answer {i}"}],
+        "max_tokens": 400,
+        "stream": True,
+        "logit_bias": NO_EOS,
+    }
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for n, _ in enumerate(r.iter_lines()):
+            if n >= 6:
+                break  # leaving the block closes the connection mid-stream
+
+
+def _wait_idle(server, timeout=5.0) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        active = server.metric("herd_active_sequences_total")
+        if active == 0 or time.monotonic() > deadline:
+            return active
+        time.sleep(0.05)
+
+
+def test_dropped_streams_free_their_sequences(server, client):
+    threads = [threading.Thread(target=_drop_stream_midway, args=(server.url, i)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert _wait_idle(server) == 0
+    assert server.metric("herd_queue_depth_total") == 0
+    t0 = time.monotonic()
+    stream = chat(client, max_tokens=2, stream=True)
+    next(iter(stream))
+    assert time.monotonic() - t0 < 5.0  # a fresh request starts promptly
+    list(stream)
+
+
+def test_dropped_non_streaming_request_is_cancelled(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 450, "logit_bias": NO_EOS}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    assert _wait_idle(server) == 0
+
+
+def test_metrics(server, client):
+    chat(client, max_tokens=3, stream=True).close()
+    chat(client, max_tokens=3)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert 'herd_http_requests_total{route="/v1/chat/completions",method="POST",status="200"}' in text
+    assert "# TYPE herd_time_to_first_token_seconds histogram" in text
+    assert 'herd_time_to_first_token_seconds_count{model="tiny"}' in text
+    assert 'herd_inter_token_latency_seconds_bucket{model="tiny",le="+Inf"}' in text
+    assert 'herd_completion_tokens_total{model="tiny"}' in text
+    assert 'herd_cached_prompt_tokens_total{model="tiny"}' in text
+    assert "herd_queue_depth_total 0" in text and "herd_active_sequences_total" in text
+
+
+# ---------------------------------------------------------------------------- queue full, shutdown
+
+
+def test_queue_full_is_429_with_retry_after(tmp_path, tiny_gguf):
+    env = {"HERD_NUM_PARALLEL": "1", "HERD_MAX_QUEUE": "0"}
+    with live_server(tmp_path, tiny_gguf, env=env) as s:
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
+        busy = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=450, stream=True, logit_bias=NO_EOS
+        )
+        next(iter(busy))  # the only slot is taken
+        with pytest.raises(openai.RateLimitError) as e:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "y"}], max_tokens=2)
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        assert e.value.body["code"] == "queue_full"
+        busy.close()
+
+
+def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, tiny_gguf):
+    with live_server(tmp_path, tiny_gguf) as s:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 120,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "logit_bias": NO_EOS,
+        }
+        lines = []
+        with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
+            it = r.iter_lines()
+            lines.append(next(it))
+            code = {}
+            stopper = threading.Thread(target=lambda: code.setdefault("rc", s.stop()))
+            stopper.start()
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # no longer accepting
+                httpx.get(f"{s.url}/health", timeout=2)
+            lines.extend(it)
+        stopper.join(60)
+        assert code["rc"] == 0
+    assert lines[-1] == "data: [DONE]"
+    usage = json.loads([ln for ln in lines if ln.startswith("data: {")][-1][len("data: ") :])["usage"]
+    assert usage["completion_tokens"] == 120
