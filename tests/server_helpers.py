@@ -21,12 +21,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny"
+N_CTX = 2048  # the served model's training context: room for tool prompts in a 512-token vocabulary
 # Token ids of the tiny model's end-of-generation tokens (<|endoftext|>, <|im_end|>):
 # biasing them away makes a random model talk for as long as max_tokens says.
 NO_EOS = {"0": -100, "2": -100}
+
+
+@pytest.fixture(scope="session")
+def serve_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random llama of tests/tinymodels.py with a 2048-token context."""
+    from tinymodels import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path_factory.mktemp("serve-gguf") / "tiny-2k.gguf", n_ctx=N_CTX)
 
 
 def free_port() -> int:

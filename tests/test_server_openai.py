@@ -18,14 +18,14 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_helpers import MODEL, NO_EOS, live_server
+from server_helpers import MODEL, N_CTX, NO_EOS, live_server, serve_gguf  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_gguf):
-    with live_server(tmp_path_factory.mktemp("serve-openai"), tiny_gguf) as s:
+def server(tmp_path_factory, serve_gguf):
+    with live_server(tmp_path_factory.mktemp("serve-openai"), serve_gguf) as s:
         yield s
 
 
@@ -319,7 +319,7 @@ def _check_call(call, allowed=("get_weather", "get_time")):
 
 
 def test_tool_choice_required_forces_a_valid_call(client):
-    r = chat(client, "What's the weather?", tools=TOOLS, tool_choice="required", max_tokens=80, parallel_tool_calls=False)
+    r = chat(client, "What's the weather?", tools=TOOLS, tool_choice="required", max_tokens=200, parallel_tool_calls=False)
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert len(choice.message.tool_calls) == 1
@@ -333,18 +333,30 @@ def test_named_tool_choice(client):
             "What time is it?",
             tools=TOOLS,
             tool_choice={"type": "function", "function": {"name": "get_time"}},
-            max_tokens=80,
+            max_tokens=200,
             seed=seed,
+            parallel_tool_calls=False,
         )
-        calls = r.choices[0].message.tool_calls
-        assert r.choices[0].finish_reason == "tool_calls" and calls
-        assert all(_check_call(c, ("get_time",)) is not None for c in calls)
+        [call] = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls"
+        _check_call(call, ("get_time",))
+
+
+def test_parallel_tool_calls(client):
+    # With end-of-text biased away the model must keep calling until max_tokens:
+    # every complete call is returned, and the cut-off is reported as "length".
+    r = chat(client, "Weather and time?", tools=TOOLS, tool_choice="required", max_tokens=250, logit_bias=NO_EOS)
+    calls = r.choices[0].message.tool_calls
+    assert len(calls) >= 2 and len({c.id for c in calls}) == len(calls)
+    for c in calls:
+        _check_call(c)
+    assert r.choices[0].finish_reason == "length"
 
 
 def test_tool_calls_stream_as_deltas(client):
     stream = chat(
         client, "Weather?", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=80, stream=True, parallel_tool_calls=False,
+        max_tokens=200, stream=True, parallel_tool_calls=False,
     )
     calls: dict[int, dict] = {}
     finish = None
@@ -363,7 +375,7 @@ def test_tool_calls_stream_as_deltas(client):
 
 
 def test_tool_result_round_trip(client):
-    r = chat(client, "Weather in Paris?", tools=TOOLS, tool_choice="required", max_tokens=80, parallel_tool_calls=False)
+    r = chat(client, "Weather in Paris?", tools=TOOLS, tool_choice="required", max_tokens=200, parallel_tool_calls=False)
     call = r.choices[0].message.tool_calls[0]
     follow = client.chat.completions.create(
         model=MODEL,
@@ -438,12 +450,12 @@ def test_errors_map_to_sdk_exceptions(client):
 
 def test_context_overflow_states_the_numbers(client):
     with pytest.raises(openai.BadRequestError) as e:
-        chat(client, "word " * 600)  # the tiny model's window is 512 tokens
+        chat(client, "word " * 2500)
     assert e.value.body["code"] == "context_length_exceeded"
-    assert "512" in e.value.message
+    assert str(N_CTX) in e.value.message
     with pytest.raises(openai.BadRequestError) as e:
         chat(client, max_tokens=10_000)
-    assert "512" in e.value.message and "10000" in e.value.message
+    assert str(N_CTX) in e.value.message and "10000" in e.value.message
 
 
 # ---------------------------------------------------------------------------- disconnects, metrics
@@ -489,7 +501,7 @@ def test_dropped_streams_free_their_sequences(server, client):
 
 
 def test_dropped_non_streaming_request_is_cancelled(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 450, "logit_bias": NO_EOS}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "logit_bias": NO_EOS}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
     assert _wait_idle(server) == 0
@@ -511,12 +523,12 @@ def test_metrics(server, client):
 # ---------------------------------------------------------------------------- queue full, shutdown
 
 
-def test_queue_full_is_429_with_retry_after(tmp_path, tiny_gguf):
+def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
     env = {"HERD_NUM_PARALLEL": "1", "HERD_MAX_QUEUE": "0"}
-    with live_server(tmp_path, tiny_gguf, env=env) as s:
+    with live_server(tmp_path, serve_gguf, env=env) as s:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
         busy = c.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=450, stream=True, logit_bias=NO_EOS
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1500, stream=True, logit_bias=NO_EOS
         )
         next(iter(busy))  # the only slot is taken
         with pytest.raises(openai.RateLimitError) as e:
@@ -526,8 +538,8 @@ def test_queue_full_is_429_with_retry_after(tmp_path, tiny_gguf):
         busy.close()
 
 
-def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, tiny_gguf):
-    with live_server(tmp_path, tiny_gguf) as s:
+def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, serve_gguf):
+    with live_server(tmp_path, serve_gguf) as s:
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "x"}],
@@ -549,6 +561,7 @@ def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, tiny_gguf):
             lines.extend(it)
         stopper.join(60)
         assert code["rc"] == 0
+    lines = [ln for ln in lines if ln]
     assert lines[-1] == "data: [DONE]"
     usage = json.loads([ln for ln in lines if ln.startswith("data: {")][-1][len("data: ") :])["usage"]
     assert usage["completion_tokens"] == 120

@@ -159,7 +159,8 @@ class Task:
         k = self.spec.fewshot if k is None else k
         if k <= 0:
             return []
-        pool = [d for d in self.fewshot_pool if d is not doc]
+        # An item is never its own example (same file: same index).
+        pool = self.fewshot_pool if self.spec.fewshot_data else [d for d in self.fewshot_pool if d.index != doc.index]
         # Seeded per item, not one shared stream: the examples of item i do not
         # depend on which items ran before it (--limit, resumed runs).
         rng = random.Random(f"{self.spec.fewshot_seed}:{doc.index}")

@@ -132,7 +132,8 @@ _PHONE_NATIONAL = re.compile(
     _A,
 )
 
-_CARD = re.compile(r"\d(?<![\w+.-]\d)(?:[ -]?\d){12,18}+(?![\w]|[ .-]\d)", _A)
+# Every card layout starts with four digits (4-4-4-4, 4-6-5, or no separators at all).
+_CARD = re.compile(r"\d(?<![\w+.-]\d)\d{3}(?:[ -]?\d){9,15}+(?![\w]|[ .-]\d)", _A)
 
 # Electronic (DE89370400440532013000) or print form in groups of four (DE89 3704 0044 0532 0130 00).
 _IBAN = re.compile(

@@ -130,10 +130,11 @@ def sampling_params(req, engine, max_tokens: int | None, grammar: GrammarSpec | 
     )
 
 
-def _finish_reason(fin: FinishEvent, calls: list[ParsedCall]) -> str:
-    if calls:
-        return "tool_calls"
-    return "length" if fin.reason == "length" else "stop"
+def _finish_reason(fin: FinishEvent, n_calls: int) -> str:
+    # As OpenAI: a cut-off output is "length" even if complete calls precede the cut.
+    if fin.reason == "length":
+        return "length"
+    return "tool_calls" if n_calls else "stop"
 
 
 def _usage(prompt_tokens: int, finishes: list[FinishEvent]) -> p.UsageInfo:
@@ -251,7 +252,7 @@ async def chat_completions(request: Request) -> Response:
             or None,
         )
         lp = p.ChoiceLogprobs(content=[_logprob_entry(ev) for ev in r.events]) if req.logprobs else None
-        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=_finish_reason(r.finish, calls)))
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=_finish_reason(r.finish, len(calls))))
     body = p.ChatCompletion(
         id=rid,
         choices=choices,
@@ -318,8 +319,7 @@ async def _chat_stream(
                 yield chunk([p.ChunkChoice(index=i, delta=delta)])
             n_calls[i] += len(calls)
             finishes.append(ev)
-            reason = "tool_calls" if n_calls[i] else ("length" if ev.reason == "length" else "stop")
-            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=reason)])
+            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))])
         if include_usage:
             c = p.ChatCompletionChunk(
                 id=rid, choices=[], created=created, model=req.model, system_fingerprint=FINGERPRINT,

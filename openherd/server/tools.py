@@ -193,10 +193,12 @@ def forced_call_grammar(tools: list[dict], fmt: ToolFormat, name: str | None = N
     schemas = [_call_schema(t, fmt.args_key) for t in chosen]
     call = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     if fmt.name == "mistral":
-        array = {"type": "array", "items": call, "minItems": 1}
-        if not parallel:
-            array["maxItems"] = 1
-        lark = f"start: {json.dumps(fmt.open)} %json {json.dumps(array)}\n"
+        call = {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+    # Compact JSON only: with flexible whitespace a model may pad a call with
+    # newlines until max_tokens (the grammar would allow that forever).
+    call = {**call, "x-guidance": {"whitespace_flexible": False}}
+    if fmt.name == "mistral":
+        lark = f"start: {json.dumps(fmt.open)} %json {json.dumps(call)}\n"
     elif fmt.name == "llama3":
         lark = f"start: %json {json.dumps(call)}\n"
     else:

@@ -63,7 +63,12 @@ class Reporter:
         self.status, self.total, self.digest = status, total, digest
         self.completed = 0
         self._last = 0.0
-        self.progress(Progress(status, 0, total, digest))
+        self._sent = -1  # `completed` of the last event sent
+        self._send()
+
+    def _send(self) -> None:
+        self._sent = self.completed
+        self.progress(Progress(self.status, self.completed, self.total or self.completed, self.digest))
 
     def advance(self, n: int) -> None:
         if n == 0:
@@ -72,14 +77,14 @@ class Reporter:
         now = time.monotonic()
         if now - self._last >= _PROGRESS_INTERVAL:
             self._last = now
-            self.progress(Progress(self.status, self.completed, self.total, self.digest))
+            self._send()
 
     def set(self, completed: int) -> None:
         self.advance(completed - self.completed)
 
     def done(self) -> None:
-        total = self.total or self.completed
-        self.progress(Progress(self.status, self.completed, total, self.digest))
+        if self._sent != self.completed:
+            self._send()
 
 
 @dataclass(frozen=True)
@@ -296,7 +301,7 @@ class BlobStore:
     ) -> Staged:
         """Hash and verify a file some other writer produced in a tempdir() here, then stage it."""
         size = tmp.stat().st_size
-        reporter = Reporter(progress, "verifying sha256 digest", size)
+        reporter = Reporter(progress, "verifying sha256 digest", size, f"sha256:{expected_sha256}" if expected_sha256 else "")
         sha, size = hash_file(tmp, reporter)
         reporter.done()
         problem = _mismatch(sha, size, expected_sha256, expected_size)

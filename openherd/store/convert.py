@@ -6,17 +6,20 @@ family, in one readable file:
     read_hf_config   config.json           -> HFConfig (architecture, sizes, rope)
     SafetensorsFile  *.safetensors          -> numpy arrays, memory-mapped, never pickle
     plan_tensors     HF names               -> GGUF names, transforms and output types
-    read_tokenizer   tokenizer.json & co.   -> byte-level BPE vocab, merges, specials, template
+    read_tokenizer   tokenizer.json & co.   -> vocab, token types, pre-tokenizer or piece scores
     convert_hf_dir   all of it              -> one GGUF file, written tensor by tensor
 
 Supported: LlamaForCausalLM (Llama 2/3/3.1/3.2, SmolLM), MistralForCausalLM and
-Qwen2ForCausalLM with byte-level BPE tokenizers. Output types: f32, f16 (default)
-and q8_0; 1-D tensors (norms, biases, rope factors) always stay f32, as upstream.
+Qwen2ForCausalLM, with byte-level BPE tokenizers (GPT-2, SmolLM, Llama 3, Qwen2
+pre-tokenizers) or SentencePiece-style BPE ones (Llama 2, Mistral) from
+tokenizer.json. Output types: f32, f16 (default) and q8_0; 1-D tensors (norms,
+biases, rope factors) always stay f32, as upstream.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import struct
@@ -581,11 +584,22 @@ class ConvertResult:
 
 def convert_hf_dir(model_dir: Path, out_path: Path, quant: str = "f16", progress: ProgressFn | None = None) -> ConvertResult:
     """Write the GGUF for `model_dir` to `out_path` (which the caller verifies and stores)."""
+    # gguf-py logs its own progress and harmless warnings at INFO/WARNING; the store reports
+    # progress itself and turns real problems into errors, so keep the terminal clean.
+    gguf_log = logging.getLogger("gguf")
+    level = gguf_log.level
+    gguf_log.setLevel(logging.ERROR)
+    try:
+        return _convert(Path(model_dir), Path(out_path), quant, progress)
+    finally:
+        gguf_log.setLevel(level)
+
+
+def _convert(model_dir: Path, out_path: Path, quant: str, progress: ProgressFn | None) -> ConvertResult:
     import gguf
 
     if quant not in QUANTS:
         raise InvalidModelFile(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}")
-    model_dir = Path(model_dir)
     cfg = read_hf_config(model_dir)
     weights = open_weights(model_dir)
     plan = plan_tensors(cfg, weights, quant, model_dir)

@@ -83,7 +83,11 @@ def parse_source(text: str, catalog: dict[str, CatalogEntry]) -> Source:
             return FileSource(path.resolve())
         if is_dir:
             if not is_hf_dir(path):
-                raise InvalidModelFile(f"{text} is a directory without config.json, not a Hugging Face model")
+                raise InvalidName(
+                    f"{display(text)} is a directory without config.json: not a model name, "
+                    ".gguf file or Hugging Face model directory",
+                    param="model",
+                )
             return HFDirSource(path.resolve())
         if not is_valid_name(text):
             raise InvalidName(

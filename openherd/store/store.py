@@ -126,7 +126,7 @@ class Store:
         if isinstance(name_or_path, os.PathLike):
             return self._resolve_file(Path(name_or_path))
         text = name_or_path
-        if not isinstance(text, str) or "\x00" in text:
+        if not isinstance(text, str) or not text or "\x00" in text:
             validate_name(text)  # raises InvalidName
         if is_valid_name(text):
             manifest = self.get(text)
@@ -142,7 +142,11 @@ class Store:
             if path.is_file():
                 return self._resolve_file(path)
             if path.is_dir():
-                raise InvalidRequest(f"{text} is a directory; import it first with `herd pull {text} --name NAME`")
+                raise InvalidName(
+                    f"{display(text)} is a directory, not a model; import a Hugging Face model directory "
+                    "with `herd pull DIR --name NAME`",
+                    param="model",
+                )
             if not is_valid_name(text):
                 raise InvalidName(
                     f"{display(text)} is neither an existing file nor a valid model name "
@@ -252,6 +256,7 @@ class Store:
     def remove(self, name: str) -> str:
         """Delete `name`'s manifest, and its blob if no other manifest uses it. Returns the
         stored name removed. Works on corrupt manifests too (that is how users clear them)."""
+        validate_name(name)  # before the lock file or anything else touches the disk
         with store_lock(self.settings.home):
             found = self._find(name)
             if found is None:
