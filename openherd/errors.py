@@ -9,7 +9,8 @@ any ``HerdError`` into one line on stderr and a non-zero exit code
     HerdError
     ├── InvalidRequest          400  bad parameters, bad JSON, bad names
     │   ├── InvalidName         400  a model/persona name that could escape the store
-    │   └── ContextOverflow     400  prompt + max_tokens exceed the context window
+    │   ├── ContextOverflow     400  prompt + max_tokens exceed the context window
+    │   └── TaskError           400  a malformed eval task/samples file (names file:line)
     ├── InvalidModelFile        400  a GGUF/safetensors file that fails validation
     ├── AuthError               401  missing or wrong API key
     ├── Forbidden               403  foreign Host/Origin (DNS rebinding)
@@ -18,6 +19,7 @@ any ``HerdError`` into one line on stderr and a non-zero exit code
     ├── PayloadTooLarge         413
     ├── QueueFull               429  carries retry_after seconds
     ├── Unavailable             503  server shutting down / model failed to load
+    │   └── SandboxUnavailable  503  no way to isolate model-written code on this host
     ├── OfflineError            503  a download needed the network and it was not there
     └── StoreError              500  the store itself is broken (disk full, corrupt manifest)
 """
@@ -53,6 +55,10 @@ class InvalidName(InvalidRequest):
 
 class ContextOverflow(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class TaskError(InvalidRequest):
+    code = "invalid_task"
 
 
 class InvalidModelFile(HerdError):
@@ -109,6 +115,10 @@ class Unavailable(HerdError):
     status = 503
     type = "server_error"
     code = "unavailable"
+
+
+class SandboxUnavailable(Unavailable):
+    code = "sandbox_unavailable"
 
 
 class OfflineError(HerdError):

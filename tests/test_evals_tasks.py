@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _task_dir(tmp_path: Path, yaml_text: str, rows=None, data_name: str = "data.jsonl") -> Path:
     (tmp_path / "task.yaml").write_text(yaml_text)
     if rows is not None:
-        (tmp_path / data_name).write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+        (tmp_path / data_name).write_text(
+            "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+        )
     return tmp_path / "task.yaml"
 
 
@@ -114,19 +116,39 @@ def test_gzip_data_and_limit(tmp_path):
     [
         ("name: x\ntype: [unclosed\n", None, "task.yaml:3: malformed YAML"),
         (MC_YAML + "promt: hi\n", MC_ROWS, "task.yaml:7: unknown field 'promt' (did you mean 'prompt'?)"),
-        (MC_YAML.replace("gold: label\n", ""), MC_ROWS, "task.yaml: a multiple_choice task needs the field 'gold'"),
+        (
+            MC_YAML.replace("gold: label\n", ""),
+            MC_ROWS,
+            "task.yaml: a multiple_choice task needs the field 'gold'",
+        ),
         (MC_YAML.replace("name: tiny-mc\n", ""), MC_ROWS, "task.yaml: missing required field 'name'"),
-        (MC_YAML.replace("type: multiple_choice", "type: mcq"), MC_ROWS,
-         "task.yaml:2: unknown task type 'mcq'; use one of multiple_choice, generation, humaneval, perplexity"),
+        (
+            MC_YAML.replace("type: multiple_choice", "type: mcq"),
+            MC_ROWS,
+            "task.yaml:2: unknown task type 'mcq'; use one of multiple_choice, generation, humaneval, perplexity",
+        ),
         (MC_YAML + "fewshot: three\n", MC_ROWS, "task.yaml:7: field 'fewshot' must be a int"),
         (MC_YAML + "max_tokens: 0\n", MC_ROWS, "task.yaml:7: 'max_tokens' must be > 0"),
-        (MC_YAML.replace("name: tiny-mc", "name: ../evil"), MC_ROWS, "task.yaml:1: task name '../evil' must be"),
-        ("name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: bleu\n", [{"t": "x"}],
-         "task.yaml:6: unknown metric 'bleu'; use one of exact_match, regex, f1"),
-        ("name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: regex\n", [{"t": "x"}],
-         "task.yaml:6: metric 'regex' needs a 'regex' field"),
-        ("name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: regex\nregex: '(['\n",
-         [{"t": "x"}], "task.yaml:7: bad regular expression"),
+        (
+            MC_YAML.replace("name: tiny-mc", "name: ../evil"),
+            MC_ROWS,
+            "task.yaml:1: task name '../evil' must be",
+        ),
+        (
+            "name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: bleu\n",
+            [{"t": "x"}],
+            "task.yaml:6: unknown metric 'bleu'; use one of exact_match, regex, f1",
+        ),
+        (
+            "name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: regex\n",
+            [{"t": "x"}],
+            "task.yaml:6: metric 'regex' needs a 'regex' field",
+        ),
+        (
+            "name: g\ntype: generation\ndata: data.jsonl\nprompt: p\ntarget: t\nmetric: regex\nregex: '(['\n",
+            [{"t": "x"}],
+            "task.yaml:7: bad regular expression",
+        ),
         ("- just\n- a list\n", None, "task.yaml: a task file must be a YAML mapping"),
         (MC_YAML.replace("data: data.jsonl", "data: missing.jsonl"), None, "missing.jsonl does not exist"),
         (MC_YAML.replace('"Q: {{ q }}\\nA:"', '"Q: {{ q }"'), MC_ROWS, "task.yaml: prompt template:"),
@@ -146,9 +168,18 @@ def test_task_file_errors_name_file_and_line(tmp_path, yaml_text, rows, expected
         (MC_ROWS[:2] + ["{oops"], "data.jsonl:3: invalid JSON"),
         (MC_ROWS[:1] + ["", "[1]"], "data.jsonl:3: each line must be a JSON object"),
         (MC_ROWS[:1] + [{"options": ["a"], "label": 0}], "data.jsonl:2: prompt template: 'q' is undefined"),
-        ([{"q": "x", "options": ["a", "b"], "label": 5}], "data.jsonl:1: gold index 5 is out of range for 2 choices"),
-        ([{"q": "x", "options": ["a", "b"], "label": "c"}], "data.jsonl:1: gold answer 'c' is not one of the choices"),
-        ([{"q": "x", "options": "ab", "label": 0}], "data.jsonl:1: field 'options' must be a non-empty list of strings"),
+        (
+            [{"q": "x", "options": ["a", "b"], "label": 5}],
+            "data.jsonl:1: gold index 5 is out of range for 2 choices",
+        ),
+        (
+            [{"q": "x", "options": ["a", "b"], "label": "c"}],
+            "data.jsonl:1: gold answer 'c' is not one of the choices",
+        ),
+        (
+            [{"q": "x", "options": "ab", "label": 0}],
+            "data.jsonl:1: field 'options' must be a non-empty list of strings",
+        ),
         ([{"q": "x", "options": ["a"], "label": True}], "data.jsonl:1: field 'label' must be a choice index"),
         (["", "  "], "has no items"),
     ],
@@ -301,8 +332,11 @@ def test_run_generation_exact_match_with_stop_and_references():
 
 
 def test_run_perplexity(tmp_path):
-    path = _task_dir(tmp_path, "name: ppl\ntype: perplexity\ndata: data.jsonl\ntext: body\n",
-                     [{"body": "hello world"}, {"body": "good morning all"}])
+    path = _task_dir(
+        tmp_path,
+        "name: ppl\ntype: perplexity\ndata: data.jsonl\ntext: body\n",
+        [{"body": "hello world"}, {"body": "good morning all"}],
+    )
     lm = ScriptedLM(rolling=lambda t: -float(len(t)))
     res = run_task(lm, load_task(str(path)))
     assert res.summary.metrics["bits_per_byte"] == pytest.approx(1 / math.log(2))
@@ -335,8 +369,14 @@ def test_run_humaneval_through_the_sandbox():
 
 def _herd(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HERD_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "openherd", *args], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "openherd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_cli_lists_tasks(tmp_path):

@@ -57,7 +57,9 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 # --------------------------------------------------------------------------- names
 
 
-@pytest.mark.parametrize("name", ["smollm2", "smollm2:latest", "Llama-3.2-1B", "a", "m.v2_x-y:q8_0", "x" * 128])
+@pytest.mark.parametrize(
+    "name", ["smollm2", "smollm2:latest", "Llama-3.2-1B", "a", "m.v2_x-y:q8_0", "x" * 128]
+)
 def test_valid_names(name):
     assert validate_name(name) == name
 
@@ -101,8 +103,14 @@ def test_manifest_json_roundtrip():
         ('{"name": "x"}', "no manifest version"),
         ('{"version": 99, "name": "x"}', "upgrade openherd"),
         ('{"version": 1, "name": "x", "source": "", "sha256": "00", "size": 1, "path": ""}', "sha256"),
-        ('{"version": 1, "name": "x", "source": "", "sha256": "' + "a" * 64 + '", "size": -1, "path": ""}', "size"),
-        ('{"version": 1, "name": "x", "source": 3, "sha256": "' + "a" * 64 + '", "size": 1, "path": ""}', "source"),
+        (
+            '{"version": 1, "name": "x", "source": "", "sha256": "' + "a" * 64 + '", "size": -1, "path": ""}',
+            "size",
+        ),
+        (
+            '{"version": 1, "name": "x", "source": 3, "sha256": "' + "a" * 64 + '", "size": 1, "path": ""}',
+            "source",
+        ),
         ('{"version": 1, "name": "x"}', "herd rm"),
     ],
 )
@@ -343,7 +351,9 @@ def test_existing_non_model_file_is_rejected_and_nothing_written(herd_home, tmp_
 def test_stale_partials_are_cleaned_by_next_pull(herd_home, tiny_gguf):
     blobs = herd_home / "blobs"
     blobs.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)
     (blobs / f".partial-{dead_pid}-abc123").write_bytes(b"half a model")
     (blobs / f".partial-{dead_pid}-def456").mkdir()

@@ -100,7 +100,9 @@ class Index:
                 index.requests.append(self.path)
                 super().do_GET()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(self.root)))
+        self.httpd = ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(self.root))
+        )
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/simple"
         return self
@@ -271,7 +273,10 @@ def hub(hf_env, monkeypatch):
         ("hf.co/acme/tiny/sub/dir/model.Q8_0.gguf", HubRef("acme/tiny", "sub/dir/model.Q8_0.gguf")),
         ("hf:acme/tiny/model.gguf@v1.0", HubRef("acme/tiny", "model.gguf", "v1.0")),
         ("hf:acme/tiny@dev/model.gguf", HubRef("acme/tiny", "model.gguf", "dev")),
-        ("https://huggingface.co/acme/tiny/resolve/main/m.gguf?download=true", HubRef("acme/tiny", "m.gguf", "main")),
+        (
+            "https://huggingface.co/acme/tiny/resolve/main/m.gguf?download=true",
+            HubRef("acme/tiny", "m.gguf", "main"),
+        ),
         ("https://huggingface.co/acme/tiny/blob/abc123/m.gguf", HubRef("acme/tiny", "m.gguf", "abc123")),
     ],
 )
@@ -300,7 +305,13 @@ def test_pull_from_hub(herd_home, hub, tiny_bytes):
     assert m.details["commit"] == hub.repos["acme/tiny"].commit
     assert Path(m.path).read_bytes() == tiny_bytes
     statuses = list(dict.fromkeys(e.status for e in events))
-    assert statuses == ["pulling manifest", "downloading", "verifying sha256 digest", "writing manifest", "success"]
+    assert statuses == [
+        "pulling manifest",
+        "downloading",
+        "verifying sha256 digest",
+        "writing manifest",
+        "success",
+    ]
     dl = [e for e in events if e.status == "downloading"]
     assert dl[-1].completed == dl[-1].total == len(tiny_bytes) and dl[-1].digest == f"sha256:{f.sha256}"
     # Only the file endpoint was used; the GET is pinned to the commit the HEAD reported.
@@ -361,7 +372,9 @@ def test_hub_offline(herd_home, hf_env, monkeypatch, endpoint, reason):
     monkeypatch.setenv("HF_ENDPOINT", url)
     with pytest.raises(OfflineError) as e:
         Store().pull("hf:acme/tiny/tiny.gguf")
-    assert e.value.message == f"cannot reach the Hugging Face hub at {url}: you appear to be offline ({reason})"
+    assert (
+        e.value.message == f"cannot reach the Hugging Face hub at {url}: you appear to be offline ({reason})"
+    )
 
 
 def test_killed_download_leaves_no_model(herd_home, hf_env, monkeypatch, tiny_bytes):
@@ -379,7 +392,9 @@ def test_killed_download_leaves_no_model(herd_home, hf_env, monkeypatch, tiny_by
             blobs = herd_home / "blobs"
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:  # wait until some bytes have landed
-                partial = sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.is_dir() else 0
+                partial = (
+                    sum(p.stat().st_size for p in blobs.rglob("*") if p.is_file()) if blobs.is_dir() else 0
+                )
                 if partial > 0:
                     break
                 assert proc.poll() is None, "the pull finished before it could be killed"

@@ -22,16 +22,30 @@ def register(subparsers) -> None:
     )
     p.add_argument("--task", "-t", help="built-in task name (see --list) or path to a task .yaml file")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--samples", metavar="FILE", help="JSONL of {task_id, completion} to score (humaneval tasks)")
+    src.add_argument(
+        "--samples", metavar="FILE", help="JSONL of {task_id, completion} to score (humaneval tasks)"
+    )
     src.add_argument("--model", "-m", metavar="MODEL", help="model name or .gguf path to evaluate")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items (problems)")
     p.add_argument("--fewshot", type=int, metavar="N", help="override the task's number of few-shot examples")
-    p.add_argument("--k", metavar="K[,K...]", help="pass@k values for humaneval (default: the task's, 1,10,100)")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-program time limit (default: the task's)")
-    p.add_argument("--workers", type=int, metavar="N", help="sandboxes run in parallel (default: CPU count, max 8)")
-    p.add_argument("--sandbox", choices=("namespaces", "rlimits"), default="namespaces",
-                   help="isolation for model code; 'rlimits' has no network/filesystem isolation (default: namespaces)")
-    p.add_argument("--out", metavar="DIR", help="output directory (default: $HERD_HOME/evals/<timestamp>-<task>)")
+    p.add_argument(
+        "--k", metavar="K[,K...]", help="pass@k values for humaneval (default: the task's, 1,10,100)"
+    )
+    p.add_argument(
+        "--timeout", type=float, metavar="SECONDS", help="per-program time limit (default: the task's)"
+    )
+    p.add_argument(
+        "--workers", type=int, metavar="N", help="sandboxes run in parallel (default: CPU count, max 8)"
+    )
+    p.add_argument(
+        "--sandbox",
+        choices=("namespaces", "rlimits"),
+        default="namespaces",
+        help="isolation for model code; 'rlimits' has no network/filesystem isolation (default: namespaces)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", help="output directory (default: $HERD_HOME/evals/<timestamp>-<task>)"
+    )
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     p.add_argument("--list", action="store_true", help="list the built-in tasks and exit")
     p.set_defaults(func=cmd_eval)
@@ -53,7 +67,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.task:
         raise InvalidRequest("pass --task NAME (see `herd eval --list`) or the path of a task .yaml file")
     if not args.samples and not args.model:
-        raise InvalidRequest("pass --samples FILE (HumanEval completions to score) or --model NAME to evaluate")
+        raise InvalidRequest(
+            "pass --samples FILE (HumanEval completions to score) or --model NAME to evaluate"
+        )
     for flag in ("limit", "fewshot", "workers"):
         value = getattr(args, flag)
         if value is not None and value < (0 if flag == "fewshot" else 1):
@@ -67,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.timeout:
         task.spec.timeout = args.timeout
     if args.samples and task.type != "humaneval":
-        raise InvalidRequest(f"--samples scores HumanEval completions; task '{task.name}' is a {task.type} task")
+        raise InvalidRequest(
+            f"--samples scores HumanEval completions; task '{task.name}' is a {task.type} task"
+        )
     if task.type == "humaneval":
         _require_sandbox(args.sandbox)
 
@@ -139,8 +157,15 @@ def _score_samples(args, task):
     if task.limit:
         keep = set(list(problems)[: task.limit])
         samples = [s for s in samples if s.task_id in keep]
-    report = evaluate_samples(samples, problems, k=task.spec.k, timeout=task.spec.timeout, workers=args.workers,
-                              isolation=args.sandbox, progress=_progress())
+    report = evaluate_samples(
+        samples,
+        problems,
+        k=task.spec.k,
+        timeout=task.spec.timeout,
+        workers=args.workers,
+        isolation=args.sandbox,
+        progress=_progress(),
+    )
     settings = {"timeout": task.spec.timeout, "k": list(task.spec.k), "sandbox": args.sandbox}
     return humaneval_result(task.name, f"samples:{args.samples}", samples, report, settings)
 
@@ -153,13 +178,16 @@ def _run_model(args, task):
         from ..engine.engine import Engine, EngineConfig
         from ..store.store import Store
     except ImportError:
-        raise Unavailable("model-driven evaluation needs the engine (openherd.engine.engine) and the model "
-                          "store, which this build does not have yet; --samples works without them") from None
+        raise Unavailable(
+            "model-driven evaluation needs the engine (openherd.engine.engine) and the model "
+            "store, which this build does not have yet; --samples works without them"
+        ) from None
     manifest = Store().ensure(args.model)
     engine = Engine.load(manifest.path, EngineConfig())
     try:
         lm = EngineLM(engine, manifest.name)
-        return run_task(lm, task, fewshot=args.fewshot, workers=args.workers, isolation=args.sandbox,
-                        progress=_progress())
+        return run_task(
+            lm, task, fewshot=args.fewshot, workers=args.workers, isolation=args.sandbox, progress=_progress()
+        )
     finally:
         engine.close()

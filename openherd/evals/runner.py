@@ -111,19 +111,36 @@ def _run_multiple_choice(model: LanguageModel, task: Task, fewshot: int | None) 
     if len(results) != len(requests):
         raise RuntimeError(f"model returned {len(results)} log-likelihoods for {len(requests)} requests")
     records, scores = [], {"acc": [], "acc_norm": []}
-    for doc, (start, n) in zip(task.docs, spans):
-        lls = [r[0] for r in results[start:start + n]]
+    for doc, (start, n) in zip(task.docs, spans, strict=True):
+        lls = [r[0] for r in results[start : start + n]]
         choices = task.choices(doc)
         gold = task.gold(doc)
         pred, pred_norm = scoring.mc_predictions(lls, choices)
         a, an = float(pred == gold), float(pred_norm == gold)
         scores["acc"].append(a)
         scores["acc_norm"].append(an)
-        records.append({"index": doc.index, "source": doc.source, "gold": gold, "pred": pred,
-                        "pred_norm": pred_norm, "loglikelihoods": lls, "acc": a, "acc_norm": an})
+        records.append(
+            {
+                "index": doc.index,
+                "source": doc.source,
+                "gold": gold,
+                "pred": pred,
+                "pred_norm": pred_norm,
+                "loglikelihoods": lls,
+                "acc": a,
+                "acc_norm": an,
+            }
+        )
     metrics = {k: float(np.mean(v)) for k, v in scores.items()}
-    summary = EvalSummary(task.name, task.type, model.name, metrics, _intervals(scores),
-                          {"items": len(task.docs)}, _settings(task, fewshot))
+    summary = EvalSummary(
+        task.name,
+        task.type,
+        model.name,
+        metrics,
+        _intervals(scores),
+        {"items": len(task.docs)},
+        _settings(task, fewshot),
+    )
     return TaskResult(summary, records, scores)
 
 
@@ -132,14 +149,17 @@ def score_generation(task: Task, output: str, references: list[str]) -> float:
     if spec.metric == "f1":
         return scoring.best_over_references(scoring.f1, output, references)
     if spec.metric == "regex":
-        return scoring.best_over_references(scoring.regex_match, output, references, pattern=spec.regex,
-                                            ignore_case=spec.ignore_case)
+        return scoring.best_over_references(
+            scoring.regex_match, output, references, pattern=spec.regex, ignore_case=spec.ignore_case
+        )
     return scoring.best_over_references(scoring.exact_match, output, references, ignore_case=spec.ignore_case)
 
 
 def _run_generation(model: LanguageModel, task: Task, fewshot: int | None) -> TaskResult:
     spec = task.spec
-    reqs = [GenRequest(task.context(doc, fewshot), list(spec.stop), spec.max_tokens, 0.0) for doc in task.docs]
+    reqs = [
+        GenRequest(task.context(doc, fewshot), list(spec.stop), spec.max_tokens, 0.0) for doc in task.docs
+    ]
     outputs = model.generate(reqs)
     metric = spec.metric
     records, values = [], []
@@ -147,10 +167,19 @@ def _run_generation(model: LanguageModel, task: Task, fewshot: int | None) -> Ta
         refs = task.targets(doc)
         s = score_generation(task, out, refs)
         values.append(s)
-        records.append({"index": doc.index, "source": doc.source, "output": out, "references": refs, metric: s})
+        records.append(
+            {"index": doc.index, "source": doc.source, "output": out, "references": refs, metric: s}
+        )
     scores = {metric: values}
-    summary = EvalSummary(task.name, task.type, model.name, {metric: float(np.mean(values))}, _intervals(scores),
-                          {"items": len(task.docs)}, {**_settings(task, fewshot), "max_tokens": spec.max_tokens})
+    summary = EvalSummary(
+        task.name,
+        task.type,
+        model.name,
+        {metric: float(np.mean(values))},
+        _intervals(scores),
+        {"items": len(task.docs)},
+        {**_settings(task, fewshot), "max_tokens": spec.max_tokens},
+    )
     return TaskResult(summary, records, scores)
 
 
@@ -164,9 +193,13 @@ def _run_perplexity(model: LanguageModel, task: Task) -> TaskResult:
         "byte_perplexity": scoring.weighted_perplexity(lls, nbytes),
         "bits_per_byte": scoring.bits_per_byte(lls, nbytes),
     }
-    records = [{"index": d.index, "source": d.source, "loglikelihood": ll, "words": w, "bytes": b}
-               for d, ll, w, b in zip(task.docs, lls, words, nbytes, strict=True)]
-    summary = EvalSummary(task.name, task.type, model.name, metrics, {}, {"items": len(texts)}, _settings(task, 0))
+    records = [
+        {"index": d.index, "source": d.source, "loglikelihood": ll, "words": w, "bytes": b}
+        for d, ll, w, b in zip(task.docs, lls, words, nbytes, strict=True)
+    ]
+    summary = EvalSummary(
+        task.name, task.type, model.name, metrics, {}, {"items": len(texts)}, _settings(task, 0)
+    )
     return TaskResult(summary, records, {"loglikelihood": list(lls)})
 
 
@@ -180,16 +213,35 @@ def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolati
     reqs, samples = [], []
     for tid in ids:
         for n in range(spec.samples):
-            reqs.append(GenRequest(problems[tid]["prompt"], list(spec.stop or HUMANEVAL_STOP), spec.max_tokens,
-                                   spec.temperature, seed=n))
+            reqs.append(
+                GenRequest(
+                    problems[tid]["prompt"],
+                    list(spec.stop or HUMANEVAL_STOP),
+                    spec.max_tokens,
+                    spec.temperature,
+                    seed=n,
+                )
+            )
             samples.append(Sample(tid, "", f"{tid}#{n}"))
     for s, completion in zip(samples, model.generate(reqs), strict=True):
         s.completion = completion
-    report = evaluate_samples(samples, problems, k=spec.k, timeout=spec.timeout, workers=workers, limits=limits,
-                              isolation=isolation, progress=progress)
-    return humaneval_result(task.name, model.name, samples, report,
-                            {"samples_per_problem": spec.samples, "temperature": spec.temperature,
-                             "timeout": spec.timeout})
+    report = evaluate_samples(
+        samples,
+        problems,
+        k=spec.k,
+        timeout=spec.timeout,
+        workers=workers,
+        limits=limits,
+        isolation=isolation,
+        progress=progress,
+    )
+    return humaneval_result(
+        task.name,
+        model.name,
+        samples,
+        report,
+        {"samples_per_problem": spec.samples, "temperature": spec.temperature, "timeout": spec.timeout},
+    )
 
 
 def humaneval_result(task_name: str, subject: str, samples, report, settings: dict) -> TaskResult:
@@ -208,7 +260,9 @@ def humaneval_result(task_name: str, subject: str, samples, report, settings: di
             ci = scoring.bootstrap_ci(per)
             intervals[key] = (ci.low, ci.high)
     counts = {"problems": report.n_problems, "samples": report.n_samples, "sandbox_errors": report.errors}
-    summary = EvalSummary(task_name, "humaneval", subject, dict(report.pass_at_k), intervals, counts, settings)
+    summary = EvalSummary(
+        task_name, "humaneval", subject, dict(report.pass_at_k), intervals, counts, settings
+    )
     return TaskResult(summary, records(samples, report), scores)
 
 
@@ -245,7 +299,7 @@ class EngineLM:
             context = context[:-n_spaces]
         whole = self._encode(context + continuation, bos=True)
         ctx = self._encode(context, bos=True)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # -- LanguageModel
 
@@ -261,7 +315,7 @@ class EngineLM:
                 out.append((0.0, True))
                 continue
             keep = max(1, n_ctx - len(cont))
-            ll, greedy = self.engine.loglikelihood(ctx[-keep:], cont[-(n_ctx - 1):])
+            ll, greedy = self.engine.loglikelihood(ctx[-keep:], cont[-(n_ctx - 1) :])
             out.append((float(ll), bool(greedy)))
         return out
 
@@ -276,7 +330,7 @@ class EngineLM:
             while predicted < len(tokens):
                 n = min(max_len, len(tokens) - predicted)
                 end = predicted + n
-                ctx = self._bos() if predicted == 0 else tokens[max(0, end - max_len - 1):predicted]
+                ctx = self._bos() if predicted == 0 else tokens[max(0, end - max_len - 1) : predicted]
                 ll, _ = self.engine.loglikelihood(ctx, tokens[predicted:end])
                 total += float(ll)
                 predicted = end
@@ -287,10 +341,19 @@ class EngineLM:
         from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 
         def one(req: GenRequest) -> str:
-            params = SamplingParams(temperature=req.temperature, top_p=1.0, top_k=0, min_p=0.0,
-                                    max_tokens=req.max_tokens, stop=list(req.stop), seed=req.seed)
+            params = SamplingParams(
+                temperature=req.temperature,
+                top_p=1.0,
+                top_k=0,
+                min_p=0.0,
+                max_tokens=req.max_tokens,
+                stop=list(req.stop),
+                seed=req.seed,
+            )
             text = []
-            for ev in self.engine.generate(GenerationRequest(prompt=self._encode(req.prompt, bos=True), params=params)):
+            for ev in self.engine.generate(
+                GenerationRequest(prompt=self._encode(req.prompt, bos=True), params=params)
+            ):
                 if isinstance(ev, TokenEvent):
                     text.append(ev.text)
                 elif isinstance(ev, FinishEvent):

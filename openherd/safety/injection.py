@@ -12,7 +12,8 @@ strongest weight per signal kind, so one strong signal or two weak ones flag):
 signal                 weight  example
 =====================  ======  ====================================================
 override_instructions   0.90   "ignore all previous instructions", "forget everything above"
-role_override           0.80   "you are now DAN", "act as an unrestricted AI", "developer mode"
+role_override           0.80   "you are now DAN", "act as an unrestricted AI", "developer mode
+                               enabled", a forged system turn (<|im_start|>system)
 prompt_leak             0.70   "print your system prompt", "reveal your hidden instructions"
 base64_payload          0.70   a base64 blob that decodes to text carrying any signal here
 exfiltration            0.60   "send the conversation to ...", a markdown image whose URL query
@@ -96,52 +97,128 @@ _ORDERS = r"(?:instructions?|prompts?|rules|directions|directives|guidelines|gui
 _AI = r"(?:AI|A\.I\.|assistant|LLM|language\s+model|chat\s?bot|model|agent|GPT|ChatGPT|Claude|Llama|Gemini)"
 
 _RULES: list[tuple[str, re.Pattern[str]]] = [
-    ("override_instructions", re.compile(
-        rf"\b(?:ignore|disregard|forget|discard|override|bypass|skip|abandon)\s+(?:(?:all|any|every|each|the|your|my|of|these|those)\s+)*"
-        rf"(?:{_EARLIER}\s+)(?:{_ORDERS})", _I)),
-    ("override_instructions", re.compile(
-        rf"\b(?:ignore|disregard|forget)\s+(?:all\s+|any\s+)?(?:everything|anything|what(?:ever)?\s+you\s+(?:were|have\s+been)\s+(?:told|given))"
-        rf"(?:\s+(?:above|before|earlier|previously|so\s+far))?\b", _I)),
-    ("override_instructions", re.compile(rf"\b(?:do\s+not|don't)\s+follow\s+(?:the\s+|your\s+|any\s+)?{_EARLIER}\s+{_ORDERS}", _I)),
-    ("role_override", re.compile(
-        r"\byou\s+are\s+(?:now\s+|no\s+longer\s+)(?:an?\s+)?(?:DAN|unrestricted|unfiltered|uncensored|jailbroken|evil|"
-        r"free\s+(?:from|of)|bound|restricted|limited|an?\s+AI|an?\s+assistant)\b", _I)),
-    ("role_override", re.compile(
-        r"\b(?:act|behave|respond)\s+as\s+(?:an?\s+)?(?:DAN|unrestricted|unfiltered|uncensored|jailbroken)\b", _I)),
-    ("role_override", re.compile(r"\b(?:developer|god|DAN|jailbreak|unrestricted)\s+mode\s+(?:enabled|activated|on)\b", _I)),
+    (
+        "override_instructions",
+        re.compile(
+            rf"\b(?:ignore|disregard|forget|discard|override|bypass|skip|abandon)\s+(?:(?:all|any|every|each|the|your|my|of|these|those)\s+)*"
+            rf"(?:{_EARLIER}\s+)(?:{_ORDERS})",
+            _I,
+        ),
+    ),
+    (
+        "override_instructions",
+        re.compile(
+            r"\b(?:ignore|disregard|forget)\s+(?:all\s+|any\s+)?(?:everything|anything|what(?:ever)?\s+you\s+(?:were|have\s+been)\s+(?:told|given))"
+            r"(?:\s+(?:above|before|earlier|previously|so\s+far))?\b",
+            _I,
+        ),
+    ),
+    (
+        "override_instructions",
+        re.compile(rf"\b(?:do\s+not|don't)\s+follow\s+(?:the\s+|your\s+|any\s+)?{_EARLIER}\s+{_ORDERS}", _I),
+    ),
+    (
+        "role_override",
+        re.compile(
+            r"\byou\s+are\s+now\s+(?:an?\s+)?(?:DAN|unrestricted|unfiltered|uncensored|jailbroken|evil|free\s+(?:from|of))\b|"
+            r"\byou\s+are\s+no\s+longer\s+(?:an?\s+(?:AI|assistant|language\s+model)\b|"
+            r"(?:bound|restricted|limited)\s+by\s+(?:any\s+|your\s+|the\s+)?(?:rules|guidelines|restrictions|instructions|policies))",
+            _I,
+        ),
+    ),
+    (
+        "role_override",
+        re.compile(
+            r"\b(?:act|behave|respond)\s+as\s+(?:an?\s+)?(?:DAN|unrestricted|unfiltered|uncensored|jailbroken)\b",
+            _I,
+        ),
+    ),
+    (
+        "role_override",
+        re.compile(r"\b(?:developer|god|DAN|jailbreak|unrestricted)\s+mode\s+(?:enabled|activated|on)\b", _I),
+    ),
     ("role_override", re.compile(r"\bdo\s+anything\s+now\b", _I)),
     # A chat-template turn header for the system role inside data: a forged system message.
-    ("role_override", re.compile(
-        r"<\|im_start\|>\s*system\b|<\|start_header_id\|>\s*system\s*<\|end_header_id\|>|\[INST\]\s*<<SYS>>", _I)),
+    (
+        "role_override",
+        re.compile(
+            r"<\|im_start\|>\s*system\b|<\|start_header_id\|>\s*system\s*<\|end_header_id\|>|\[INST\]\s*<<SYS>>",
+            _I,
+        ),
+    ),
     ("persona_switch", re.compile(r"\byou\s+are\s+now\s+(?:an?|the|my)\s+\w+", _I)),
     ("persona_switch", re.compile(r"\b(?:pretend|imagine)\s+(?:that\s+)?you\s+are\b", _I)),
     ("persona_switch", re.compile(r"\b(?:role-?play|roleplay)\s+as\b", _I)),
-    ("prompt_leak", re.compile(
-        r"\b(?:reveal|print|show|output|repeat|display|leak|dump|disclose|recite|write\s+out|tell\s+(?:me|us))\s+"
-        r"(?:(?:me|us|all|the|your|its|of|full|entire|exact|verbatim)\s+)*"
-        r"(?:system\s+(?:prompt|message|instructions)|initial\s+(?:prompt|instructions)|"
-        r"(?:hidden|secret|original|internal|confidential)\s+(?:prompt|instructions|rules)|"
-        r"instructions\s+(?:above|you\s+(?:were|have\s+been)\s+given)|prompt\s+above)", _I)),
-    ("prompt_leak", re.compile(r"\bwhat\s+(?:are|were)\s+your\s+(?:original\s+|initial\s+|system\s+)?instructions\b", _I)),
+    (
+        "prompt_leak",
+        re.compile(
+            r"\b(?:reveal|print|show|output|repeat|display|leak|dump|disclose|recite|write\s+out|tell\s+(?:me|us))\s+"
+            r"(?:(?:me|us|all|the|your|its|of|full|entire|exact|verbatim)\s+)*"
+            r"(?:system\s+(?:prompt|message|instructions)|initial\s+(?:prompt|instructions)|"
+            r"(?:hidden|secret|original|internal|confidential)\s+(?:prompt|instructions|rules)|"
+            r"instructions\s+(?:above|you\s+(?:were|have\s+been)\s+given)|prompt\s+above)",
+            _I,
+        ),
+    ),
+    (
+        "prompt_leak",
+        re.compile(r"\bwhat\s+(?:are|were)\s+your\s+(?:original\s+|initial\s+|system\s+)?instructions\b", _I),
+    ),
     ("mentions_system_prompt", re.compile(r"\bsystem\s+prompt\b", _I)),
-    ("new_instructions", re.compile(r"\b(?:new|updated|real|actual|true|revised|additional)\s+(?:system\s+)?instructions?\s*:", _I)),
-    ("new_instructions", re.compile(r"\bfrom\s+now\s+on,?\s+(?:you|your|ignore|respond|answer|reply|act|always|never|only)\b", _I)),
-    ("new_instructions", re.compile(r"\b(?:do\s+not|don't|never)\s+(?:tell|inform|alert|let|mention\s+(?:this\s+)?to)\s+the\s+user\b", _I)),
-    ("addressed_to_ai", re.compile(
-        rf"\b(?:note|message|instructions?|attention|important|reminder)\s*(?:to|for)\s+(?:the\s+|any\s+|all\s+)?{_AI}s?\b", _I)),
+    (
+        "new_instructions",
+        re.compile(
+            r"\b(?:new|updated|real|actual|true|revised|additional)\s+(?:system\s+)?instructions?\s*:", _I
+        ),
+    ),
+    (
+        "new_instructions",
+        re.compile(
+            r"\bfrom\s+now\s+on,?\s+(?:you|your|ignore|respond|answer|reply|act|always|never|only)\b", _I
+        ),
+    ),
+    (
+        "new_instructions",
+        re.compile(
+            r"\b(?:do\s+not|don't|never)\s+(?:tell|inform|alert|let|mention\s+(?:this\s+)?to)\s+the\s+user\b",
+            _I,
+        ),
+    ),
+    (
+        "addressed_to_ai",
+        re.compile(
+            rf"\b(?:note|message|instructions?|attention|important|reminder)\s*(?:to|for)\s+(?:the\s+|any\s+|all\s+)?{_AI}s?\b",
+            _I,
+        ),
+    ),
     ("addressed_to_ai", re.compile(rf"\bif\s+you\s+are\s+(?:an?\s+)?{_AI}\b", _I)),
     ("addressed_to_ai", re.compile(rf"\b(?:dear|hey|attention)\s+{_AI}\b", _I)),
     ("addressed_to_ai", re.compile(rf"\b{_AI}s?\s+(?:reading|processing|summari[sz]ing)\s+this\b", _I)),
-    ("exfiltration", re.compile(
-        r"\b(?:send|e-?mail|forward|post|upload|exfiltrate|transmit|leak)\s+(?:(?:the|all|this|your|their|any|of)\s+)*"
-        r"(?:conversation(?:\s+history)?|chat(?:\s+history)?|history|messages|user'?s?\s+(?:data|messages|details|information)|"
-        r"credentials|passwords?|api\s+keys?|secrets?|tokens?|personal\s+(?:data|information|details))\s+to\b", _I)),
-    ("fake_delimiters", re.compile(
-        r"<\|(?:im_start|im_end|start_header_id|end_header_id|eot_id|begin_of_text|system|assistant|user|endoftext)\|>|"
-        r"\[/?INST\]|<</?SYS>>|</?(?:system|instructions?)>|^\s*#{2,}\s*(?:system|instructions?)\s*:?\s*$", _I | re.M)),
-    ("hidden_style", re.compile(
-        r"style\s*=\s*[\"'][^\"']*(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:px|pt|em)?\s*[;\"']|"
-        r"opacity\s*:\s*0(?:\.0+)?\s*[;\"'])", _I)),
+    (
+        "exfiltration",
+        re.compile(
+            r"\b(?:send|e-?mail|forward|post|upload|exfiltrate|transmit|leak)\s+(?:(?:the|all|this|your|their|any|of)\s+)*"
+            r"(?:conversation(?:\s+history)?|chat(?:\s+history)?|history|messages|user'?s?\s+(?:data|messages|details|information)|"
+            r"credentials|passwords?|api\s+keys?|secrets?|tokens?|personal\s+(?:data|information|details))\s+to\b",
+            _I,
+        ),
+    ),
+    (
+        "fake_delimiters",
+        re.compile(
+            r"<\|(?:im_start|im_end|start_header_id|end_header_id|eot_id|begin_of_text|system|assistant|user|endoftext)\|>|"
+            r"\[/?INST\]|<</?SYS>>|</?(?:system|instructions?)>|^\s*#{2,}\s*(?:system|instructions?)\s*:?\s*$",
+            _I | re.M,
+        ),
+    ),
+    (
+        "hidden_style",
+        re.compile(
+            r"style\s*=\s*[\"'][^\"']*(?:display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*0(?:px|pt|em)?\s*[;\"']|"
+            r"opacity\s*:\s*0(?:\.0+)?\s*[;\"'])",
+            _I,
+        ),
+    ),
 ]
 
 # Markdown images: the URL is fetched by the client as soon as the answer renders, so a query string
@@ -150,11 +227,15 @@ _MD_IMAGE = re.compile(r"!\[[^\]\n]{0,200}\]\(\s*<?(https?://[^\s)>]+)", _I)
 _HTML_IMG = re.compile(r"<img\b[^>]*\bsrc\s*=\s*[\"']?(https?://[^\s\"'>]+)", _I)
 _EXFIL_QUERY = re.compile(
     r"[{}$]|%7B|%24|\[[A-Z_]+\]|[?&](?:data|q|query|prompt|secret|token|key|conv|conversation|chat|history|msg|message|"
-    r"info|pwd|password|email|user|content|text|payload|d)=", _I)
+    r"info|pwd|password|email|user|content|text|payload|d)=",
+    _I,
+)
 _COMMENT = re.compile(r"<!--(.*?)(?:-->|\Z)", re.DOTALL)
 _COMMENT_IMPERATIVE = re.compile(
     rf"\b{_AI}s?\b.{{0,80}}\b(?:must|should|will|shall|needs?\s+to|ignore|instead|always|never|do\s+not|don't)\b|"
-    rf"\b(?:must|should|always|never|do\s+not|don't)\b.{{0,80}}\b{_AI}s?\b", _I | re.DOTALL)
+    rf"\b(?:must|should|always|never|do\s+not|don't)\b.{{0,80}}\b{_AI}s?\b",
+    _I | re.DOTALL,
+)
 _BASE64 = re.compile(r"(?<![A-Za-z0-9+/=_-])[A-Za-z0-9+/_-]{24,4096}={0,2}(?![A-Za-z0-9+/=_-])")
 _ZERO_WIDTH = "\u200b\u200c\u200d\u2060\u180e\ufeff"
 _ZW_RUN = re.compile(f"[{_ZERO_WIDTH}]{{8,}}")
@@ -246,12 +327,17 @@ def _scan(text: str, depth: int) -> list[Signal]:
         hidden = "".join(chr(ord(ch) - 0xE0000) for run in tags for ch in run)
         signals.append(Signal("hidden_unicode", _W["hidden_unicode"], _excerpt(hidden), "hidden_unicode"))
         signals += [
-            Signal(s.code, s.weight, s.excerpt, "hidden_unicode") for s in _rule_signals(_normalise(hidden), "hidden_unicode")
+            Signal(s.code, s.weight, s.excerpt, "hidden_unicode")
+            for s in _rule_signals(_normalise(hidden), "hidden_unicode")
         ]
     if _ZW_RUN.search(text):
-        signals.append(Signal("hidden_unicode", _W["hidden_unicode"], "run of zero-width characters", "hidden_unicode"))
+        signals.append(
+            Signal("hidden_unicode", _W["hidden_unicode"], "run of zero-width characters", "hidden_unicode")
+        )
     if _BIDI.search(text):
-        signals.append(Signal("bidi_controls", _W["bidi_controls"], "bidirectional control characters", "hidden_unicode"))
+        signals.append(
+            Signal("bidi_controls", _W["bidi_controls"], "bidirectional control characters", "hidden_unicode")
+        )
     for m in _COMMENT.finditer(text):
         inner = _normalise(m.group(1))
         inner_signals = _rule_signals(inner, "html_comment")
@@ -288,7 +374,10 @@ def scan(text: str, threshold: float = THRESHOLD) -> InjectionReport:
         keep *= 1.0 - s.weight
     score = round(1.0 - keep, 4)
     ordered = sorted(strongest.values(), key=lambda s: -s.weight)
-    reasons = [f"{_LABELS[s.code]}: {s.excerpt!r}" + ("" if s.where == "text" else f" (in {s.where})") for s in ordered]
+    reasons = [
+        f"{_LABELS[s.code]}: {s.excerpt!r}" + ("" if s.where == "text" else f" (in {s.where})")
+        for s in ordered
+    ]
     return InjectionReport(flagged=score >= threshold, score=score, reasons=reasons, signals=signals)
 
 

@@ -129,7 +129,9 @@ def build_categories(
             name, desc = item
         name, desc = name.strip(), desc.strip()
         if not name or "\n" in name or len(name) > 200:
-            raise InvalidRequest("a custom Llama Guard category needs a one-line name (at most 200 characters)")
+            raise InvalidRequest(
+                "a custom Llama Guard category needs a one-line name (at most 200 characters)"
+            )
         if not name.endswith("."):
             name += "."
         out.append(Category(f"S{len(LLAMA_GUARD_3_CATEGORIES) + 1 + i}", name, desc))
@@ -141,7 +143,9 @@ def build_categories(
 def _check_code(code: str, known: dict[str, Category]) -> str:
     c = str(code).strip().upper()
     if c not in known:
-        raise InvalidRequest(f"unknown Llama Guard 3 category {code!r}; use S1 to S14", param="llama_guard_categories")
+        raise InvalidRequest(
+            f"unknown Llama Guard 3 category {code!r}; use S1 to S14", param="llama_guard_categories"
+        )
     return c
 
 

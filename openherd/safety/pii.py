@@ -48,7 +48,7 @@ import bisect
 import ipaddress
 import itertools
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest
@@ -92,7 +92,9 @@ def parse_kinds(kinds: Iterable[str] | str | None) -> frozenset[str]:
         if not k:
             continue
         if k not in PLACEHOLDERS:
-            raise InvalidRequest(f"unknown PII kind {k!r}; choose from {', '.join(sorted(PLACEHOLDERS))}", param="kinds")
+            raise InvalidRequest(
+                f"unknown PII kind {k!r}; choose from {', '.join(sorted(PLACEHOLDERS))}", param="kinds"
+            )
         out.add(k)
     return frozenset(out) if out else frozenset(KINDS)
 
@@ -114,26 +116,30 @@ _A = re.ASCII
 _EMAIL_LOCAL = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
 _EMAIL_AT = re.compile(r"@(?:[A-Za-z0-9-]{1,63}+\.)+[A-Za-z]{2,63}(?![A-Za-z0-9-]|\.[A-Za-z0-9])", _A)
 
+# Digit-group chains (international and national phones, cards) match as far as the groups go; the
+# candidate is then the longest prefix, cut at a group boundary, that validates (_chain_end). So
+# '+44 20 7946 0958 10.1.2.3' yields the phone and the address, and '4111 1111 1111 1111 2024' the card.
+
 # +CC then groups; one optional parenthesised area/trunk part: +44 (0)20 7946 0958, +1 (555) 123-4567.
 _PHONE_INTL = re.compile(
-    r"\+(?<![\w+]\+)[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d{1,14}+(?:[ .-]\d{1,14}+){0,6}+(?![\w]|[ .-]\d)", _A
+    r"\+(?<![\w+]\+)[1-9]\d{0,2}(?:[ .-]?\(\d{1,4}\))?[ .-]?\d{1,14}+(?:[ .-]\d{1,14}+){0,6}+",
+    _A,
 )
 # North America: (555) 123-4567, 555-123-4567, 555.123.4567, 1-800-555-1234. Area codes start 2-9.
 _PHONE_NANP = re.compile(
     r"[(\d](?<![\w.+-][(\d])"
     r"(?:(?<=1)[ .-](?:\([2-9]\d{2}\) ?|[2-9]\d{2}[ .-])|(?<=\()[2-9]\d{2}\) ?|(?<=[2-9])\d{2}[ .-])"
-    r"\d{3}[ .-]\d{4}(?![\w]|[ .-]\d)",
+    r"\d{3}[ .-]\d{4}(?![\w]|[.-]\d)",
     _A,
 )
 # National numbers with a trunk 0 (or 00 international prefix), always grouped: 020 7946 0958.
 _PHONE_NATIONAL = re.compile(
-    r"[(0](?<![\w.+/-][(0])(?:(?<=\()0\d{1,4}\) ?|(?<=0)\d{1,4}[ .\-/])\d{2,8}+(?:[ .-]\d{2,8}+){0,4}+"
-    r"(?![\w]|[ .-]\d)",
+    r"[(0](?<![\w.+/-][(0])(?:(?<=\()0\d{1,4}\) ?|(?<=0)\d{1,4}[ .\-/])\d{2,8}+(?:[ .-]\d{2,8}+){0,4}+",
     _A,
 )
 
 # Every card layout starts with four digits (4-4-4-4, 4-6-5, or no separators at all).
-_CARD = re.compile(r"\d(?<![\w+.-]\d)\d{3}(?:[ -]?\d){9,15}+(?![\w]|[ .-]\d)", _A)
+_CARD = re.compile(r"\d(?<![\w+.-]\d)\d{3}(?:[ -]?\d){9,15}+", _A)
 
 # Electronic (DE89370400440532013000) or print form in groups of four (DE89 3704 0044 0532 0130 00).
 _IBAN = re.compile(
@@ -150,7 +156,9 @@ _IPV4 = re.compile(
     _A,
 )
 # Text just before a dotted quad that makes it a version number, not an address.
-_VERSION_BEFORE = re.compile(r"(?:\b(?:versions?|ver\.?|release|rel\.?)\s*[:=]?\s*|[=<>~!]=\s*)\Z", re.IGNORECASE | _A)
+_VERSION_BEFORE = re.compile(
+    r"(?:\b(?:versions?|ver\.?|release|rel\.?)\s*[:=]?\s*|[=<>~!]=\s*)\Z", re.IGNORECASE | _A
+)
 # A run of hex digits and colons holding at least two colons; ipaddress decides.
 _IPV6 = re.compile(
     r"[0-9A-Fa-f:](?<![\w:.][0-9A-Fa-f:])(?:(?<=:)(?=[0-9A-Fa-f]*:)|(?<!:)(?=[0-9A-Fa-f]*:[0-9A-Fa-f]*:))"
@@ -166,9 +174,15 @@ _API_KEYS = [
     ("github", re.compile(r"github_pat_(?<![A-Za-z0-9_-]github_pat_)[A-Za-z0-9_]{22,255}+", _A)),
     ("slack", re.compile(r"xox[abpr]-(?<![A-Za-z0-9_-]xox[abpr]-)[A-Za-z0-9-]{10,250}+", _A)),
     ("google", re.compile(r"AIza(?<![A-Za-z0-9_-]AIza)[0-9A-Za-z_-]{35}(?![A-Za-z0-9_-])", _A)),
-    ("jwt", re.compile(r"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{4,}+\.eyJ[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+", _A)),
+    (
+        "jwt",
+        re.compile(r"eyJ(?<![A-Za-z0-9_-]eyJ)[A-Za-z0-9_-]{4,}+\.eyJ[A-Za-z0-9_-]{4,}+\.[A-Za-z0-9_-]*+", _A),
+    ),
     # Only the token is redacted: 'Authorization: Bearer [API_KEY]'.
-    ("bearer", re.compile(r"[Bb](?i:earer) (?<![A-Za-z0-9_-][Bb](?i:earer) )([A-Za-z0-9._~+/=-]{16,1024}+)", _A)),
+    (
+        "bearer",
+        re.compile(r"[Bb](?i:earer) (?<![A-Za-z0-9_-][Bb](?i:earer) )([A-Za-z0-9._~+/=-]{16,1024}+)", _A),
+    ),
 ]
 
 _PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----", _A)
@@ -292,6 +306,28 @@ def _iban_span(s: str) -> int:
     return 0
 
 
+_DIGITS = frozenset("0123456789")
+
+
+def _chain_end(text: str, start: int, raw_end: int, endpos: int, ok: Callable[[str], bool]) -> int:
+    """End of the longest valid prefix of the digit-group chain text[start:raw_end], or 0.
+
+    Prefixes end at the chain's end or just before a separator. One directly followed by a letter or
+    digit, or by '.'/'-' and a digit, is the head of a longer number (a decimal, a date, a version)
+    and is never a candidate; one followed by a space and more digits is (a phone, then a number).
+    """
+    ends = [raw_end] + [i for i in range(raw_end - 1, start, -1) if text[i] in " .-" and text[i + 1] in _DIGITS]
+    for e in ends:
+        nxt = text[e] if e < endpos else ""
+        if nxt and (nxt.isascii() and (nxt.isalnum() or nxt == "_")):
+            continue
+        if nxt in (".", "-") and e + 1 < endpos and text[e + 1] in _DIGITS:
+            continue
+        if ok(text[start:e]):
+            return e
+    return 0
+
+
 def _phone_ok(s: str, national: bool) -> bool:
     digits = sum(ch.isdigit() for ch in s)
     if not national:
@@ -318,7 +354,10 @@ def _ipv6_ok(s: str) -> bool:
 
 def _openai_ok(s: str) -> bool:
     # Real keys carry a long random segment; kebab-case words after 'sk-' (sk-learn-2024-notes) do not.
-    return any(len(seg) >= 16 and re.search(r"\d", seg) and re.search(r"[A-Za-z]", seg) for seg in re.split(r"[-_]", s[3:]))
+    return any(
+        len(seg) >= 16 and re.search(r"\d", seg) and re.search(r"[A-Za-z]", seg)
+        for seg in re.split(r"[-_]", s[3:])
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -355,8 +394,10 @@ def _candidates(text: str, pos: int, endpos: int, kinds: frozenset[str]) -> list
     for m in _CARD.finditer(text, pos, endpos):
         if _card_layout_ok(m.group()):
             shadows.append(m.span())
-            if "credit_card" in kinds and _card_ok(m.group()):
-                out.append((m.start(), m.end(), "credit_card"))
+            if "credit_card" in kinds:
+                end = _chain_end(text, m.start(), m.end(), endpos, _card_ok)
+                if end:
+                    out.append((m.start(), end, "credit_card"))
     for m in _IBAN.finditer(text, pos, endpos):
         shadows.append(m.span())
         n = _iban_span(m.group()) if "iban" in kinds else 0
@@ -368,14 +409,19 @@ def _candidates(text: str, pos: int, endpos: int, kinds: frozenset[str]) -> list
         shadows.sort()
         shadow_starts = [a for a, _ in shadows]
         reach = list(itertools.accumulate((b for _, b in shadows), max))  # furthest end so far
-        for pat, national in ((_PHONE_INTL, False), (_PHONE_NANP, False), (_PHONE_NATIONAL, True)):
+
+        def _shadowed(s: int, e: int) -> bool:  # inside a card- or IBAN-shaped string
+            i = bisect.bisect_right(shadow_starts, s)
+            return i > 0 and reach[i - 1] >= e
+
+        for m in _PHONE_NANP.finditer(text, pos, endpos):
+            if not _shadowed(m.start(), m.end()):
+                out.append((m.start(), m.end(), "phone"))
+        for pat, national in ((_PHONE_INTL, False), (_PHONE_NATIONAL, True)):
             for m in pat.finditer(text, pos, endpos):
-                s, e = m.span()
-                i = bisect.bisect_right(shadow_starts, s)
-                if i and reach[i - 1] >= e:  # inside a card- or IBAN-shaped string
-                    continue
-                if pat is _PHONE_NANP or _phone_ok(m.group(), national):
-                    out.append((s, e, "phone"))
+                end = _chain_end(text, m.start(), m.end(), endpos, lambda s, n=national: _phone_ok(s, n))
+                if end and not _shadowed(m.start(), end):
+                    out.append((m.start(), end, "phone"))
     if "ip_address" in kinds:
         for m in _IPV4.finditer(text, pos, endpos):
             if not _VERSION_BEFORE.search(text, max(0, m.start() - 24), m.start()):
@@ -432,7 +478,7 @@ def find_pii(text: str, kinds: Iterable[str] | str | None = None) -> list[Findin
     return findings
 
 
-def _apply(text: str, findings: list[Finding], offset: int = 0) -> str:
+def apply_findings(text: str, findings: list[Finding], offset: int = 0) -> str:
     parts, pos = [], 0
     for f in findings:
         parts.append(text[pos : f.start - offset])
@@ -444,7 +490,7 @@ def _apply(text: str, findings: list[Finding], offset: int = 0) -> str:
 
 def redact(text: str, kinds: Iterable[str] | str | None = None) -> str:
     """`text` with each finding replaced by its typed placeholder ([EMAIL], [PHONE], ...)."""
-    return _apply(text, find_pii(text, kinds))
+    return apply_findings(text, find_pii(text, kinds))
 
 
 # ---------------------------------------------------------------------------
@@ -534,6 +580,11 @@ class StreamRedactor:
         out = self._drain(final=True)
         self._ctx, self._buf, self._base, self._checked = "", "", 0, 0
         return out
+
+    @property
+    def pending(self) -> int:
+        """Characters received but not yet released (a private key body being dropped is not counted)."""
+        return len(self._buf) if self._pem_start is None else 0
 
     def pop_findings(self) -> list[Finding]:
         out, self.findings = self.findings, []
@@ -657,8 +708,10 @@ class StreamRedactor:
         end = off + (len(self._buf) if endpos is None else endpos)
         found = [f for f in _find_span(text, off, end, self.kinds) if f.end <= off + cut]
         for f in found:
-            self.findings.append(Finding(f.kind, f.start - off + self._base, f.end - off + self._base, f.text))
-        out = _apply(text[off : off + cut], found, offset=off)
+            self.findings.append(
+                Finding(f.kind, f.start - off + self._base, f.end - off + self._base, f.text)
+            )
+        out = apply_findings(text[off : off + cut], found, offset=off)
         self._ctx = (self._ctx + self._buf[:cut])[-_CTX:]
         self._buf = self._buf[cut:]
         self._base += cut

@@ -7,7 +7,7 @@ The request path, outermost first::
     host/origin    DNS-rebinding guard: foreign Host or Origin -> 403
     CORS           only when HERD_ORIGINS lists browser origins (off by default)
     auth           Bearer API key on every route but /health, when keys are set
-    body limit     Content-Length checked up front; streamed bodies counted as they arrive
+    size limits    headers (431); Content-Length checked up front, streamed bodies counted (413)
     routes         /v1 (openai.py), /api (ollama.py), /health, /metrics
 
 Every error leaves through ``error_response``: OpenAI's ``{"error": {message,
@@ -263,14 +263,19 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
+class SizeLimitMiddleware:
     """Request bodies over ``max_body`` bytes get a 413. A declared Content-Length is
     checked before reading anything; a chunked body is counted as it streams in and
-    cut off as soon as it passes the limit, so an attacker cannot make us buffer it."""
+    cut off as soon as it passes the limit, so an attacker cannot make us buffer it.
 
-    def __init__(self, app: ASGIApp, max_body: int):
+    Headers over MAX_HEADER_BYTES get a 431. uvicorn's h11 limit only bounds headers
+    that arrive slowly (an incomplete event); a large block arriving in one read is
+    parsed whole, so the total is checked here too."""
+
+    def __init__(self, app: ASGIApp, max_body: int, max_headers: int = MAX_HEADER_BYTES):
         self.app = app
         self.max_body = max_body
+        self.max_headers = max_headers
 
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"request body is larger than the limit of {self.max_body} bytes (HERD_MAX_BODY)")
@@ -278,6 +283,11 @@ class BodyLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > self.max_headers:
+            err = PayloadTooLarge(f"request headers are larger than the limit of {self.max_headers} bytes", code="headers_too_large")
+            err.status = 431
+            await send_error(scope, send, err)
             return
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -389,7 +399,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
     app.include_router(ollama_router)
 
     # add_middleware wraps what is already there: add innermost first.
-    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body)
+    app.add_middleware(SizeLimitMiddleware, max_body=settings.max_body)
     browser_origins = [o for o in settings.allowed_origins if "://" in o or o == "*"]
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, cors=bool(browser_origins))
     if browser_origins:

@@ -7,7 +7,8 @@ not have are marked ``# extension``.
 
 Validation lives here, as constraints on the fields, so that any out-of-range
 value is a 400 with the offending ``param`` named (see ``validation_message``)
-and never reaches the engine. Unknown fields are ignored, as vLLM and Ollama do:
+and never reaches the engine. Checks that span fields raise ``InvalidRequest``
+with the param themselves (pydantic passes non-ValueErrors through unchanged). Unknown fields are ignored, as vLLM and Ollama do:
 clients routinely send vendor extras (``user``, ``metadata``, ``store`` ...).
 """
 
@@ -39,7 +40,8 @@ SEED_MAX = 2**63 - 1  # OpenAI accepts any int64
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # strict: "2" is not a number and true is not 1 (OpenAI's own validation agrees).
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, strict=True)
 
 
 class _Response(BaseModel):
@@ -267,27 +269,29 @@ class ChatCompletionRequest(_Request):
     @classmethod
     def _reject_legacy_functions(cls, data):
         if isinstance(data, dict) and (data.get("functions") or data.get("function_call")):
-            raise ValueError("'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'")
+            raise InvalidRequest("'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'", param="functions")
         return data
 
     @model_validator(mode="after")
     def _check(self):
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs=true")
+            raise InvalidRequest("top_logprobs requires logprobs=true", param="top_logprobs")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
             if not self.tools:
-                raise ValueError("tool_choice requires 'tools'")
+                raise InvalidRequest("tool_choice requires 'tools'", param="tool_choice")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'")
+                raise InvalidRequest(
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'", param="tool_choice"
+                )
         if self.tools:
             names = [t.function.name for t in self.tools]
             if len(set(names)) != len(names):
-                raise ValueError("tool function names must be unique")
+                raise InvalidRequest("tool function names must be unique", param="tools")
         forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
         if forced and self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("response_format cannot be combined with a forced tool_choice")
+            raise InvalidRequest("response_format cannot be combined with a forced tool_choice", param="response_format")
         return self
 
     @property
@@ -473,9 +477,9 @@ class CompletionRequest(_Request):
     @model_validator(mode="after")
     def _check(self):
         if self.suffix:
-            raise ValueError("'suffix' (fill-in-the-middle) is not supported")
+            raise InvalidRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
         if self.best_of is not None and self.best_of != (self.n or 1):
-            raise ValueError("best_of must equal n: choices are returned, not ranked")
+            raise InvalidRequest("best_of must equal n: choices are returned, not ranked", param="best_of")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -651,11 +655,13 @@ class OllamaGenerateRequest(_OllamaBase):
     @model_validator(mode="after")
     def _check(self):
         if self.images:
-            raise ValueError("images are not supported; this server serves text models")
+            raise InvalidRequest("images are not supported; this server serves text models", param="images")
         if self.suffix:
-            raise ValueError("'suffix' (fill-in-the-middle) is not supported")
+            raise InvalidRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
         if self.template:
-            raise ValueError("per-request 'template' overrides are not supported; the model's own template is used")
+            raise InvalidRequest(
+                "per-request 'template' overrides are not supported; the model's own template is used", param="template"
+            )
         return self
 
 

@@ -42,7 +42,7 @@ _PROGRESS_INTERVAL = 0.1  # seconds between byte-progress callbacks
 class Progress:
     """One step of a pull, shaped like Ollama's /api/pull stream lines."""
 
-    status: str  # "pulling manifest", "downloading", "verifying sha256 digest", "writing manifest", "success"...
+    status: str  # "pulling manifest", "downloading", "verifying sha256 digest", "success", ...
     completed: int = 0  # bytes done in this step
     total: int = 0  # bytes in this step; 0 = unknown
     digest: str = ""  # "sha256:<hex>" of the blob this step concerns, when known
@@ -205,7 +205,9 @@ class Incoming:
         while chunk := src.read(CHUNK):
             self.write(chunk)
 
-    def stage(self, expected_sha256: str | None = None, expected_size: int | None = None, what: str = "file") -> Staged:
+    def stage(
+        self, expected_sha256: str | None = None, expected_size: int | None = None, what: str = "file"
+    ) -> Staged:
         """Flush, fsync and verify; on mismatch the temp file is removed and InvalidModelFile raised."""
         assert self._f is not None
         f, self._f = self._f, None
@@ -301,7 +303,9 @@ class BlobStore:
     ) -> Staged:
         """Hash and verify a file some other writer produced in a tempdir() here, then stage it."""
         size = tmp.stat().st_size
-        reporter = Reporter(progress, "verifying sha256 digest", size, f"sha256:{expected_sha256}" if expected_sha256 else "")
+        reporter = Reporter(
+            progress, "verifying sha256 digest", size, f"sha256:{expected_sha256}" if expected_sha256 else ""
+        )
         sha, size = hash_file(tmp, reporter)
         reporter.done()
         problem = _mismatch(sha, size, expected_sha256, expected_size)

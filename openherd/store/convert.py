@@ -95,7 +95,9 @@ def read_hf_config(model_dir: Path) -> HFConfig:
     n_head_kv = cfg.get("num_key_value_heads") or n_head
     head_dim = cfg.get("head_dim") or n_embd // n_head
     if not isinstance(n_head_kv, int) or n_head % n_head_kv:
-        raise _bad(model_dir, f"config.json: num_key_value_heads {n_head_kv!r} must divide num_attention_heads")
+        raise _bad(
+            model_dir, f"config.json: num_key_value_heads {n_head_kv!r} must divide num_attention_heads"
+        )
     if not isinstance(head_dim, int) or head_dim % 2:
         raise _bad(model_dir, f"config.json: head_dim {head_dim!r} must be an even integer")
     rope_scaling = cfg.get("rope_scaling")
@@ -120,8 +122,12 @@ def read_hf_config(model_dir: Path) -> HFConfig:
     )
     rope_type = _rope_type(config)
     if rope_type not in (None, "default", "linear", "llama3", "yarn"):
-        raise _bad(model_dir, f"rope_scaling type {rope_type!r} is not supported (supported: linear, llama3, yarn)")
-    if rope_type in ("linear", "yarn", "llama3") and not isinstance(config.rope_scaling.get("factor", 8.0), (int, float)):
+        raise _bad(
+            model_dir, f"rope_scaling type {rope_type!r} is not supported (supported: linear, llama3, yarn)"
+        )
+    if rope_type in ("linear", "yarn", "llama3") and not isinstance(
+        config.rope_scaling.get("factor", 8.0), (int, float)
+    ):
         raise _bad(model_dir, f"config.json: rope_scaling {rope_type!r} needs a numeric 'factor'")
     return config
 
@@ -164,7 +170,12 @@ def _rope_type(cfg: HFConfig) -> str | None:
 
 # safetensors dtype -> (numpy dtype of the stored bytes, item size). BF16 has no numpy dtype:
 # it is read as uint16 and widened to float32 by a 16-bit shift (bf16 is the top half of f32).
-_ST_DTYPES: dict[str, tuple[str, int]] = {"F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2), "F64": ("<f8", 8)}
+_ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F32": ("<f4", 4),
+    "F16": ("<f2", 2),
+    "BF16": ("<u2", 2),
+    "F64": ("<f8", 8),
+}
 _MAX_HEADER = 100 << 20  # the safetensors spec's own limit
 
 
@@ -212,7 +223,9 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise _bad(path, f"malformed safetensors entry for {name[:80]!r}") from None
             if dtype not in _ST_DTYPES:
-                raise _bad(path, f"tensor {name[:80]!r} has dtype {dtype!r}; only F32, F16, BF16, F64 are supported")
+                raise _bad(
+                    path, f"tensor {name[:80]!r} has dtype {dtype!r}; only F32, F16, BF16, F64 are supported"
+                )
             if not all(isinstance(d, int) and d >= 0 for d in shape) or not (
                 isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size - base
             ):
@@ -250,7 +263,9 @@ def open_weights(model_dir: Path) -> dict[str, SafetensorsFile]:
         files = ["model.safetensors"]
     else:
         # Mistral repos also ship consolidated.safetensors in the original (non-HF) layout.
-        files = sorted(p.name for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated"))
+        files = sorted(
+            p.name for p in model_dir.glob("*.safetensors") if not p.name.startswith("consolidated")
+        )
     if not files:
         if any(model_dir.glob("*.bin")) or any(model_dir.glob("*.pt")) or any(model_dir.glob("*.pth")):
             raise _bad(
@@ -332,7 +347,9 @@ def _nbytes(shape: tuple[int, ...], qtype: int) -> int:
     return math.prod(shape) // block * type_size
 
 
-def plan_tensors(cfg: HFConfig, weights: dict[str, SafetensorsFile], quant: str, where: Path) -> list[PlannedTensor]:
+def plan_tensors(
+    cfg: HFConfig, weights: dict[str, SafetensorsFile], quant: str, where: Path
+) -> list[PlannedTensor]:
     plan: list[PlannedTensor] = []
     seen: set[str] = set()
 
@@ -392,7 +409,17 @@ def _check_complete(cfg: HFConfig, seen: set[str], where: Path) -> None:
     if not cfg.tie_embeddings:
         required.append("output.weight")
     for i in range(cfg.n_layer):
-        for t in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+        for t in (
+            "attn_norm",
+            "attn_q",
+            "attn_k",
+            "attn_v",
+            "attn_output",
+            "ffn_norm",
+            "ffn_gate",
+            "ffn_up",
+            "ffn_down",
+        ):
             required.append(f"blk.{i}.{t}.weight")
         if cfg.arch == "qwen2":
             required += [f"blk.{i}.attn_q.bias", f"blk.{i}.attn_k.bias", f"blk.{i}.attn_v.bias"]
@@ -411,12 +438,8 @@ def _natural_key(name: str) -> list[Any]:
 # The pre-tokenizer regexes of tokenizer.json that llama.cpp implements natively
 # (llama-vocab.cpp): matched structurally so that a model is never written with a
 # pre-tokenizer that splits text differently from the one it was trained with.
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_LLAMA3_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 @dataclass
@@ -441,7 +464,14 @@ def _pre_steps(tj: dict[str, Any]) -> list[tuple[Any, ...]]:
             out.append(("ByteLevel", bool(s.get("use_regex", True)), bool(s.get("add_prefix_space", False))))
         elif kind == "Split":
             pattern = s.get("pattern") or {}
-            out.append(("Split", pattern.get("Regex", pattern.get("String")), s.get("behavior"), bool(s.get("invert"))))
+            out.append(
+                (
+                    "Split",
+                    pattern.get("Regex", pattern.get("String")),
+                    s.get("behavior"),
+                    bool(s.get("invert")),
+                )
+            )
         elif kind == "Digits":
             out.append(("Digits", bool(s.get("individual_digits"))))
         else:
@@ -473,7 +503,9 @@ def pre_tokenizer_name(tj: dict[str, Any], where: Path) -> str:
 
 def _looks_special(token: str) -> bool:
     # Same heuristic as convert_hf_to_gguf.py: some models mark chat markers as non-special.
-    return (token.startswith("<|") and token.endswith("|>")) or (token.startswith("<｜") and token.endswith("｜>"))
+    return (token.startswith("<|") and token.endswith("|>")) or (
+        token.startswith("<｜") and token.endswith("｜>")
+    )
 
 
 def _spm_space_prefix(tj: dict[str, Any], where: Path) -> bool | None:
@@ -484,7 +516,9 @@ def _spm_space_prefix(tj: dict[str, Any], where: Path) -> bool | None:
     pre = tj.get("pre_tokenizer") or {}
     # Legacy Llama 2 / Mistral layout: normalizer Prepend("▁") + Replace(" ", "▁").
     replace = any(
-        st.get("type") == "Replace" and (st.get("pattern") or {}).get("String") == " " and st.get("content") == "▁"
+        st.get("type") == "Replace"
+        and (st.get("pattern") or {}).get("String") == " "
+        and st.get("content") == "▁"
         for st in steps
     )
     if replace:
@@ -515,7 +549,9 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> TokenizerSpec:
     try:
         tj = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _bad(model_dir, "no tokenizer.json (openherd converts tokenizers from tokenizer.json)") from None
+        raise _bad(
+            model_dir, "no tokenizer.json (openherd converts tokenizers from tokenizer.json)"
+        ) from None
     except (OSError, ValueError) as e:
         raise _bad(model_dir, f"tokenizer.json is unreadable ({e})") from None
     model = tj.get("model") or {}
@@ -524,7 +560,9 @@ def read_tokenizer(model_dir: Path, n_vocab: int) -> TokenizerSpec:
 
     spm_prefix = _spm_space_prefix(tj, model_dir) if model.get("byte_fallback") else None
     if model.get("byte_fallback") and spm_prefix is None:
-        raise _bad(model_dir, "unsupported byte-fallback BPE tokenizer (expected SentencePiece-style '▁' spaces)")
+        raise _bad(
+            model_dir, "unsupported byte-fallback BPE tokenizer (expected SentencePiece-style '▁' spaces)"
+        )
     if spm_prefix is None:
         normalizer = tj.get("normalizer")
         if normalizer and normalizer.get("type") != "NFC":  # Qwen2 declares NFC; llama.cpp skips it
@@ -582,7 +620,9 @@ class ConvertResult:
     details: dict[str, Any]
 
 
-def convert_hf_dir(model_dir: Path, out_path: Path, quant: str = "f16", progress: ProgressFn | None = None) -> ConvertResult:
+def convert_hf_dir(
+    model_dir: Path, out_path: Path, quant: str = "f16", progress: ProgressFn | None = None
+) -> ConvertResult:
     """Write the GGUF for `model_dir` to `out_path` (which the caller verifies and stores)."""
     # gguf-py logs its own progress and harmless warnings at INFO/WARNING; the store reports
     # progress itself and turns real problems into errors, so keep the terminal clean.
@@ -680,7 +720,8 @@ def _write_metadata(w: Any, cfg: HFConfig, quant: str, dir_name: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_eps)
     w.add_vocab_size(cfg.n_vocab)
     w.add_rope_dimension_count(cfg.head_dim)
-    if cfg.head_dim != cfg.n_embd // cfg.n_head:  # e.g. Mistral NeMo: head_dim 128 with hidden 5120 / 32 heads
+    # Explicit head_dim (Mistral NeMo: 128 with hidden 5120 / 32 heads) needs the key/value lengths.
+    if cfg.head_dim != cfg.n_embd // cfg.n_head:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
 
@@ -696,7 +737,11 @@ def _write_metadata(w: Any, cfg: HFConfig, quant: str, dir_name: str) -> None:
         w.add_rope_scaling_factor(float(rs.get("factor", 1.0)))
         w.add_rope_scaling_orig_ctx_len(int(rs.get("original_max_position_embeddings", cfg.n_ctx)))
 
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+    file_type = {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    }
     w.add_file_type(file_type[quant])
     if quant == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -165,7 +165,9 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
                 endpoint=endpoint,
                 **kwargs,
             )
-            staged = blobs.stage_file(Path(path), expected_sha, meta.size, progress, what=f"download of {ref}")
+            staged = blobs.stage_file(
+                Path(path), expected_sha, meta.size, progress, what=f"download of {ref}"
+            )
         return HubFile(staged, meta.commit_hash, staged.size)
     except HerdError:
         raise
@@ -182,20 +184,30 @@ def _translate(e: BaseException, ref: HubRef, where: str) -> HerdError:
             f"{ref.repo_id} is gated: accept its license on huggingface.co, then set HF_TOKEN and pull again"
         )
     if isinstance(e, hfe.RepositoryNotFoundError):
-        return ModelNotFound(str(ref), f"Hugging Face repo '{ref.repo_id}' not found (if it is private, set HF_TOKEN)")
+        return ModelNotFound(
+            str(ref), f"Hugging Face repo '{ref.repo_id}' not found (if it is private, set HF_TOKEN)"
+        )
     if isinstance(e, hfe.RevisionNotFoundError):
         return ModelNotFound(str(ref), f"revision '{rev}' not found in Hugging Face repo '{ref.repo_id}'")
     if isinstance(e, hfe.RemoteEntryNotFoundError):
-        return ModelNotFound(str(ref), f"file '{ref.filename}' not found in Hugging Face repo '{ref.repo_id}' at '{rev}'")
+        return ModelNotFound(
+            str(ref), f"file '{ref.filename}' not found in Hugging Face repo '{ref.repo_id}' at '{rev}'"
+        )
     if isinstance(e, hfe.OfflineModeIsEnabled):
         return OfflineError(f"cannot download {ref}: HF_HUB_OFFLINE is set; unset it to allow downloads")
     reason = _network_reason(e)
     if reason:
-        return OfflineError(f"cannot reach the Hugging Face hub at {where}: you appear to be offline ({reason})")
+        return OfflineError(
+            f"cannot reach the Hugging Face hub at {where}: you appear to be offline ({reason})"
+        )
     if isinstance(e, hfe.HfHubHTTPError) and e.response is not None:
-        return Unavailable(f"the Hugging Face hub returned HTTP {e.response.status_code} for {ref}; try again later")
+        return Unavailable(
+            f"the Hugging Face hub returned HTTP {e.response.status_code} for {ref}; try again later"
+        )
     if isinstance(e, OSError) and "Consistency check failed" in str(e):
-        return InvalidModelFile(f"download of {ref} was cut short (size mismatch); nothing was saved, pull again")
+        return InvalidModelFile(
+            f"download of {ref} was cut short (size mismatch); nothing was saved, pull again"
+        )
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return Unavailable(f"cannot download {ref}: {first[:200]}")
 
@@ -208,10 +220,16 @@ def _network_reason(e: BaseException) -> str | None:
         seen.add(id(cur))
         name = type(cur).__name__
         text = str(cur).lower()
-        if isinstance(cur, socket.gaierror) or "name resolution" in text or "name or service not known" in text:
+        if (
+            isinstance(cur, socket.gaierror)
+            or "name resolution" in text
+            or "name or service not known" in text
+        ):
             return "could not resolve the host name"
-        if isinstance(cur, ConnectionRefusedError) or "connection refused" in text or (
-            isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED
+        if (
+            isinstance(cur, ConnectionRefusedError)
+            or "connection refused" in text
+            or (isinstance(cur, OSError) and cur.errno == errno.ECONNREFUSED)
         ):
             return "connection refused"
         if "network is unreachable" in text:

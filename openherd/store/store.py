@@ -203,10 +203,14 @@ class Store:
         if name is not None:
             validate_name(name)  # before anything touches the disk
         if quant not in QUANTS:
-            raise InvalidRequest(f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}", param="quant")
+            raise InvalidRequest(
+                f"unknown quantization {quant!r}; choose one of {', '.join(QUANTS)}", param="quant"
+            )
         src = parse_source(source, self.catalog)
         if quant != "f16" and not isinstance(src, HFDirSource):
-            raise InvalidRequest("--quant applies only when converting a Hugging Face directory", param="quant")
+            raise InvalidRequest(
+                "--quant applies only when converting a Hugging Face directory", param="quant"
+            )
         name = name or default_name(src, quant)
         self.blobs.clean_partials()
 
@@ -234,7 +238,9 @@ class Store:
         add_blob). Writes atomically; replaces an existing manifest of the same name."""
         validate_name(manifest.name)
         if not self.blobs.has(manifest.sha256):
-            raise StoreError(f"cannot register '{manifest.name}': blob sha256-{manifest.sha256[:12]} is not in the store")
+            raise StoreError(
+                f"cannot register '{manifest.name}': blob sha256-{manifest.sha256[:12]} is not in the store"
+            )
         manifest.path = str(self.blobs.path(manifest.sha256))
         manifest.created_at = manifest.created_at or utcnow()
         problem = manifest._problem()
@@ -247,7 +253,10 @@ class Store:
     def add_blob(self, path: str | os.PathLike[str], progress: ProgressFn | None = None) -> Blob:
         """Copy a file into the blob store (hashed while copied) and return it."""
         src = Path(path)
-        with self.blobs.incoming(Reporter(progress, "copying", src.stat().st_size)) as inc, open(src, "rb") as f:
+        with (
+            self.blobs.incoming(Reporter(progress, "copying", src.stat().st_size)) as inc,
+            open(src, "rb") as f,
+        ):
             inc.copy_from(f)
             staged = inc.stage(what=f"copy of {src.name}")
         with store_lock(self.settings.home):

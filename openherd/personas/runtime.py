@@ -1,0 +1,353 @@
+"""PersonaRuntime: turn a persona and a conversation into an engine request.
+
+What the server and `herd chat` call (the persona is a step in serving, never
+inside the engine)::
+
+    rt = PersonaRuntime(persona, acquire)            # acquire(name) -> Engine (or an awaitable of one)
+    prep = await rt.prepare(messages, overrides)     # server; prepare_sync(...) in the terminal
+    handle = prep.engine.submit(GenerationRequest(prompt=prep.prompt, params=prep.params))
+    ... stream the answer ...
+    tail = prep.footer(answer)                       # "\\n\\nSources: [1] lighthouse.md", or ""
+    extension = prep.herd(answer)                    # the marked `herd` field: persona, sources, quarantined
+
+``prepare`` builds one system message (persona prompt, then any system text the
+client sent, then the retrieved passages numbered [1], [2], ...), the example
+dialogues, and the client's history, trimmed oldest-first to fit the context;
+and the SamplingParams: the persona's defaults under whatever the request set.
+
+Retrieval runs on the last user message. Before it, the knowledge index is
+brought up to date (new or changed documents are ingested, keyed by content
+hash, so this is a few SQL lookups when nothing changed) and missing dense
+vectors are computed with the embedding engine (the served model itself, or
+``knowledge.embedding_model``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import threading
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine.types import FinishEvent, GenerationRequest, SamplingParams
+from ..errors import ContextOverflow, InvalidRequest, StoreError
+from ..settings import Settings
+from .bundle import KnowledgeSource, Persona, PersonaStore
+from .knowledge import KnowledgeIndex, Passage, SearchResult, SyncReport, chunker_id, cited_indices, render_context
+
+__all__ = ["PersonaAnswer", "PersonaRuntime", "PreparedChat", "model_key"]
+
+log = logging.getLogger("openherd.personas")
+
+Acquire = Callable[[str], Any]  # name -> Engine, or an awaitable of one (ModelManager.acquire)
+
+DEFAULT_RESERVE = 512  # completion tokens kept free when the request sets no max_tokens
+
+
+def model_key(engine) -> str:
+    """Identifies the weights (and so the tokenizer and embedding space) of an engine:
+    store blobs are named by their sha256, so the file name plus size is stable and
+    changes whenever the model does."""
+    info = engine.info
+    return f"{os.path.basename(info.path)}:{info.size_bytes}"
+
+
+def _text(content: Any) -> str:
+    """OpenAI content: a string, or a list of parts of which the text ones count."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+    return str(content)
+
+
+@dataclass
+class PreparedChat:
+    """Everything needed to run one persona turn on the engine."""
+
+    persona: Persona
+    engine: Any  # openherd.engine.Engine
+    messages: list[dict[str, Any]]  # final messages (system + examples + history)
+    prompt: list[int]  # engine.encode_chat(messages, tools)
+    params: SamplingParams
+    sources: list[Passage] = field(default_factory=list)  # placed in the prompt as [1], [2], ...
+    quarantined: list[Passage] = field(default_factory=list)  # matched but withheld by the injection shield
+    dropped_turns: int = 0  # oldest history messages left out to fit the context
+
+    def cited(self, answer: str) -> list[Passage]:
+        """The placed passages the answer cites; all of them when it cites none (they were its context)."""
+        idx = cited_indices(answer, len(self.sources))
+        return [self.sources[i - 1] for i in idx] or list(self.sources)
+
+    def footer(self, answer: str) -> str:
+        """Text to append to the answer so the sources travel with it ('' without knowledge).
+        Lists what the answer cites, or every passage it was given when it cites none."""
+        if not self.sources:
+            return ""
+        used = self.cited(answer)
+        return "\n\nSources: " + "; ".join(f"[{p.index}] {p.source.label}" for p in used)
+
+    def herd(self, answer: str | None = None) -> dict[str, Any]:
+        """openherd's extension field (``"herd"`` in responses): which persona answered and from what."""
+        out: dict[str, Any] = {
+            "persona": self.persona.name,
+            "model": self.persona.served_model,
+            "sources": [p.to_dict() for p in self.sources],
+        }
+        if answer is not None and self.sources:
+            out["cited"] = cited_indices(answer, len(self.sources))
+        if self.quarantined:
+            out["quarantined"] = [p.to_dict() for p in self.quarantined]
+        if self.dropped_turns:
+            out["dropped_turns"] = self.dropped_turns
+        return out
+
+
+@dataclass
+class PersonaAnswer:
+    text: str  # the answer with its sources footer
+    answer: str  # the model's text alone
+    prepared: PreparedChat
+    finish: FinishEvent
+
+
+# One index object per knowledge.db per process: it caches the BM25 and dense matrices
+# between requests, which is what makes retrieval cheap on the server.
+_indexes: dict[str, KnowledgeIndex] = {}
+_indexes_lock = threading.Lock()
+
+
+def knowledge_index(path: Path) -> KnowledgeIndex:
+    key = os.path.realpath(path)
+    with _indexes_lock:
+        idx = _indexes.get(key)
+        if idx is None:
+            idx = _indexes[key] = KnowledgeIndex(Path(path))
+        return idx
+
+
+def forget_index(path: Path) -> None:
+    """Drop the cached index of a removed persona (the server calls this on DELETE)."""
+    with _indexes_lock:
+        idx = _indexes.pop(os.path.realpath(path), None)
+    if idx is not None:
+        idx.close()
+
+
+class PersonaRuntime:
+    def __init__(
+        self,
+        persona: Persona,
+        acquire: Acquire,
+        settings: Settings | None = None,
+        *,
+        store: PersonaStore | None = None,
+        retrieval: str = "hybrid",  # hybrid | bm25 | dense (benchmarks compare them)
+    ):
+        self.persona = persona
+        self.acquire = acquire
+        self.store = store or PersonaStore(settings)
+        self.retrieval = retrieval
+        self._sync_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ engines
+
+    async def _engines_async(self):
+        engine = self.acquire(self.persona.served_model)
+        if inspect.isawaitable(engine):
+            engine = await engine
+        embedder = engine
+        if self.persona.knowledge.sources and self.persona.knowledge.embedding_model:
+            embedder = self.acquire(self.persona.knowledge.embedding_model)
+            if inspect.isawaitable(embedder):
+                embedder = await embedder
+        return engine, embedder
+
+    def _engines_sync(self):
+        engine = self.acquire(self.persona.served_model)
+        if inspect.isawaitable(engine):
+            raise TypeError("prepare_sync needs a synchronous acquire(); use `await prepare(...)`")
+        embedder = engine
+        if self.persona.knowledge.sources and self.persona.knowledge.embedding_model:
+            embedder = self.acquire(self.persona.knowledge.embedding_model)
+        return engine, embedder
+
+    # ------------------------------------------------------------------ public
+
+    async def prepare(self, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None,
+                      tools: list[dict] | None = None) -> PreparedChat:
+        """The engine, final prompt and sampling for one request (server)."""
+        engine, embedder = await self._engines_async()
+        # Ingest, embedding and tokenising are CPU work: keep the event loop free.
+        return await asyncio.to_thread(self.build, engine, messages, overrides, tools, embedder)
+
+    def prepare_sync(self, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None,
+                     tools: list[dict] | None = None) -> PreparedChat:
+        engine, embedder = self._engines_sync()
+        return self.build(engine, messages, overrides, tools, embedder)
+
+    def answer_sync(self, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None) -> PersonaAnswer:
+        """Prepare, generate to the end, and add the sources footer (tests, benchmarks)."""
+        prep = self.prepare_sync(messages, overrides)
+        text, fin = prep.engine.submit(GenerationRequest(prompt=prep.prompt, params=prep.params)).result()
+        if fin.reason == "error":
+            from ..errors import Unavailable
+
+            raise Unavailable(fin.error or "generation failed")
+        return PersonaAnswer(text=text + prep.footer(text), answer=text, prepared=prep, finish=fin)
+
+    def sampling(self, overrides: Mapping[str, Any] | None = None) -> SamplingParams:
+        """Persona defaults, then whatever the request set explicitly (None values don't count)."""
+        values = self.persona.sampling.values()
+        for k, v in (overrides or {}).items():
+            if v is not None:
+                values[k] = v
+        return SamplingParams(**values)
+
+    # ------------------------------------------------------------------ knowledge
+
+    def _read(self, src: KnowledgeSource) -> bytes:
+        path = self.store.knowledge_dir(self.persona.name) / src.file
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise StoreError(f"persona '{self.persona.name}' lists the document '{src.file}' but it is missing; "
+                             f"remove it with `herd persona edit {self.persona.name} --remove-knowledge {src.file}`"
+                             ) from None
+        except OSError as e:
+            raise StoreError(f"cannot read document '{src.file}' of persona '{self.persona.name}': "
+                             f"{e.strerror or e}") from None
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    def index(self) -> KnowledgeIndex:
+        return knowledge_index(self.store.knowledge_db(self.persona.name))
+
+    def chunker(self, engine) -> str:
+        k = self.persona.knowledge
+        return chunker_id(model_key(engine), k.chunk_tokens, k.chunk_overlap)
+
+    def sync(self, engine, embedder=None) -> SyncReport:
+        """Bring the index up to date: ingest new/changed documents, embed what lacks vectors."""
+        k = self.persona.knowledge
+        with self._sync_lock:
+            report = self.index().sync(
+                k.sources, self._read, _tokenizer(engine), model_key(engine), k.chunk_tokens, k.chunk_overlap,
+                scan=self._scanner())
+            if embedder is not None and self.retrieval != "bm25":
+                self.index().embed_missing(_embedder(embedder), model_key(embedder))
+        for file, i, reasons in report.flagged:
+            log.warning("persona %s: quarantined chunk %d of %s (%s)", self.persona.name, i, file, "; ".join(reasons[:2]))
+        return report
+
+    def _scanner(self):
+        """The injection shield with the persona's threshold, when its safety policy sets one."""
+        from ..safety.injection import THRESHOLD, scan
+
+        threshold = THRESHOLD
+        policy = self.persona.safety
+        for attr in ("injection_threshold",):
+            value = getattr(policy, attr, None) if policy is not None else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                threshold = float(value)
+        return lambda text: scan(text, threshold=threshold)
+
+    def retrieve(self, engine, query: str, embedder=None, k: int | None = None) -> SearchResult:
+        persona = self.persona
+        if not persona.knowledge.sources or not query.strip():
+            return SearchResult([], [])
+        embedder = embedder or engine
+        self.sync(engine, embedder)
+        vector = None
+        key = None
+        if self.retrieval != "bm25":
+            key = model_key(embedder)
+            vector = _embedder(embedder)([query])[0]
+        return self.index().search(query, persona.knowledge.sources, self.chunker(engine),
+                                   k=k or persona.knowledge.top_k, query_vector=vector, model_key=key,
+                                   mode=self.retrieval, min_score=persona.knowledge.min_score)
+
+    # ------------------------------------------------------------------ the prompt
+
+    def build(self, engine, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None,
+              tools: list[dict] | None = None, embedder=None) -> PreparedChat:
+        persona = self.persona
+        params = self.sampling(overrides)
+        client_system: list[str] = []
+        history: list[dict[str, Any]] = []
+        for m in messages:
+            if not isinstance(m, Mapping) or "role" not in m:
+                raise InvalidRequest("each message needs a role", param="messages")
+            if m["role"] in ("system", "developer"):
+                client_system.append(_text(m.get("content")))
+            else:
+                history.append(dict(m))
+        query = next((_text(m.get("content")) for m in reversed(history) if m.get("role") == "user"), "")
+
+        result = self.retrieve(engine, query, embedder) if query else SearchResult([], [])
+        count = _counter(engine)
+        n_ctx = engine.info.n_ctx
+        reserve = params.max_tokens if params.max_tokens is not None else min(DEFAULT_RESERVE, n_ctx // 4)
+        budget = n_ctx - reserve - 1
+        examples = [m for e in persona.examples for m in ({"role": "user", "content": e.user},
+                                                           {"role": "assistant", "content": e.assistant})]
+        passage_budget = persona.knowledge.max_context_tokens
+        dropped = 0
+        while True:
+            context, placed = render_context(result.passages, passage_budget, count)
+            system = "\n\n".join(s for s in [persona.system.strip(), *[c.strip() for c in client_system], context] if s)
+            final = ([{"role": "system", "content": system}] if system else []) + examples + history
+            prompt = engine.encode_chat(final, tools=tools) if tools else engine.encode_chat(final)
+            if len(prompt) <= budget:
+                break
+            # Too long: drop the oldest history turn (keeping the last user message, and starting
+            # at a user turn, which strict templates require), then the examples, then passages.
+            if len(history) > 1:
+                history.pop(0)
+                dropped += 1
+                while len(history) > 1 and history[0].get("role") != "user":
+                    history.pop(0)
+                    dropped += 1
+                continue
+            if examples:
+                examples = []
+                continue
+            if placed and passage_budget > 64:
+                passage_budget //= 2
+                continue
+            raise ContextOverflow(
+                f"the conversation needs {len(prompt)} tokens but persona '{persona.name}' has a context of "
+                f"{n_ctx} tokens with {reserve} kept for the answer; shorten the message or lower max_tokens")
+        return PreparedChat(persona=persona, engine=engine, messages=final, prompt=prompt, params=params,
+                            sources=placed, quarantined=result.quarantined, dropped_turns=dropped)
+
+
+def _tokenizer(engine):
+    return lambda text: engine.tokenize(text, add_special=False, parse_special=False)
+
+
+def _counter(engine):
+    return lambda text: len(engine.tokenize(text, add_special=False, parse_special=False))
+
+
+def _embedder(engine):
+    def embed(texts: list[str]) -> list[list[float]]:
+        limit = getattr(getattr(engine, "config", None), "embed_ctx", 2048)
+        # A chunk (plus its title) can exceed a small embedding context; cut it rather than fail.
+        safe = []
+        for t in texts:
+            toks = engine.tokenize(t, add_special=False, parse_special=False)
+            if len(toks) > limit - 8:
+                t = engine.detokenize(toks[: limit - 8])
+            safe.append(t if t.strip() else ".")
+        return engine.embed(safe)[0]
+
+    return embed
+

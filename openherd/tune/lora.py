@@ -1,0 +1,189 @@
+"""Low-rank adaptation (Hu et al. 2021, https://arxiv.org/abs/2106.09685), litgpt style.
+
+A frozen linear layer W (out, in) learns an update of rank r:
+
+    y = x W^T + b + (dropout(x) A^T B^T) * alpha / r        A: (r, in), B: (out, r)
+
+B starts at zero, so training starts from exactly the base model. ``LoRALinear``
+keeps the base layer's ``weight`` and ``bias`` under their own names, which keeps
+the model's state dict (``layers.0.attention.wq.weight``) what the loaders and
+exporters expect, and adds ``lora_a`` / ``lora_b`` next to them.
+
+    apply_lora(model, LoRAConfig(rank=8, alpha=16))   # swap nn.Linear -> LoRALinear in place
+    mark_only_lora_as_trainable(model)
+    ...train...
+    lora_state_dict(model)                             # {"layers.0.attention.wq.lora_a": ...}
+    merge_lora_weights(model)                          # W += B A * alpha / r, for export
+
+The LoRA factors stay in float32 even when the base runs in bf16 (CUDA): they are
+what the optimizer updates, and bf16 would round away small Adam steps. They are
+cast to the activations' dtype inside ``forward`` so autograd sees one graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import InvalidRequest
+
+# The seven projections of a Llama block, in openherd.model's names.
+ALL_LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+__all__ = [
+    "ALL_LINEAR",
+    "LoRAConfig",
+    "LoRALinear",
+    "apply_lora",
+    "load_lora_state_dict",
+    "lora_modules",
+    "lora_state_dict",
+    "mark_only_lora_as_trainable",
+    "merge_lora_weights",
+]
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 8  # r: rank of the update B A
+    alpha: float = 16.0  # the update is scaled by alpha / rank (so changing r keeps the lr meaningful)
+    dropout: float = 0.05  # dropout on the LoRA branch's input only (the frozen path never drops)
+    targets: tuple[str, ...] = ALL_LINEAR  # which projections get an adapter
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidRequest(f"--rank must be a positive integer, got {self.rank!r}", param="rank")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise InvalidRequest(f"--alpha must be a positive number, got {self.alpha!r}", param="alpha")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InvalidRequest(f"--dropout must be in [0, 1), got {self.dropout!r}", param="dropout")
+        self.targets = tuple(self.targets)
+        unknown = sorted(set(self.targets) - set(ALL_LINEAR))
+        if unknown or not self.targets:
+            raise InvalidRequest(
+                f"LoRA targets must be among {', '.join(ALL_LINEAR)}; got {', '.join(unknown) or 'none'}",
+                param="targets",
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-r update (see the module docstring)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight  # (out, in), frozen; same Parameter object, so ties survive
+        self.bias = base.bias
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / rank
+        device = base.weight.device
+        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device, dtype=torch.float32))  # (r, in)
+        self.lora_b = nn.Parameter(torch.empty(self.out_features, rank, device=device, dtype=torch.float32))  # (out, r)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
+        # A as nn.Linear initialises its weight (what PEFT and litgpt do), B = 0: the
+        # update starts at exactly zero and the first steps only move B.
+        bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this
+        with torch.no_grad():
+            self.lora_a.uniform_(-bound, bound, generator=generator)
+            self.lora_b.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)  # (..., out)
+        if self.merged:
+            return y
+        a, b = self.lora_a.to(x.dtype), self.lora_b.to(x.dtype)  # no-ops in fp32
+        update = F.linear(F.linear(self.dropout(x), a), b)  # (..., r) -> (..., out)
+        return y + update * self.scaling
+
+    def delta_weight(self) -> Tensor:
+        """The update B A * alpha / r as one (out, in) matrix, in float32."""
+        return (self.lora_b @ self.lora_a) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the frozen weight (W += B A * alpha / r); forward then skips the branch."""
+        if self.merged:
+            return
+        self.weight.data = (self.weight.float() + self.delta_weight()).to(self.weight.dtype)
+        self.merged = True
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
+
+
+def apply_lora(model: nn.Module, config: LoRAConfig, generator: torch.Generator | None = None) -> nn.Module:
+    """Replace every targeted ``nn.Linear`` of `model` with a ``LoRALinear``, in place.
+
+    `generator` seeds the A matrices (in module order), so a seed fixes the start.
+    """
+    replaced = 0
+    for _, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if child_name in config.targets and isinstance(child, nn.Linear):
+                lora = LoRALinear(child, config.rank, config.alpha, config.dropout)
+                lora.reset_lora_parameters(generator)
+                setattr(parent, child_name, lora)
+                replaced += 1
+    if not replaced:
+        raise InvalidRequest(f"the model has no linear layers named {', '.join(config.targets)} to adapt")
+    return model
+
+
+def lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """(module name, module) of every LoRALinear, in model order: 'layers.0.attention.wq', ..."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def mark_only_lora_as_trainable(model: nn.Module) -> None:
+    """Freeze everything except the LoRA factors."""
+    for name, p in model.named_parameters():
+        p.requires_grad = name.rsplit(".", 1)[-1] in ("lora_a", "lora_b")
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Only the LoRA factors: {'layers.0.attention.wq.lora_a': (r, in), '...lora_b': (out, r)}."""
+    out: dict[str, Tensor] = {}
+    for name, m in lora_modules(model):
+        out[f"{name}.lora_a"] = m.lora_a.detach()
+        out[f"{name}.lora_b"] = m.lora_b.detach()
+    return out
+
+
+def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
+    """Copy LoRA factors into an adapted model; every adapter must be present with its shape."""
+    modules = dict(lora_modules(model))
+    expected = {f"{n}.lora_{ab}" for n in modules for ab in "ab"}
+    missing, unexpected = expected - set(sd), set(sd) - expected
+    if missing or unexpected:
+        what = f"missing {sorted(missing)[0]}" if missing else f"unexpected {sorted(unexpected)[0]}"
+        raise InvalidRequest(f"the adapter does not fit this model ({what}); was it trained on another base?")
+    with torch.no_grad():
+        for key, t in sd.items():
+            name, _, ab = key.rpartition(".")
+            p = getattr(modules[name], ab)
+            if tuple(t.shape) != tuple(p.shape):
+                raise InvalidRequest(
+                    f"the adapter does not fit this model: {key} is {tuple(t.shape)}, expected {tuple(p.shape)}"
+                )
+            p.copy_(t.to(p.dtype))
+
+
+def merge_lora_weights(model: nn.Module) -> None:
+    """Fold every LoRA update into its base weight (litgpt's ``merge_lora_weights``)."""
+    for _, m in lora_modules(model):
+        m.merge()

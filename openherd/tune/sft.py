@@ -1,0 +1,712 @@
+"""`herd tune`: LoRA supervised fine-tuning, as one visible loop.
+
+    run = setup(cfg)      load the base (GGUF dequantized, or HF safetensors), wrap its
+                          linear layers with LoRA, read + tokenize the data, build AdamW,
+                          and resume from the last good checkpoint when asked
+    fit(run)              for step: lr <- schedule; grad-accumulate micro-batches;
+                          clip; AdamW step; log; validate / checkpoint every so often
+    validate(run)         mean loss per assistant token on the held-out split
+    finish(run)           adapter GGUF -> store blob -> manifest NAME (base + adapter)
+
+No Trainer, no callbacks: what happens each step is what ``fit`` reads like.
+
+Where time goes and why it is spent this way:
+  * only assistant positions reach the output projection: the logits (tokens x vocab)
+    are the largest tensor of a small model's step, and prompt positions carry no loss;
+  * packed rows attend block-diagonally with positions restarting per example, so
+    packing changes speed, not the maths;
+  * the loss is summed over every target of the accumulated micro-batches and divided
+    once by their total, so grad accumulation equals one big batch.
+
+Checkpoints are directories ``step-NNNNNNN`` holding safetensors (adapter, optimizer
+moments, RNG state) and a JSON file. Each is written to a temporary directory,
+every file fsynced, then renamed into place: a run killed or out of disk mid-write
+leaves the previous checkpoint as it was, and nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import InvalidRequest, StoreError
+from ..model import Transformer, load_torch_model, rope_cos_sin
+from .data import (
+    IGNORE,
+    Batch,
+    ChatRenderer,
+    Row,
+    batches,
+    collate,
+    file_sha256,
+    pack_rows,
+    read_jsonl,
+    single_rows,
+    split_eval,
+    tokenize_all,
+)
+from .lora import (
+    LoRAConfig,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+)
+
+log = logging.getLogger("openherd.tune")
+
+__all__ = [
+    "Run",
+    "TrainState",
+    "TuneConfig",
+    "batch_loss",
+    "fit",
+    "forward_hidden",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "lr_at",
+    "plot_loss",
+    "save_checkpoint",
+    "setup",
+    "validate",
+]
+
+CHECKPOINT_PREFIX = "step-"
+# Settings that decide which rows a step sees and what the adapter is: resuming with
+# different ones would silently train something else.
+RESUME_MUST_MATCH = ("base", "data_sha256", "rank", "alpha", "dropout", "targets", "seq_len", "pack",
+                     "batch_size", "grad_accum", "seed", "eval_split")  # fmt: skip
+
+
+@dataclass
+class TuneConfig:
+    base: str  # store name, .gguf path or Hugging Face directory
+    data: str  # chat or prompt/completion JSONL
+    out: str  # store name the tuned model is registered as
+    rank: int = 8  # LoRA rank
+    alpha: float = 16.0  # LoRA alpha (update scaled by alpha / rank)
+    dropout: float = 0.05  # dropout on the LoRA branch input
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # adapted projections
+    epochs: float = 3.0  # passes over the training rows (ignored when max_steps > 0)
+    max_steps: int = 0  # optimizer steps; 0 = as many as `epochs` take
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup: int = -1  # linear warmup steps; -1 = 5% of the run (at least 1)
+    weight_decay: float = 0.0  # decoupled weight decay on the LoRA factors
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    batch_size: int = 4  # rows per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seq_len: int = 1024  # tokens per row; longer examples are truncated (clamped to the model's context)
+    pack: bool = False  # pack several examples per row (block-diagonal attention)
+    eval_split: float = 0.1  # fraction of examples held out for validation
+    eval_every: int = 0  # steps between validations; 0 = at each checkpoint and at the end
+    save_every: int = 100  # steps between checkpoints (the last step is always saved)
+    keep_checkpoints: int = 2  # how many recent checkpoints stay on disk
+    seed: int = 1337  # same seed + data + settings = same adapter
+    resume: bool = False  # continue from the last good checkpoint in run_dir
+    overwrite: bool = False  # delete the checkpoints of a previous run in run_dir first
+    device: str | None = None  # None: CUDA when available, else CPU
+    dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
+    run_dir: str | None = None  # checkpoints, loss.png, history.json; None = $HERD_HOME/runs/NAME
+    progress: bool = True  # tqdm progress bar on stderr
+
+    def __post_init__(self):
+        def need(ok: bool, msg: str, param: str) -> None:
+            if not ok:
+                raise InvalidRequest(msg, param=param)
+
+        self.targets = tuple(self.targets)
+        need(self.epochs > 0 or self.max_steps > 0, "--epochs must be > 0 (or give --max-steps)", "epochs")
+        need(self.max_steps >= 0, "--max-steps must be >= 0", "max_steps")
+        need(math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive number", "lr")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must be in [0, 1]", "min_lr_ratio")
+        need(self.warmup >= -1, "--warmup must be >= 0", "warmup")
+        need(self.weight_decay >= 0, "--weight-decay must be >= 0", "weight_decay")
+        need(self.grad_clip >= 0, "--grad-clip must be >= 0", "grad_clip")
+        need(self.batch_size >= 1, "--batch-size must be >= 1", "batch_size")
+        need(self.grad_accum >= 1, "--grad-accum must be >= 1", "grad_accum")
+        need(self.seq_len >= 8, "--seq-len must be at least 8 tokens", "seq_len")
+        need(0.0 <= self.eval_split < 1.0, "--eval-split must be in [0, 1)", "eval_split")
+        need(self.eval_every >= 0 and self.save_every >= 1, "--eval-every must be >= 0, --save-every >= 1", "save_every")
+        need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1", "keep_checkpoints")
+        need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other", "resume")
+        LoRAConfig(self.rank, self.alpha, self.dropout, self.targets)  # validates the LoRA settings
+
+    @property
+    def lora(self) -> LoRAConfig:
+        return LoRAConfig(self.rank, self.alpha, self.dropout, self.targets)
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    tokens: int = 0  # real (non-padding) tokens trained on
+    train_seconds: float = 0.0  # time inside training steps (no eval, no checkpoints)
+    history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss", "lr", "tok_s"} / {"step", "eval_loss"}
+
+    def last(self, key: str) -> float | None:
+        for h in reversed(self.history):
+            if key in h:
+                return h[key]
+        return None
+
+
+@dataclass
+class Run:
+    cfg: TuneConfig
+    model: Transformer
+    tokenizer: Any
+    train_rows: list[Row]
+    eval_rows: list[Row]
+    optimizer: torch.optim.Optimizer
+    state: TrainState
+    total_steps: int
+    warmup: int
+    run_dir: Path
+    base_path: Path  # what the torch model was loaded from (GGUF file or HF directory)
+    data_sha256: str
+    pad_id: int
+    device: torch.device
+    meta: dict[str, Any] = field(default_factory=dict)  # the settings a checkpoint must agree with
+    _lock: Any = None
+
+    @property
+    def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup(cfg: TuneConfig, base_path: Path | None = None) -> Run:
+    """Everything `fit` needs. `base_path` is the resolved GGUF file / HF directory
+    (default: resolve cfg.base through the store)."""
+    from ..settings import get_settings
+
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else get_settings().home / "runs" / cfg.out.replace(":", "@")
+    lock = _lock_run_dir(run_dir)
+    try:
+        return _setup(cfg, base_path, run_dir, lock)
+    except BaseException:
+        lock.close()
+        raise
+
+
+def _setup(cfg: TuneConfig, base_path: Path | None, run_dir: Path, lock: Any) -> Run:
+    base_path = base_path or resolve_base_path(cfg.base)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    # Data first: a typo on line 3 should not cost a model load.
+    examples = read_jsonl(cfg.data)
+    data_sha = file_sha256(cfg.data)
+
+    model, tok = load_torch_model(base_path, device=cfg.device, dtype=cfg.dtype)
+    if tok is None:
+        raise InvalidRequest(f"{cfg.base} has no tokenizer (tokenizer.json); herd tune needs one to read the data")
+    device = model.output.weight.device
+    seq_len = cfg.seq_len
+    if seq_len > model.args.max_seq_len:
+        log.warning("--seq-len %d exceeds the model's context; using %d", seq_len, model.args.max_seq_len)
+        seq_len = model.args.max_seq_len
+
+    renderer = ChatRenderer(tok)
+    tokenized = tokenize_all(examples, renderer, seq_len)
+    train, held_out = split_eval(tokenized, cfg.eval_split, cfg.seed)
+    to_rows = (lambda xs: pack_rows(xs, seq_len)) if cfg.pack else single_rows
+    train_rows, eval_rows = to_rows(train), to_rows(held_out)
+
+    apply_lora(model, cfg.lora, generator=torch.Generator(device="cpu").manual_seed(cfg.seed))
+    model.to(device)  # the LoRA factors are created on the base weights' device already; this is a no-op check
+    mark_only_lora_as_trainable(model)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
+        foreach=device.type == "cpu", fused=device.type == "cuda" or None,
+    )  # fmt: skip
+
+    micro_per_epoch = -(-len(train_rows) // cfg.batch_size)
+    if cfg.max_steps:
+        total = cfg.max_steps
+    else:
+        total = max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup if cfg.warmup >= 0 else max(1, round(0.05 * total))
+    pad_id = _pad_id(tok)
+
+    meta = {
+        "base": cfg.base, "data_sha256": data_sha, "rank": cfg.rank, "alpha": cfg.alpha,
+        "dropout": cfg.dropout, "targets": list(cfg.targets), "seq_len": seq_len, "pack": cfg.pack,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+        "eval_split": cfg.eval_split,
+    }  # fmt: skip
+    run = Run(cfg, model, tok, train_rows, eval_rows, optimizer, TrainState(), total, warmup, run_dir,
+              Path(base_path), data_sha, pad_id, device, meta, lock)  # fmt: skip
+
+    ckpt_dir = run_dir / "checkpoints"
+    _clean_partial_checkpoints(ckpt_dir)
+    latest = latest_checkpoint(ckpt_dir)
+    if cfg.resume:
+        if latest is None:
+            raise InvalidRequest(f"nothing to resume: no checkpoint in {run_dir}; start without --resume")
+        load_checkpoint(run, latest)
+        log.info("resumed from %s (step %d)", latest.name, run.state.step)
+    elif latest is not None:
+        if not cfg.overwrite:
+            raise InvalidRequest(
+                f"{run_dir} holds checkpoints of an earlier run ({latest.name}); "
+                "pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(ckpt_dir)
+    return run
+
+
+def resolve_base_path(base: str) -> Path:
+    """A Hugging Face directory as it is; anything else through the store (name or .gguf)."""
+    p = Path(base).expanduser()
+    if p.is_dir():
+        return p
+    from ..store import Store
+
+    manifest = Store().resolve(base)
+    if manifest.adapter:
+        raise InvalidRequest(
+            f"{base} is itself a LoRA-tuned model; tune its base ({manifest.base}) with your combined data, "
+            f"or export it merged (herd export {base} --format gguf --out FILE) and tune that file"
+        )
+    return Path(manifest.path)
+
+
+def _pad_id(tok: Any) -> int:
+    # Padding positions get IGNORE targets and sit after every real token (right padding,
+    # causal attention), so the id only has to be a valid one.
+    for name in ("<|endoftext|>", "<pad>", "[PAD]"):
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return tok.eos_id if tok.eos_id is not None else 0
+
+
+# --------------------------------------------------------------------------- the model step
+
+
+def forward_hidden(model: Transformer, batch: Batch) -> Tensor:
+    """The final hidden states (B, T, dim): Transformer.forward without the output projection,
+    plus per-row positions and block-diagonal masks for packed rows."""
+    ids = batch.input_ids
+    B, T = ids.shape
+    x = model.tok_embeddings(ids)  # (B, T, dim)
+    inv_freq = model.inv_freq(ids.device)
+    if batch.positions is None:
+        cos, sin = rope_cos_sin(inv_freq, torch.arange(T, device=ids.device), x.dtype)  # (T, hd)
+    else:
+        cos, sin = rope_cos_sin(inv_freq, batch.positions.reshape(-1), x.dtype)  # (B*T, hd)
+        cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # (B, 1, T, hd): broadcast over heads
+    masks = _train_masks(model, batch)
+    for i, block in enumerate(model.layers):
+        x = block(x, cos, sin, masks[model.args.window(i)], None)
+    return model.norm(x)
+
+
+def _train_masks(model: Transformer, batch: Batch) -> dict[int | None, Tensor | None]:
+    """Boolean (B, 1, T, T) masks per attention window; None = plain causal (SDPA is_causal)."""
+    T = batch.input_ids.shape[1]
+    device = batch.input_ids.device
+    masks: dict[int | None, Tensor | None] = {}
+    for w in {model.args.window(i) for i in range(model.args.n_layers)}:
+        if batch.doc_ids is None and (w is None or w >= T):
+            masks[w] = None
+            continue
+        q = torch.arange(T, device=device).view(-1, 1)  # (T, 1)
+        k = torch.arange(T, device=device).view(1, -1)  # (1, T)
+        allowed = (k <= q).view(1, 1, T, T)
+        if w is not None:
+            allowed = allowed & (k > q - w)
+        if batch.doc_ids is not None:
+            same = batch.doc_ids[:, None, :, None] == batch.doc_ids[:, None, None, :]  # (B, 1, T, T)
+            # Padding (doc -1) attends to itself so no softmax row is empty (NaN); its output is unused.
+            allowed = allowed & same
+        masks[w] = allowed
+    return masks
+
+
+def batch_loss(model: Transformer, batch: Batch) -> Tensor:
+    """Summed cross-entropy over the batch's trained targets (divide by the count yourself)."""
+    h = forward_hidden(model, batch)  # (B, T, dim)
+    sel = batch.targets != IGNORE  # (B, T)
+    logits = model.output(h[sel])  # (N, vocab): only positions that carry a loss
+    return F.cross_entropy(logits.float(), batch.targets[sel], reduction="sum")
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr_ratio: float) -> float:
+    """Linear warmup to `lr`, then cosine decay to lr * min_lr_ratio at the last step (nanoGPT)."""
+    if step < warmup:
+        return lr * (step + 1) / (warmup + 1)
+    if total <= warmup + 1:
+        return lr
+    progress = min(1.0, (step - warmup) / (total - 1 - warmup))
+    min_lr = lr * min_lr_ratio
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+
+
+# --------------------------------------------------------------------------- fit / validate
+
+
+def fit(run: Run, on_step: Callable[[Run, dict[str, Any]], None] | None = None) -> TrainState:
+    """Train from run.state.step to run.total_steps. Ctrl-C saves a checkpoint first."""
+    cfg, model, opt, state = run.cfg, run.model, run.optimizer, run.state
+    stream = batches(run.train_rows, cfg.batch_size, cfg.seed, start=state.step * cfg.grad_accum)
+    bar = _progress_bar(run)
+    last_saved = state.step
+    in_update = False
+    try:
+        while state.step < run.total_steps:
+            lr = lr_at(state.step, run.total_steps, run.warmup, cfg.lr, cfg.min_lr_ratio)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            micro = [collate(next(stream), run.pad_id, cfg.pack, run.device) for _ in range(cfg.grad_accum)]
+            n_targets = sum(b.n_targets for b in micro)
+            loss_sum = 0.0
+            for b in micro:
+                loss = batch_loss(model, b) / max(1, n_targets)  # one mean over the whole accumulated batch
+                loss.backward()
+                loss_sum += loss.item()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for _, p in run.trainable], cfg.grad_clip)
+            in_update = True
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            state.step += 1
+            in_update = False
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            n_tok = sum(b.n_tokens for b in micro)
+            state.tokens += n_tok
+            state.train_seconds += dt
+            rec = {"step": state.step, "loss": loss_sum, "lr": lr, "tok_s": n_tok / dt if dt > 0 else 0.0}
+            state.history.append(rec)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_s']:.0f}", refresh=False)
+            if on_step is not None:
+                on_step(run, rec)
+            done = state.step == run.total_steps
+            if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
+                _record_eval(run)
+            if state.step % cfg.save_every == 0 or done:
+                if not cfg.eval_every or done:
+                    _record_eval(run)
+                save_checkpoint(run)
+                last_saved = state.step
+                if bar is not None and state.last("eval_loss") is not None:
+                    bar.set_postfix(loss=f"{loss_sum:.4f}", eval=f"{state.last('eval_loss'):.4f}", refresh=False)
+    except KeyboardInterrupt:
+        # Keep what was learned: the optimizer state is consistent unless Ctrl-C landed
+        # inside opt.step() itself.
+        if not in_update and state.step > last_saved:
+            save_checkpoint(run)
+            print(f"\ninterrupted at step {state.step}; continue with --resume", file=sys.stderr)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
+
+
+def _record_eval(run: Run) -> None:
+    if not run.eval_rows:
+        return
+    loss = validate(run)
+    run.state.history.append({"step": run.state.step, "eval_loss": loss})
+
+
+@torch.no_grad()
+def validate(run: Run) -> float:
+    """Mean loss per assistant token over the held-out rows (dropout off)."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    try:
+        total, n = 0.0, 0
+        bs = run.cfg.batch_size
+        for i in range(0, len(run.eval_rows), bs):
+            b = collate(run.eval_rows[i : i + bs], run.pad_id, run.cfg.pack, run.device)
+            total += float(batch_loss(model, b))
+            n += b.n_targets
+        return total / max(1, n)
+    finally:
+        model.train(was_training)
+
+
+def _progress_bar(run: Run):
+    if not run.cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.state.step, desc=f"tune {run.cfg.out}", unit="step",
+                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (tests replace this to simulate a full disk)."""
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _ckpt_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write checkpoints/step-NNNNNNN atomically; prune old ones. Raises StoreError (disk full...)
+    with the previous checkpoint intact."""
+    from safetensors.torch import save
+
+    ckpt_dir = run.run_dir / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / _ckpt_name(run.state.step)
+    tmp = ckpt_dir / f".tmp-{_ckpt_name(run.state.step)}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    adapter = {k: v.detach().float().cpu().contiguous() for k, v in lora_state_dict(run.model).items()}
+    moments: dict[str, Tensor] = {}
+    names = {id(p): n for n, p in run.trainable}
+    for p, st in run.optimizer.state.items():
+        name = names[id(p)]
+        for key, value in st.items():  # AdamW: step, exp_avg, exp_avg_sq
+            moments[f"{name}.{key}"] = torch.as_tensor(value).detach().float().cpu().contiguous()
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state = {
+        "format": 1,
+        "step": run.state.step,
+        "tokens": run.state.tokens,
+        "train_seconds": run.state.train_seconds,
+        "history": run.state.history,
+        "meta": run.meta,
+        "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]},
+        "python_random": _jsonable_random_state(),
+    }
+    try:
+        tmp.mkdir()
+        _write_durably(tmp / "adapter.safetensors", save(adapter, metadata={"lora": json.dumps(asdict(run.cfg.lora))}))
+        _write_durably(tmp / "optimizer.safetensors", save(moments) if moments else save({"__empty__": torch.zeros(0)}))
+        _write_durably(tmp / "rng.safetensors", save(rng))
+        _write_durably(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
+        _fsync_dir(tmp)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = latest_checkpoint(ckpt_dir)
+        keep = f"the previous checkpoint ({prev.name}) is intact" if prev else "no earlier checkpoint exists"
+        hint = "free some space and" if e.errno == errno.ENOSPC else "fix that and"
+        raise StoreError(
+            f"could not write checkpoint {final.name}: {e.strerror or e}; {keep}; {hint} rerun with --resume"
+        ) from None
+    _prune(ckpt_dir, run.cfg.keep_checkpoints)
+    _write_run_files(run)
+    return final
+
+
+def _write_run_files(run: Run) -> None:
+    """history.json and loss.png next to the checkpoints (best effort: they are views)."""
+    try:
+        _atomic_bytes(run.run_dir / "history.json", (json.dumps(run.state.history) + "\n").encode())
+        plot_loss(run.state.history, run.run_dir / "loss.png", title=f"herd tune {run.cfg.out}")
+    except OSError as e:
+        log.warning("could not write the loss curve: %s", e.strerror or e)
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _jsonable_random_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _prune(ckpt_dir: Path, keep: int) -> None:
+    done = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _clean_partial_checkpoints(ckpt_dir: Path) -> None:
+    """Temporary directories of a run that died mid-checkpoint (the run dir is locked, so
+    no live writer owns them)."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith(".tmp-"):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory (they only ever appear complete: rename)."""
+    if not ckpt_dir.is_dir():
+        return None
+    done = sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+                  and (p / "state.json").is_file())  # fmt: skip
+    return done[-1] if done else None
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore adapter, optimizer moments, RNG and progress from a checkpoint directory.
+
+    Only safetensors and JSON are read: a checkpoint is data, never code (no pickle).
+    """
+    from safetensors.torch import load_file
+
+    def bad(problem: str) -> StoreError:
+        return StoreError(f"checkpoint {path} is unusable ({problem}); start over with --overwrite")
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        adapter = load_file(str(path / "adapter.safetensors"))
+        moments = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, ValueError) as e:
+        raise bad(str(e)) from None
+    except Exception as e:  # safetensors' SafetensorError for a corrupt header
+        raise bad(f"corrupt safetensors: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != 1:
+        raise bad("unknown format")
+    saved = state.get("meta", {})
+    for key in RESUME_MUST_MATCH:
+        if saved.get(key) != run.meta.get(key):
+            what = "the data file changed" if key == "data_sha256" else f"{key} was {saved.get(key)!r}, now {run.meta.get(key)!r}"
+            raise InvalidRequest(
+                f"cannot resume {path.parent.parent.name}: {what}; resume with the same settings or start over with --overwrite"
+            )
+    load_lora_state_dict(run.model, {k: v.to(run.device) for k, v in adapter.items()})
+    params = dict(run.trainable)
+    opt_state: dict[int, dict[str, Tensor]] = {}
+    for i, (name, p) in enumerate(run.trainable):
+        if f"{name}.exp_avg" not in moments:
+            continue
+        opt_state[i] = {
+            "step": moments[f"{name}.step"].reshape(()).float(),
+            "exp_avg": moments[f"{name}.exp_avg"].to(p.device, p.dtype),
+            "exp_avg_sq": moments[f"{name}.exp_avg_sq"].to(p.device, p.dtype),
+        }
+    groups = run.optimizer.state_dict()["param_groups"]
+    for g, saved_g in zip(groups, state["optimizer"]["param_groups"], strict=False):
+        g.update({k: v for k, v in saved_g.items() if k in g and k != "params"})
+    assert len(params) == sum(len(g["params"]) for g in groups)
+    run.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(rng) if k.startswith("torch_cuda_")]
+        if cuda:
+            torch.cuda.set_rng_state_all(cuda)
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    run.state = TrainState(step=int(state["step"]), tokens=int(state["tokens"]),
+                           train_seconds=float(state["train_seconds"]), history=list(state["history"]))  # fmt: skip
+
+
+class _RunLock:
+    def __init__(self, f):
+        self.f = f
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
+def _lock_run_dir(run_dir: Path) -> _RunLock:
+    """One `herd tune` per run directory: two writers would interleave checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / ".lock", "a+")
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - Windows: no lock
+        pass
+    except OSError:
+        f.close()
+        raise InvalidRequest(f"another `herd tune` is using {run_dir}; wait for it or pick another --out") from None
+    return _RunLock(f)
+
+
+# --------------------------------------------------------------------------- loss curve
+
+
+def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training (and eval) loss per step as a PNG. matplotlib is imported only here."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = [h["step"] for h in history if "loss" in h]
+    if not steps:
+        return
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, [h["loss"] for h in history if "loss" in h], label="train", lw=1.2)
+    ev = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if ev:
+        ax.plot(*zip(*ev, strict=True), "o-", label="eval", lw=1.2, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per assistant token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
