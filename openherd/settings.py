@@ -100,6 +100,10 @@ class Settings:
         return self.home / "evals"
 
     @property
+    def audit_db_path(self) -> Path:
+        return self.home / "audit.db"
+
+    @property
     def db_path(self) -> Path:
         return self.home / "herd.db"
 

@@ -43,7 +43,7 @@ def serve_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # calls are bare {"name", "parameters"} objects (tools.py's "llama3" format).
 LLAMA3_TOOLS_TEMPLATE = (
     "{%- if tools %}<|im_start|>system\nYou have these functions: {{ tools | tojson }}\n"
-    'Respond with {\"name\": function name, \"parameters\": dictionary of argument name and its value}, '
+    'Respond with {"name": function name, "parameters": dictionary of argument name and its value}, '
     "or <|python_tag|> code.<|im_end|>\n{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message.tool_calls %}<|im_start|>assistant\n{{ message.tool_calls[0].function | tojson }}<|im_end|>\n"
@@ -108,7 +108,9 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-                raise AssertionError(f"herd serve did not exit within {timeout}s of SIGTERM:\n{self.log()[-3000:]}") from None
+                raise AssertionError(
+                    f"herd serve did not exit within {timeout}s of SIGTERM:\n{self.log()[-3000:]}"
+                ) from None
         return self.proc.returncode
 
     def metric(self, name: str) -> float:
@@ -124,7 +126,9 @@ def wait_for_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"herd serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+            raise AssertionError(
+                f"herd serve exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}"
+            )
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
@@ -132,7 +136,9 @@ def wait_for_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: f
             pass
         time.sleep(0.1)
     proc.kill()
-    raise AssertionError(f"herd serve did not become healthy in {timeout}s:\n{log_path.read_text(errors='replace')[-3000:]}")
+    raise AssertionError(
+        f"herd serve did not become healthy in {timeout}s:\n{log_path.read_text(errors='replace')[-3000:]}"
+    )
 
 
 @contextlib.contextmanager
@@ -158,7 +164,9 @@ def live_server(
         extra["HERD_API_KEYS"] = api_key
     cmd = [sys.executable, "-m", "openherd", "serve", "--host", f"{host}:{port}", *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=server_env(home, extra), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=server_env(home, extra), stdout=log, stderr=subprocess.STDOUT
+        )
     url = f"http://127.0.0.1:{port}"
     server = LiveServer(url, port, home, proc, log_path, api_key)
     try:

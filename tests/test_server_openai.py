@@ -18,8 +18,9 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from server_helpers import MODEL, N_CTX, NO_EOS, live_server, serve_gguf  # noqa: F401 (fixture)
+from server_helpers import MODEL, N_CTX, NO_EOS, live_server, register_model
 
+pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 
@@ -87,7 +88,10 @@ def test_text_content_parts_and_roles(client):
         model=MODEL,
         messages=[
             {"role": "developer", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}]},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}],
+            },
             {"role": "assistant", "content": "Hi."},
             {"role": "user", "content": "Again?"},
         ],
@@ -131,7 +135,10 @@ def test_logprobs(client):
         assert bytes(e.bytes).decode("utf-8", "replace") == e.token
         # Greedy: the chosen token is the most likely one.
         assert math.isclose(e.logprob, max(t.logprob for t in e.top_logprobs), abs_tol=1e-4)
-    assert "".join(bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace")) == r.choices[0].message.content
+    assert (
+        "".join(bytes(b for e in entries for b in e.bytes).decode("utf-8", "replace"))
+        == r.choices[0].message.content
+    )
 
 
 def test_logit_bias_forces_a_token(client):
@@ -146,7 +153,9 @@ def test_logit_bias_forces_a_token(client):
 
 
 def test_stream_chunks_and_usage(client):
-    stream = chat(client, max_tokens=6, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS)
+    stream = chat(
+        client, max_tokens=6, stream=True, stream_options={"include_usage": True}, logit_bias=NO_EOS
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.object == "chat.completion.chunk" for c in chunks)
@@ -181,7 +190,9 @@ def test_stream_exact_sse_format(server):
     assert all(e.startswith("data: {") for e in events[:-2])
     assert all("usage" not in p for p in payloads)  # no include_usage: no usage key at all
     assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    assert payloads[-1]["choices"][0]["delta"] == {} and payloads[-1]["choices"][0]["finish_reason"] == "length"
+    assert (
+        payloads[-1]["choices"][0]["delta"] == {} and payloads[-1]["choices"][0]["finish_reason"] == "length"
+    )
 
     body["stream_options"] = {"include_usage": True}
     events = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).text.split("\n\n")
@@ -208,7 +219,10 @@ def test_async_client_concurrent_streams(server):
 
         async def one(i):
             stream = await aclient.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"question {i}"}], max_tokens=8, stream=True,
+                model=MODEL,
+                messages=[{"role": "user", "content": f"question {i}"}],
+                max_tokens=8,
+                stream=True,
                 logit_bias=NO_EOS,
             )
             n = 0
@@ -218,7 +232,9 @@ def test_async_client_concurrent_streams(server):
             return n
 
         results = await asyncio.gather(*(one(i) for i in range(6)))
-        r = await aclient.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        r = await aclient.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
         await aclient.close()
         return results, r
 
@@ -247,7 +263,10 @@ def test_json_schema_strict_always_validates(client):
             client,
             max_tokens=60,
             seed=seed,
-            response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}},
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
+            },
         )
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
@@ -266,15 +285,55 @@ def test_json_schema_streamed(client):
         client,
         max_tokens=60,
         stream=True,
-        response_format={"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True}},
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "answer", "schema": SCHEMA, "strict": True},
+        },
     )
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_sdk_parse_with_a_pydantic_model(client):
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        ok: bool
+        color: Literal["red", "green"]
+        count: int
+
+    r = client.chat.completions.parse(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Answer."}],
+        response_format=Answer,
+        max_tokens=60,
+        seed=2,
+    )
+    assert isinstance(r.choices[0].message.parsed, Answer)
+
+
+def test_sdk_stream_helper_accumulates(client):
+    with client.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=5, logit_bias=NO_EOS
+    ) as stream:
+        deltas = [e.delta for e in stream if e.type == "content.delta"]
+        snapshot = stream.current_completion_snapshot
+    # (get_final_completion() would raise here: the SDK refuses to parse a "length" finish)
+    assert snapshot.choices[0].finish_reason == "length"
+    assert snapshot.choices[0].message.content == "".join(deltas)
+
+
 def test_invalid_schema_is_400(client):
     with pytest.raises(openai.BadRequestError):
-        chat(client, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}})
+        chat(
+            client,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "no-such-type"}},
+            },
+        )
 
 
 # ---------------------------------------------------------------------------- tools
@@ -319,7 +378,14 @@ def _check_call(call, allowed=("get_weather", "get_time")):
 
 
 def test_tool_choice_required_forces_a_valid_call(client):
-    r = chat(client, "What's the weather?", tools=TOOLS, tool_choice="required", max_tokens=200, parallel_tool_calls=False)
+    r = chat(
+        client,
+        "What's the weather?",
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+        parallel_tool_calls=False,
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert len(choice.message.tool_calls) == 1
@@ -345,7 +411,9 @@ def test_named_tool_choice(client):
 def test_parallel_tool_calls(client):
     # With end-of-text biased away the model must keep calling until max_tokens:
     # every complete call is returned, and the cut-off is reported as "length".
-    r = chat(client, "Weather and time?", tools=TOOLS, tool_choice="required", max_tokens=250, logit_bias=NO_EOS)
+    r = chat(
+        client, "Weather and time?", tools=TOOLS, tool_choice="required", max_tokens=250, logit_bias=NO_EOS
+    )
     calls = r.choices[0].message.tool_calls
     assert len(calls) >= 2 and len({c.id for c in calls}) == len(calls)
     for c in calls:
@@ -355,8 +423,13 @@ def test_parallel_tool_calls(client):
 
 def test_tool_calls_stream_as_deltas(client):
     stream = chat(
-        client, "Weather?", tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=200, stream=True, parallel_tool_calls=False,
+        client,
+        "Weather?",
+        tools=TOOLS,
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+        stream=True,
+        parallel_tool_calls=False,
     )
     calls: dict[int, dict] = {}
     finish = None
@@ -375,7 +448,14 @@ def test_tool_calls_stream_as_deltas(client):
 
 
 def test_tool_result_round_trip(client):
-    r = chat(client, "Weather in Paris?", tools=TOOLS, tool_choice="required", max_tokens=200, parallel_tool_calls=False)
+    r = chat(
+        client,
+        "Weather in Paris?",
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+        parallel_tool_calls=False,
+    )
     call = r.choices[0].message.tool_calls[0]
     follow = client.chat.completions.create(
         model=MODEL,
@@ -392,6 +472,32 @@ def test_tool_result_round_trip(client):
     assert follow.choices[0].finish_reason in ("stop", "length")
 
 
+def test_llama3_style_template_tools(server, client, llama3_gguf):
+    # A template that renders tools itself and expects bare {"name", "parameters"} calls.
+    register_model(server.home, llama3_gguf, name="tiny-l3")
+    r = client.chat.completions.create(
+        model="tiny-l3",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=TOOLS,
+        tool_choice="required",
+        max_tokens=200,
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    [call] = r.choices[0].message.tool_calls
+    _check_call(call)
+    follow = client.chat.completions.create(
+        model="tiny-l3",
+        messages=[
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
+        ],
+        tools=TOOLS,
+        max_tokens=3,
+    )
+    assert follow.choices[0].message.role == "assistant"
+
+
 def test_tool_choice_auto_returns_content_or_calls(client):
     r = chat(client, "Hi", tools=TOOLS, max_tokens=8)
     msg = r.choices[0].message
@@ -402,7 +508,9 @@ def test_tool_choice_auto_returns_content_or_calls(client):
 
 
 def test_completions(client):
-    r = client.completions.create(model=MODEL, prompt="The herd", max_tokens=4, logit_bias=NO_EOS, echo=True, logprobs=2)
+    r = client.completions.create(
+        model=MODEL, prompt="The herd", max_tokens=4, logit_bias=NO_EOS, echo=True, logprobs=2
+    )
     [c] = r.choices
     assert r.object == "text_completion" and c.text.startswith("The herd") and c.finish_reason == "length"
     assert len(c.logprobs.tokens) == 4 and all(len(t) == 2 for t in c.logprobs.top_logprobs)
@@ -410,7 +518,9 @@ def test_completions(client):
     r = client.completions.create(model=MODEL, prompt=["one", "two"], n=2, max_tokens=2, logit_bias=NO_EOS)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
     text = "".join(
-        c.choices[0].text for c in client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True) if c.choices
+        c.choices[0].text
+        for c in client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True)
+        if c.choices
     )
     assert isinstance(text, str)
 
@@ -501,7 +611,12 @@ def test_dropped_streams_free_their_sequences(server, client):
 
 
 def test_dropped_non_streaming_request_is_cancelled(server):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 1500, "logit_bias": NO_EOS}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": 1500,
+        "logit_bias": NO_EOS,
+    }
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
     assert _wait_idle(server) == 0
@@ -528,7 +643,11 @@ def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
     with live_server(tmp_path, serve_gguf, env=env) as s:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
         busy = c.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1500, stream=True, logit_bias=NO_EOS
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=1500,
+            stream=True,
+            logit_bias=NO_EOS,
         )
         next(iter(busy))  # the only slot is taken
         with pytest.raises(openai.RateLimitError) as e:

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from llguidance import LLMatcher
-from server_helpers import MODEL, register_model, serve_gguf  # noqa: F401 (fixture)
+from server_helpers import MODEL, register_model
 from starlette.testclient import TestClient
 
 from openherd.errors import InvalidRequest
@@ -33,6 +33,7 @@ from openherd.server.tools import (
     prepare_messages,
 )
 
+pytest_plugins = ["server_helpers"]  # the serve_gguf fixture
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -79,20 +80,33 @@ BAD_CHAT = {
     "frequency_penalty": st.one_of(st.floats(max_value=-2.0000001), st.floats(min_value=2.0000001)),
     "top_logprobs": st.one_of(st.integers(max_value=-1), st.integers(min_value=21)),
     "logit_bias": st.one_of(
-        st.dictionaries(st.integers(0, 100).map(str), st.floats(min_value=100.0001) | st.floats(max_value=-100.0001), min_size=1),
+        st.dictionaries(
+            st.integers(0, 100).map(str),
+            st.floats(min_value=100.0001) | st.floats(max_value=-100.0001),
+            min_size=1,
+        ),
         st.dictionaries(st.text(min_size=1).filter(lambda k: not k.isdigit()), st.just(1), min_size=1),
         st.dictionaries(st.integers(min_value=10**6, max_value=10**8).map(str), st.just(1), min_size=1),
     ),
-    "stop": st.one_of(st.lists(st.text(max_size=3), min_size=5, max_size=8), st.lists(st.integers(), min_size=1)),
+    "stop": st.one_of(
+        st.lists(st.text(max_size=3), min_size=5, max_size=8), st.lists(st.integers(), min_size=1)
+    ),
     "seed": st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)),
     "messages": st.one_of(
         st.just([]),
-        st.lists(st.fixed_dictionaries({"role": st.sampled_from(["robot", "", "function"]), "content": st.just("x")}), min_size=1),
+        st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["robot", "", "function"]), "content": st.just("x")}
+            ),
+            min_size=1,
+        ),
         st.just([{"role": "user"}]),
         st.just([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}]),
     ),
     "response_format": st.one_of(st.just({"type": "xml"}), st.just({"type": "json_schema"}), st.text()),
-    "tool_choice": st.one_of(st.just("sometimes"), st.just({"type": "function", "function": {"name": "missing"}})),
+    "tool_choice": st.one_of(
+        st.just("sometimes"), st.just({"type": "function", "function": {"name": "missing"}})
+    ),
     "model": st.one_of(st.just(""), st.integers()),
     "stream_options": st.one_of(st.integers(), st.text(min_size=1)),
     "tools": st.just([{"type": "function", "function": {"name": "bad name!"}}]),
@@ -118,14 +132,39 @@ def test_out_of_range_chat_fields_are_400_naming_the_param(app_client, data):
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 CHAT_FIELDS = [
-    "messages", "model", "temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
-    "logit_bias", "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "stream", "stream_options",
-    "parallel_tool_calls", "top_k", "min_p", "repetition_penalty", "user",
+    "messages",
+    "model",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "tools",
+    "tool_choice",
+    "stream",
+    "stream_options",
+    "parallel_tool_calls",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "user",
 ]
 
 
@@ -136,7 +175,19 @@ def test_any_chat_body_is_never_a_500(app_client, fields):
     assert_clean_error(status, data)
 
 
-COMPLETION_FIELDS = ["prompt", "echo", "logprobs", "suffix", "best_of", "n", "stop", "temperature", "seed", "logit_bias", "stream"]
+COMPLETION_FIELDS = [
+    "prompt",
+    "echo",
+    "logprobs",
+    "suffix",
+    "best_of",
+    "n",
+    "stop",
+    "temperature",
+    "seed",
+    "logit_bias",
+    "stream",
+]
 
 
 @FUZZ
@@ -154,19 +205,41 @@ def test_any_embedding_input_is_never_a_500(app_client, value):
     assert_clean_error(status, data)
 
 
-OLLAMA_OPTIONS = ["num_ctx", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
-                  "repeat_last_n", "presence_penalty", "frequency_penalty", "num_gpu", "mirostat"]
+OLLAMA_OPTIONS = [
+    "num_ctx",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+    "stop",
+    "repeat_penalty",
+    "repeat_last_n",
+    "presence_penalty",
+    "frequency_penalty",
+    "num_gpu",
+    "mirostat",
+]
 
 
 @FUZZ
 @given(
     options=st.dictionaries(st.sampled_from(OLLAMA_OPTIONS), json_values, max_size=4),
-    extra=st.dictionaries(st.sampled_from(["format", "keep_alive", "stream", "messages", "tools", "think"]), json_values, max_size=2),
+    extra=st.dictionaries(
+        st.sampled_from(["format", "keep_alive", "stream", "messages", "tools", "think"]),
+        json_values,
+        max_size=2,
+    ),
 )
 def test_any_ollama_chat_is_never_a_500(app_client, options, extra):
     # keep_alive 0 would unload the model after each example: slow, not wrong.
     assume(extra.get("keep_alive") not in (0, 0.0, False, "0", "0s"))
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "options": {**options, "num_predict": 2}, **extra}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "options": {**options, "num_predict": 2},
+        **extra,
+    }
     status, data = post(app_client, "/api/chat", body)
     assert status < 500, data
     if status >= 400:
@@ -184,7 +257,15 @@ def test_any_json_body_anywhere_is_never_a_500(app_client, body):
 
 
 def test_malformed_bodies(app_client):
-    for raw in (b"", b"{", b"[]", b"nul", b"[" * 100_000, "{\"model\": \"\udcff\"}".encode("utf-8", "surrogatepass"), b"\xff\xfe"):
+    for raw in (
+        b"",
+        b"{",
+        b"[]",
+        b"nul",
+        b"[" * 100_000,
+        '{"model": "\udcff"}'.encode("utf-8", "surrogatepass"),
+        b"\xff\xfe",
+    ):
         r = app_client.post("/v1/chat/completions", content=raw)
         assert r.status_code == 400, raw[:20]
         assert r.json()["error"]["type"] == "invalid_request_error"
@@ -203,7 +284,10 @@ def test_unknown_model_is_404_and_path_like_names_are_400(app_client):
 
 def test_validation_message_names_nested_params():
     with pytest.raises(InvalidRequest) as e:
-        p.parse_request(p.ChatCompletionRequest, json.dumps({**BASE_CHAT, "messages": [{"role": "user", "content": 5}]}).encode())
+        p.parse_request(
+            p.ChatCompletionRequest,
+            json.dumps({**BASE_CHAT, "messages": [{"role": "user", "content": 5}]}).encode(),
+        )
     assert e.value.param == "messages[0].content"
     with pytest.raises(InvalidRequest) as e:
         p.parse_request(p.ChatCompletionRequest, json.dumps({"messages": BASE_CHAT["messages"]}).encode())
@@ -214,7 +298,9 @@ def test_validation_message_names_nested_params():
 
 
 def test_stop_and_logit_bias_normalised():
-    r = p.parse_request(p.ChatCompletionRequest, json.dumps({**BASE_CHAT, "stop": "END", "logit_bias": {"5": 3}}).encode())
+    r = p.parse_request(
+        p.ChatCompletionRequest, json.dumps({**BASE_CHAT, "stop": "END", "logit_bias": {"5": 3}}).encode()
+    )
     assert r.stop == ["END"] and r.logit_bias == {"5": 3.0}
     r = p.parse_request(p.CompletionRequest, json.dumps({"model": "m", "prompt": [1, 2, 3]}).encode())
     assert r.prompts() == [[1, 2, 3]]
@@ -224,9 +310,22 @@ def test_stop_and_logit_bias_normalised():
 
 @pytest.mark.parametrize(
     "value, seconds",
-    [(None, None), ("", None), (0, 0.0), ("0", 0.0), (30, 30.0), ("30", 30.0), ("5m", 300.0), ("1h30m", 5400.0),
-     ("300ms", 0.3), ("1.5h", 5400.0), (-1, p.KEEP_FOREVER), ("-1m", p.KEEP_FOREVER), ("-1", p.KEEP_FOREVER),
-     (1e300, p.KEEP_FOREVER)],
+    [
+        (None, None),
+        ("", None),
+        (0, 0.0),
+        ("0", 0.0),
+        (30, 30.0),
+        ("30", 30.0),
+        ("5m", 300.0),
+        ("1h30m", 5400.0),
+        ("300ms", 0.3),
+        ("1.5h", 5400.0),
+        (-1, p.KEEP_FOREVER),
+        ("-1m", p.KEEP_FOREVER),
+        ("-1", p.KEEP_FOREVER),
+        (1e300, p.KEEP_FOREVER),
+    ],
 )
 def test_keep_alive(value, seconds):
     assert p.parse_keep_alive(value) == seconds
@@ -248,21 +347,39 @@ def test_sampling_translation():
     class E:
         info = FakeInfo()
 
-    req = p.parse_request(p.ChatCompletionRequest, json.dumps({**BASE_CHAT, "top_p": 0, "temperature": 0.7}).encode())
+    req = p.parse_request(
+        p.ChatCompletionRequest, json.dumps({**BASE_CHAT, "top_p": 0, "temperature": 0.7}).encode()
+    )
     sp = openai_params(req, E(), 5, None, None, 3)
     assert sp.temperature == 0 and sp.top_p == 1.0 and sp.top_k == 0 and sp.min_p == 0.0 and sp.seed == 3
     opts = p.OllamaOptions(temperature=0.2, top_k=7, num_predict=-1, seed=-1, stop=["x"], repeat_penalty=1.1)
     sp = ollama_params(opts, "json", None, E())
-    assert (sp.temperature, sp.top_k, sp.max_tokens, sp.seed, sp.stop, sp.repeat_penalty) == (0.2, 7, None, None, ["x"], 1.1)
+    assert (sp.temperature, sp.top_k, sp.max_tokens, sp.seed, sp.stop, sp.repeat_penalty) == (
+        0.2,
+        7,
+        None,
+        None,
+        ["x"],
+        1.1,
+    )
     assert sp.grammar.kind == "json"
-    assert ollama_params(p.OllamaOptions(num_predict=9), {"type": "object"}, None, E()).grammar.kind == "json_schema"
+    assert (
+        ollama_params(p.OllamaOptions(num_predict=9), {"type": "object"}, None, E()).grammar.kind
+        == "json_schema"
+    )
 
 
 # ---------------------------------------------------------------------------- tools
 
 NAMES = {"get_weather", "get_time"}
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    },
     {"type": "function", "function": {"name": "get_time"}},
 ]
 
@@ -270,15 +387,38 @@ TOOLS = [
 @pytest.mark.parametrize(
     "fmt, text, content, calls",
     [
-        (HERMES, 'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>', "Sure.", [("get_time", {})]),
-        (HERMES, '<tool_call>{"name":"get_weather","arguments":{"city":"Lima"}}</tool_call>\n'
-                 '<tool_call>{"name":"get_time","arguments":"{}"}</tool_call>', None,
-         [("get_weather", {"city": "Lima"}), ("get_time", {})]),
-        (HERMES, '<tool_call>\n{"name": "get_time", "arguments": {}}', None, [("get_time", {})]),  # EOS before </tool_call>
-        (HERMES, '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
-         '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),  # unknown tool: left as text
+        (
+            HERMES,
+            'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
+            "Sure.",
+            [("get_time", {})],
+        ),
+        (
+            HERMES,
+            '<tool_call>{"name":"get_weather","arguments":{"city":"Lima"}}</tool_call>\n'
+            '<tool_call>{"name":"get_time","arguments":"{}"}</tool_call>',
+            None,
+            [("get_weather", {"city": "Lima"}), ("get_time", {})],
+        ),
+        (
+            HERMES,
+            '<tool_call>\n{"name": "get_time", "arguments": {}}',
+            None,
+            [("get_time", {})],
+        ),  # EOS before </tool_call>
+        (
+            HERMES,
+            '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>',
+            [],
+        ),  # unknown tool: left as text
         (HERMES, "no calls <tool here", "no calls <tool here", []),
-        (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo"}}', None, [("get_weather", {"city": "Oslo"})]),
+        (
+            LLAMA3,
+            '{"name": "get_weather", "parameters": {"city": "Oslo"}}',
+            None,
+            [("get_weather", {"city": "Oslo"})],
+        ),
         (LLAMA3, '<|python_tag|>{"name": "get_time", "parameters": {}}', None, [("get_time", {})]),
         (LLAMA3, '{"not": "a call"}', '{"not": "a call"}', []),
         (LLAMA3, "Plain answer.", "Plain answer.", []),
@@ -293,7 +433,11 @@ def test_parse_tool_calls(fmt, text, content, calls):
 
 
 @settings(max_examples=200, deadline=None)
-@given(cuts=st.lists(st.integers(0, 200), max_size=8), fmt=st.sampled_from([HERMES, LLAMA3, MISTRAL]), prefix=st.sampled_from(["", "Ok. ", "<tool", "{"]))
+@given(
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+    fmt=st.sampled_from([HERMES, LLAMA3, MISTRAL]),
+    prefix=st.sampled_from(["", "Ok. ", "<tool", "{"]),
+)
 def test_streamed_parsing_equals_whole(cuts, fmt, prefix):
     call = {"name": "get_weather", fmt.args_key: {"city": "Lima"}}
     if fmt.name == "hermes":
@@ -332,14 +476,31 @@ def test_detect_format():
 def test_prepare_messages_injects_for_plain_templates():
     history = [
         {"role": "user", "content": "weather?"},
-        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'}}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Lima"}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "call_1", "content": "21C"},
         {"role": "tool", "tool_call_id": "call_2", "content": "22C"},
     ]
     msgs, tools = prepare_messages(history, TOOLS, HERMES_INJECTED)
     assert tools is None
-    assert msgs[0]["role"] == "system" and "<tools>" in msgs[0]["content"] and "get_weather" in msgs[0]["content"]
-    assert msgs[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>'}
+    assert (
+        msgs[0]["role"] == "system"
+        and "<tools>" in msgs[0]["content"]
+        and "get_weather" in msgs[0]["content"]
+    )
+    assert msgs[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call>',
+    }
     assert msgs[3]["role"] == "user" and msgs[3]["content"].count("<tool_response>") == 2
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     native, tools = prepare_messages(history, TOOLS, HERMES)

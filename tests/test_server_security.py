@@ -13,12 +13,13 @@ import httpx
 import ollama
 import openai
 import pytest
-from server_helpers import MODEL, REPO, free_port, live_server, register_model, server_env, serve_gguf  # noqa: F401
+from server_helpers import MODEL, REPO, free_port, live_server, register_model, server_env
 from starlette.testclient import TestClient
 
 from openherd.server.app import MAX_HEADER_BYTES, build_app
 from openherd.settings import Settings
 
+pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 KEY = "sk-test-0123456789"
@@ -45,7 +46,12 @@ def test_refuses_public_bind_without_keys(tmp_path, how):
     args = ["--host", f"0.0.0.0:{port}"] if how == "flag" else []
     env = server_env(tmp_path / "home", {"HERD_HOST": f"0.0.0.0:{port}"} if how == "env" else {})
     r = subprocess.run(
-        [sys.executable, "-m", "openherd", "serve", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "openherd", "serve", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
@@ -57,7 +63,11 @@ def test_public_bind_with_key_serves_any_host_but_requires_auth(tmp_path, serve_
     with live_server(tmp_path, serve_gguf, host="0.0.0.0", args=("--api-key", KEY)) as s:
         assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
         assert httpx.get(f"{s.url}/v1/models", timeout=10).status_code == 401
-        r = httpx.get(f"{s.url}/v1/models", headers={"Authorization": f"Bearer {KEY}", "Host": "myserver.lan:8080"}, timeout=10)
+        r = httpx.get(
+            f"{s.url}/v1/models",
+            headers={"Authorization": f"Bearer {KEY}", "Host": "myserver.lan:8080"},
+            timeout=10,
+        )
         assert r.status_code == 200
 
 
@@ -83,11 +93,26 @@ def test_openai_sdk_with_and_without_key(keyed):
 
 def test_every_route_but_health_needs_the_key(keyed):
     assert httpx.get(f"{keyed.url}/health", timeout=10).status_code == 200
-    routes = [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/embeddings"), ("GET", "/metrics"),
-              ("GET", "/api/tags"), ("POST", "/api/chat"), ("GET", "/api/ps"), ("DELETE", "/api/delete"),
-              ("POST", "/api/pull"), ("GET", "/api/version"), ("GET", "/no-such-route")]
+    routes = [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/embeddings"),
+        ("GET", "/metrics"),
+        ("GET", "/api/tags"),
+        ("POST", "/api/chat"),
+        ("GET", "/api/ps"),
+        ("DELETE", "/api/delete"),
+        ("POST", "/api/pull"),
+        ("GET", "/api/version"),
+        ("GET", "/no-such-route"),
+    ]
     for method, path in routes:
-        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"}, {"Authorization": KEY}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer nope"},
+            {"Authorization": f"Basic {KEY}"},
+            {"Authorization": KEY},
+        ):
             r = httpx.request(method, f"{keyed.url}{path}", headers=headers, json={}, timeout=10)
             assert r.status_code == 401, (method, path, headers)
             assert r.headers["www-authenticate"] == "Bearer"
@@ -100,7 +125,9 @@ def test_every_route_but_health_needs_the_key(keyed):
 def test_ollama_client_with_key(keyed):
     good = ollama.Client(host=keyed.url, headers={"Authorization": f"Bearer {KEY}"})
     assert [m.model for m in good.list().models] == [MODEL]
-    assert good.chat(model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2}).done
+    assert good.chat(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2}
+    ).done
     with pytest.raises(ollama.ResponseError) as e:
         ollama.Client(host=keyed.url).list()
     assert e.value.status_code == 401 and "API key" in e.value.error
@@ -131,10 +158,20 @@ def test_origin_guard_and_cors_off_by_default(home):
             r = c.get("/v1/models", headers={"Origin": origin})
             assert r.status_code == 200, origin
             assert "access-control-allow-origin" not in r.headers  # CORS stays off
-        for origin in ("https://evil.example", "null", "http://localhost.evil.example", "chrome-extension://abc"):
-            r = c.post("/v1/chat/completions", headers={"Origin": origin}, json={"model": MODEL, "messages": []})
+        for origin in (
+            "https://evil.example",
+            "null",
+            "http://localhost.evil.example",
+            "chrome-extension://abc",
+        ):
+            r = c.post(
+                "/v1/chat/completions", headers={"Origin": origin}, json={"model": MODEL, "messages": []}
+            )
             assert r.status_code == 403, origin
-        r = c.options("/v1/models", headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"})
+        r = c.options(
+            "/v1/models",
+            headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "GET"},
+        )
         assert r.status_code == 403
 
 
@@ -142,15 +179,25 @@ def test_cors_for_configured_origins(home):
     with app_client(home, allowed_origins=("https://app.example.com",), api_keys=(KEY,)) as c:
         pre = c.options(
             "/v1/chat/completions",
-            headers={"Origin": "https://app.example.com", "Access-Control-Request-Method": "POST",
-                     "Access-Control-Request-Headers": "authorization,content-type"},
+            headers={
+                "Origin": "https://app.example.com",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
         )
         assert pre.status_code == 200
         assert pre.headers["access-control-allow-origin"] == "https://app.example.com"
-        r = c.get("/v1/models", headers={"Origin": "https://app.example.com", "Authorization": f"Bearer {KEY}"})
+        r = c.get(
+            "/v1/models", headers={"Origin": "https://app.example.com", "Authorization": f"Bearer {KEY}"}
+        )
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example.com"
         assert c.get("/v1/models", headers={"Origin": "https://app.example.com"}).status_code == 401
-        assert c.get("/v1/models", headers={"Origin": "https://other.example", "Authorization": f"Bearer {KEY}"}).status_code == 403
+        assert (
+            c.get(
+                "/v1/models", headers={"Origin": "https://other.example", "Authorization": f"Bearer {KEY}"}
+            ).status_code
+            == 403
+        )
 
 
 # ---------------------------------------------------------------------------- size limits
@@ -170,7 +217,10 @@ def test_body_limit_in_process(home):
         assert r.status_code == 413
         r = c.post("/api/generate", content=chunks())
         assert r.status_code == 413 and "HERD_MAX_BODY" in r.json()["error"]
-        ok = c.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        ok = c.post(
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+        )
         assert ok.status_code == 200
 
 
@@ -202,7 +252,9 @@ def test_error_bodies_are_shaped_and_clean(home):
         r = c.get("/v1/chat/completions")
         assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
         for name in ("tiny/../../x", "../models/tiny.json", "tiny.gguf"):
-            r = c.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+            r = c.post(
+                "/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "x"}]}
+            )
             assert r.status_code in (400, 404) and str(home) not in r.text and "blobs" not in r.text
         r = c.get("/v1/models/..%2F..%2Fetc%2Fpasswd")
         assert r.status_code == 404 and str(home) not in r.text
@@ -220,4 +272,6 @@ def test_unexpected_exceptions_become_a_generic_500(home, caplog):
     assert r.status_code == 500
     err = r.json()["error"]
     assert err["type"] == "server_error" and "secret" not in r.text and str(home) not in r.text
-    assert any("secret detail" in (rec.exc_text or "") or rec.exc_info for rec in caplog.records)  # logged server-side
+    assert any(
+        "secret detail" in (rec.exc_text or "") or rec.exc_info for rec in caplog.records
+    )  # logged server-side

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,12 @@ def test_add_blob_and_register(herd_home, tiny_gguf, tmp_path):
     assert out.path == base.path and out.created_at
     got = store.resolve("tuned:v1")
     assert got.base == "base" and got.adapter == str(adapter.path)
+
+    # Blob paths follow the store when HERD_HOME moves, the adapter's included.
+    moved = tmp_path / "moved-home"
+    shutil.copytree(herd_home, moved)
+    again = Store(replace(get_settings(), home=moved)).resolve("tuned:v1")
+    assert again.path.startswith(str(moved)) and again.adapter.startswith(str(moved))
 
     store.remove("base")
     assert Path(base.path).is_file(), "the tuned model still uses the base blob"

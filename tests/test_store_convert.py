@@ -206,6 +206,24 @@ def test_sharded_checkpoint_converts_identically(herd_home, tiny_hf_dir, tmp_pat
     assert a.sha256 == b.sha256
 
 
+def test_padded_vocab(herd_home, tiny_hf_dir, tmp_path):
+    """Embedding rows beyond the tokenizer (Qwen2 pads to a multiple of 128) become UNUSED tokens."""
+    from safetensors.numpy import load_file, save_file
+
+    src = copy_dir(tiny_hf_dir, tmp_path / "tiny-padded")
+    w = load_file(str(src / "model.safetensors"))
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        w[k] = np.concatenate([w[k], np.zeros((32, w[k].shape[1]), np.float32)])
+    save_file(w, str(src / "model.safetensors"))
+    edit_config(src, vocab_size=544)
+    m = pull(src, "f32")
+    info = read_gguf(m.path, load_arrays=True)
+    tokens, types = info.get("tokenizer.ggml.tokens"), info.get("tokenizer.ggml.token_type")
+    assert len(tokens) == 544 and tokens[543] == "[PAD543]" and types[543] == 5  # UNUSED
+    ids = prompt_ids(src)
+    np.testing.assert_allclose(cpp_logits(llama(m.path), ids), hf_logits(src, ids), atol=1e-4, rtol=0)
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -306,6 +324,12 @@ def test_missing_tensor(herd_home, tiny_hf_dir, tmp_path):
     del w["model.layers.1.mlp.up_proj.weight"]
     save_file(w, str(src / "model.safetensors"))
     assert_refused(src, "missing tensor blk.1.ffn_up.weight", herd_home)
+
+
+def test_shapes_must_match_config(herd_home, tiny_hf_dir, tmp_path):
+    src = copy_dir(tiny_hf_dir, tmp_path / "misfit")
+    edit_config(src, intermediate_size=96)
+    assert_refused(src, "has shape [64, 128], config.json implies [64, 96]", herd_home)
 
 
 def test_hostile_safetensors_header(herd_home, tiny_hf_dir, tmp_path):

@@ -23,7 +23,12 @@ def register(sub) -> None:
         "Listens on 127.0.0.1:11435 unless --host/HERD_HOST says otherwise; a non-loopback address "
         "requires API keys.",
     )
-    p.add_argument("--host", default=None, metavar="HOST:PORT", help="address to listen on (default HERD_HOST or 127.0.0.1:11435)")
+    p.add_argument(
+        "--host",
+        default=None,
+        metavar="HOST:PORT",
+        help="address to listen on (default HERD_HOST or 127.0.0.1:11435)",
+    )
     p.add_argument(
         "--api-key",
         action="append",
@@ -31,9 +36,23 @@ def register(sub) -> None:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (repeatable; adds to HERD_API_KEYS)",
     )
-    p.add_argument("--model", default=None, help="model to load at startup (pulled first if it is a catalog name)")
-    p.add_argument("--parallel", type=int, default=None, metavar="N", help="sequences decoded together per model (default HERD_NUM_PARALLEL=8)")
-    p.add_argument("--ctx", type=int, default=None, metavar="N", help="context tokens per sequence (default HERD_NUM_CTX=4096)")
+    p.add_argument(
+        "--model", default=None, help="model to load at startup (pulled first if it is a catalog name)"
+    )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sequences decoded together per model (default HERD_NUM_PARALLEL=8)",
+    )
+    p.add_argument(
+        "--ctx",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context tokens per sequence (default HERD_NUM_CTX=4096)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -145,7 +164,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: signals.append(signum))
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"herd: serving on http://{host}:{settings.port} (OpenAI: /v1, Ollama: /api)", file=sys.stderr, flush=True)
+    print(
+        f"herd: serving on http://{host}:{settings.port} (OpenAI: /v1, Ollama: /api)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.run(sockets=[sock])
     finally:

@@ -381,11 +381,15 @@ class KnowledgeConfig:
 
 
 def _safety_from_dict(data: object):
+    """The persona's SafetyPolicy. For personas, retrieved passages that carry instructions are
+    quarantined unless the policy says otherwise (the server-wide default is "off" because a
+    plain model has no retrieved text)."""
     from ..safety.policy import SafetyPolicy
 
-    d = _mapping(data, "safety")
+    d = dict(_mapping(data, "safety"))
+    d.setdefault("injection", "quarantine")
     try:
-        return SafetyPolicy.from_dict(dict(d))
+        return SafetyPolicy.from_dict(d)
     except HerdError as e:
         raise _invalid("safety", e.message) from None
     except (TypeError, ValueError) as e:  # defensive: a policy parser that raised a plain error
@@ -419,8 +423,6 @@ class Persona:
                 continue
             if not isinstance(value, str) or not NAME_RE.fullmatch(value):
                 raise _invalid(key, f"{display(value)} is not a model name (see `herd list`)")
-        if self.adapter == self.name or self.model == self.name:
-            raise _invalid("model", "a persona cannot be its own model")
         for key, limit in (("description", MAX_TEXT_CHARS), ("version", 64), ("system", MAX_SYSTEM_CHARS),
                            ("greeting", MAX_TEXT_CHARS)):
             value = getattr(self, key)
@@ -839,6 +841,28 @@ class PersonaStore:
             shutil.rmtree(trash, ignore_errors=True)
         return name
 
+    def check_models(self, persona: Persona) -> None:
+        """The base model (and the tuned one) must be in the store, or a catalog alias pulled on
+        first use. Import skips this: a persona may travel ahead of its model (`herd pull` it)."""
+        from ..errors import ModelNotFound
+        from ..store import Store
+        from ..store.catalog import CATALOG
+
+        store = Store(self.settings)
+        if persona.model not in CATALOG and not store.exists(persona.model):
+            raise ModelNotFound(persona.model)
+        if persona.adapter:
+            tuned = store.get(persona.adapter)
+            if tuned is None:
+                raise ModelNotFound(persona.adapter, f"tuned model '{persona.adapter}' not found; see `herd list`")
+            if tuned.base and tuned.base not in (persona.model, persona.model.removesuffix(":latest")):
+                raise _invalid("adapter", f"'{persona.adapter}' was tuned from '{tuned.base}', not from "
+                                          f"'{persona.model}'; use --model {tuned.base}")
+        if persona.knowledge.embedding_model:
+            em = persona.knowledge.embedding_model
+            if em not in CATALOG and not store.exists(em):
+                raise ModelNotFound(em)
+
     def _check_persona(self, persona: Persona) -> None:
         from ..store.catalog import CATALOG
 
@@ -1038,9 +1062,11 @@ def _plan_archive(zf: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
             raise _archive_error(f"member {shown} points outside the persona (..)")
         if not _member_name_ok(name):
             raise _archive_error(f"unexpected member {shown} (a .herd holds herd.json, persona.yaml and knowledge/*)")
-        mode = info.external_attr >> 16
-        if info.is_dir() or (mode and not stat.S_ISREG(mode)):
-            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        # Unix zips keep st_mode in the high 16 bits; a file type other than regular (symlink,
+        # device, fifo) is refused. Zips from other systems (or Python's writestr) leave it 0.
+        ftype = stat.S_IFMT(info.external_attr >> 16)
+        if info.is_dir() or (ftype and ftype != stat.S_IFREG):
+            kind = "a symlink" if ftype == stat.S_IFLNK else "not a regular file"
             raise _archive_error(f"member {shown} is {kind}")
         if info.flag_bits & 0x1:
             raise _archive_error(f"member {shown} is encrypted")

@@ -54,6 +54,7 @@ __all__ = [
     "SearchResult",
     "SyncReport",
     "chunk_text",
+    "check_document",
     "extract_text",
     "render_context",
 ]
@@ -217,6 +218,16 @@ def extract_text(file: str, data: bytes) -> tuple[str, str]:
     return title, text
 
 
+def check_document(file: str, data: bytes) -> str:
+    """Extract a document once to refuse what cannot be indexed (a damaged PDF, an empty
+    page) before it is stored. Returns its text."""
+    _, text = extract_text(file, data)
+    if not text.strip():
+        raise InvalidRequest(f"document {file} has no text to learn from (a scanned PDF needs OCR first)",
+                             param="file")
+    return text
+
+
 # ----------------------------------------------------------------------------- chunking
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"'(\[A-Z0-9])")
@@ -352,7 +363,8 @@ class Chunk:
     n_tokens: int
     flagged: bool  # the injection shield flagged it: never placed in a prompt
     score: float  # injection score
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # readable, one per signal kind
+    codes: list[str] = field(default_factory=list)  # injection signal codes (for the audit log)
 
 
 @dataclass
@@ -367,16 +379,21 @@ class Passage:
     index: int = 0  # the [n] it is cited as in the prompt (1-based), 0 = not placed
 
     def to_dict(self, text_limit: int = 500) -> dict:
-        text = self.chunk.text
-        return {
+        """For the `herd` response field. A flagged passage's text is left out: echoing an
+        injection payload to a client (which may render its markdown images) helps no one."""
+        out = {
             "index": self.index,
             "document": self.source.file,
             "title": self.source.label,
             "chunk": self.chunk.ord,
             "score": round(self.score, 6),
-            "text": text if len(text) <= text_limit else text[: text_limit - 1] + "…",
-            **({"flagged": True, "reasons": self.chunk.reasons} if self.chunk.flagged else {}),
         }
+        if self.chunk.flagged:
+            out.update(flagged=True, reasons=list(self.chunk.codes))
+        else:
+            text = self.chunk.text
+            out["text"] = text if len(text) <= text_limit else text[: text_limit - 1] + "…"
+        return out
 
 
 @dataclass
@@ -420,6 +437,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     flagged INTEGER NOT NULL DEFAULT 0,
     score REAL NOT NULL DEFAULT 0,
     reasons TEXT NOT NULL DEFAULT '[]',
+    codes TEXT NOT NULL DEFAULT '[]',
     FOREIGN KEY (sha256, chunker) REFERENCES documents (sha256, chunker) ON DELETE CASCADE
 );
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks (sha256, chunker, ord);
@@ -528,8 +546,9 @@ class KnowledgeIndex:
                     rep = scan(piece)
                     flagged = bool(getattr(rep, "flagged", False))
                     reasons = list(getattr(rep, "reasons", []))
+                    codes = list(getattr(rep, "codes", []))
                     rows.append((src.sha256, chunker, i, piece, len(tokenize(piece)), int(flagged),
-                                 float(getattr(rep, "score", 0.0)), json.dumps(reasons)))
+                                 float(getattr(rep, "score", 0.0)), json.dumps(reasons), json.dumps(codes)))
                     if flagged:
                         report.flagged.append((src.file, i, reasons))
                 # The raw document too: hidden HTML and comments never reach a chunk, but a
@@ -547,8 +566,8 @@ class KnowledgeIndex:
                          json.dumps(list(getattr(doc_rep, "reasons", []))), time.time()),
                     )
                     self.db.executemany(
-                        "INSERT INTO chunks(sha256, chunker, ord, text, n_tokens, flagged, score, reasons) "
-                        "VALUES (?,?,?,?,?,?,?,?)", rows)
+                        "INSERT INTO chunks(sha256, chunker, ord, text, n_tokens, flagged, score, reasons, codes) "
+                        "VALUES (?,?,?,?,?,?,?,?,?)", rows)
                     self._bump()
                 have.add(src.sha256)
                 report.added.append(src.file)
@@ -574,7 +593,7 @@ class KnowledgeIndex:
 
     def chunks(self, only_flagged: bool = False) -> list[Chunk]:
         with self._lock:
-            sql = "SELECT id, sha256, ord, text, n_tokens, flagged, score, reasons FROM chunks"
+            sql = "SELECT id, sha256, ord, text, n_tokens, flagged, score, reasons, codes FROM chunks"
             if only_flagged:
                 sql += " WHERE flagged=1"
             return [_chunk(row) for row in self.db.execute(sql + " ORDER BY sha256, ord")]
@@ -620,7 +639,7 @@ class KnowledgeIndex:
             return []
         marks = ",".join("?" * len(shas))
         return self.db.execute(
-            f"SELECT c.id, c.sha256, c.ord, c.text, c.n_tokens, c.flagged, c.score, c.reasons, d.title, d.file "
+            f"SELECT c.id, c.sha256, c.ord, c.text, c.n_tokens, c.flagged, c.score, c.reasons, c.codes, d.title, d.file "
             f"FROM chunks c JOIN documents d USING (sha256, chunker) "
             f"WHERE c.chunker = ? AND c.sha256 IN ({marks}) ORDER BY c.id", (chunker, *shas)).fetchall()
 
@@ -631,7 +650,7 @@ class KnowledgeIndex:
             return self._lex_cache[1], self._lex_cache[2]
         ids = [r[0] for r in rows]
         model = bm25s.BM25()  # Lucene's BM25 variant, k1=1.5, b=0.75
-        corpus = [lexical_terms(_index_text(r[8] or r[9], r[3])) for r in rows]
+        corpus = [lexical_terms(_index_text(r[9] or r[10], r[3])) for r in rows]
         model.index(corpus, show_progress=False)
         self._lex_cache = (key, model, ids)
         return model, ids
@@ -660,8 +679,10 @@ class KnowledgeIndex:
         model_key: str | None = None,
         mode: str = "hybrid",
         min_score: float = 0.0,
+        include_flagged: bool = False,
     ) -> SearchResult:
-        """The `k` best clean passages for `query`, and the flagged ones that ranked above them.
+        """The `k` best clean passages for `query`, and the flagged ones that ranked above them
+        (``include_flagged``: flagged chunks compete for the `k` places like any other).
 
         mode: "hybrid" (BM25 + dense, fused by RRF), "bm25" or "dense". Dense needs
         `query_vector` and `model_key` (the vectors must be computed: embed_missing).
@@ -720,9 +741,9 @@ class KnowledgeIndex:
                 if mode == "hybrid" and fused[cid] < min_score:
                     break
                 row = by_id[cid]
-                passage = Passage(chunk=_chunk(row[:8]), source=by_sha[row[1]], score=fused[cid],
+                passage = Passage(chunk=_chunk(row[:9]), source=by_sha[row[1]], score=fused[cid],
                                   bm25_rank=bm25_ranks.get(cid), dense_rank=dense_ranks.get(cid))
-                (quarantined if passage.chunk.flagged else clean).append(passage)
+                (quarantined if passage.chunk.flagged and not include_flagged else clean).append(passage)
             return SearchResult(clean, quarantined)
 
 
@@ -742,9 +763,9 @@ class _Transaction:
 
 
 def _chunk(row: tuple) -> Chunk:
-    cid, sha, ord_, text, n_tokens, flagged, score, reasons = row
+    cid, sha, ord_, text, n_tokens, flagged, score, reasons, codes = row
     return Chunk(id=cid, sha256=sha, ord=ord_, text=text, n_tokens=n_tokens, flagged=bool(flagged),
-                 score=float(score), reasons=json.loads(reasons))
+                 score=float(score), reasons=json.loads(reasons), codes=json.loads(codes))
 
 
 def _index_text(label: str, text: str) -> str:

@@ -80,11 +80,16 @@ class PreparedChat:
     sources: list[Passage] = field(default_factory=list)  # placed in the prompt as [1], [2], ...
     quarantined: list[Passage] = field(default_factory=list)  # matched but withheld by the injection shield
     dropped_turns: int = 0  # oldest history messages left out to fit the context
+    decisions: list[Any] = field(default_factory=list)  # safety.policy.Decision of the injection shield (audit log)
 
     def cited(self, answer: str) -> list[Passage]:
-        """The placed passages the answer cites; all of them when it cites none (they were its context)."""
+        """The placed passages the answer rests on: the ones it cites as [n]; when it cites none
+        (small models rarely do), the ones whose words it repeats most (attribute()); when it
+        repeats none, all of them, since they were its context."""
         idx = cited_indices(answer, len(self.sources))
-        return [self.sources[i - 1] for i in idx] or list(self.sources)
+        if idx:
+            return [self.sources[i - 1] for i in idx]
+        return attribute(answer, self.sources) or list(self.sources)
 
     def footer(self, answer: str) -> str:
         """Text to append to the answer so the sources travel with it ('' without knowledge).
@@ -239,25 +244,18 @@ class PersonaRuntime:
         k = self.persona.knowledge
         with self._sync_lock:
             report = self.index().sync(
-                k.sources, self._read, _tokenizer(engine), model_key(engine), k.chunk_tokens, k.chunk_overlap,
-                scan=self._scanner())
+                k.sources, self._read, _tokenizer(engine), model_key(engine), k.chunk_tokens, k.chunk_overlap)
             if embedder is not None and self.retrieval != "bm25":
                 self.index().embed_missing(_embedder(embedder), model_key(embedder))
         for file, i, reasons in report.flagged:
             log.warning("persona %s: quarantined chunk %d of %s (%s)", self.persona.name, i, file, "; ".join(reasons[:2]))
         return report
 
-    def _scanner(self):
-        """The injection shield with the persona's threshold, when its safety policy sets one."""
-        from ..safety.injection import THRESHOLD, scan
-
-        threshold = THRESHOLD
+    def injection_mode(self) -> str:
+        """What happens to flagged passages: quarantine (the persona default), flag or off,
+        from the persona's safety policy (openherd.safety.policy.SafetyPolicy.injection)."""
         policy = self.persona.safety
-        for attr in ("injection_threshold",):
-            value = getattr(policy, attr, None) if policy is not None else None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                threshold = float(value)
-        return lambda text: scan(text, threshold=threshold)
+        return policy.injection if policy is not None else "quarantine"
 
     def retrieve(self, engine, query: str, embedder=None, k: int | None = None) -> SearchResult:
         persona = self.persona
@@ -272,7 +270,8 @@ class PersonaRuntime:
             vector = _embedder(embedder)([query])[0]
         return self.index().search(query, persona.knowledge.sources, self.chunker(engine),
                                    k=k or persona.knowledge.top_k, query_vector=vector, model_key=key,
-                                   mode=self.retrieval, min_score=persona.knowledge.min_score)
+                                   mode=self.retrieval, min_score=persona.knowledge.min_score,
+                                   include_flagged=self.injection_mode() != "quarantine")
 
     # ------------------------------------------------------------------ the prompt
 
@@ -326,7 +325,44 @@ class PersonaRuntime:
                 f"the conversation needs {len(prompt)} tokens but persona '{persona.name}' has a context of "
                 f"{n_ctx} tokens with {reserve} kept for the answer; shorten the message or lower max_tokens")
         return PreparedChat(persona=persona, engine=engine, messages=final, prompt=prompt, params=params,
-                            sources=placed, quarantined=result.quarantined, dropped_turns=dropped)
+                            sources=placed, quarantined=result.quarantined, dropped_turns=dropped,
+                            decisions=self._decisions(query, placed, result.quarantined))
+
+    def _decisions(self, query: str, placed: list[Passage], quarantined: list[Passage]) -> list[Any]:
+        """The injection shield's decisions, in safety.policy's shape, for the audit log."""
+        mode = self.injection_mode()
+        if mode == "off" or not query or not self.persona.knowledge.sources:
+            return []
+        from collections import Counter
+
+        from ..safety.policy import Decision
+
+        out = []
+        for p in quarantined:
+            out.append(Decision("input", "injection", "block", tuple(p.chunk.codes), dict(Counter(p.chunk.codes))))
+        if mode == "flag":
+            for p in placed:
+                if p.chunk.flagged:
+                    out.append(Decision("input", "injection", "flag", tuple(p.chunk.codes),
+                                        dict(Counter(p.chunk.codes))))
+        return out or [Decision("input", "injection", "allow")]
+
+
+def attribute(answer: str, passages: Sequence[Passage], share: float = 0.6) -> list[Passage]:
+    """Passages an uncited answer draws on, by word overlap: each passage scores the number
+    of distinct content words (stemmed, stopwords out) it shares with the answer, and those
+    within `share` of the best are kept. Crude but cheap, and right for the common case of
+    an answer that restates a fact from one passage."""
+    from .knowledge import lexical_terms
+
+    words = set(lexical_terms(answer))
+    if not words:
+        return []
+    scores = [len(words & set(lexical_terms(p.chunk.text))) for p in passages]
+    best = max(scores, default=0)
+    if best < 2:  # one shared word ("lighthouse") says nothing about where a fact came from
+        return []
+    return [p for p, sc in zip(passages, scores, strict=True) if sc >= share * best]
 
 
 def _tokenizer(engine):
@@ -351,3 +387,48 @@ def _embedder(engine):
 
     return embed
 
+
+
+class LocalEngines:
+    """An acquire() for the terminal: loads each model once, in-process, one sequence slot.
+    `herd chat PERSONA` and `herd persona create --knowledge` use it; close() frees them."""
+
+    def __init__(self, settings: Settings | None = None, progress=None, n_ctx: int | None = None):
+        from ..settings import get_settings
+
+        self.settings = settings or get_settings()
+        self.progress = progress
+        self.n_ctx = n_ctx
+        self._engines: dict[str, Any] = {}
+
+    def __call__(self, name: str):
+        engine = self._engines.get(name)
+        if engine is None:
+            from ..engine.engine import Engine, EngineConfig
+            from ..store import Store
+
+            manifest = Store(self.settings).ensure(name, progress=self.progress)
+            cfg = EngineConfig(n_ctx=self.n_ctx or self.settings.num_ctx, n_parallel=1,
+                               n_threads=self.settings.threads, max_queue=1, lora=manifest.adapter)
+            engine = self._engines[name] = Engine.load(manifest.path, cfg, name=manifest.name or name)
+        return engine
+
+    def close(self) -> None:
+        for engine in self._engines.values():
+            engine.close()
+        self._engines.clear()
+
+    def __enter__(self) -> LocalEngines:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def index_persona(persona: Persona, acquire: Acquire, store: PersonaStore | None = None) -> SyncReport:
+    """Ingest and embed a persona's documents now (instead of on its first question)."""
+    rt = PersonaRuntime(persona, acquire, store=store)
+    if not persona.knowledge.sources:
+        return SyncReport()
+    engine, embedder = rt._engines_sync()
+    return rt.sync(engine, embedder)

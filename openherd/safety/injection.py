@@ -32,7 +32,7 @@ mentions_system_prompt  0.20   the phrase "system prompt" on its own
 =====================  ======  ====================================================
 
 The text is normalised before matching (NFKC, zero-width and tag characters
-removed, whitespace collapsed), so "ig\u200bnore previous instructions" and
+removed, whitespace collapsed), so "ig<U+200B>nore previous instructions" and
 full-width letters do not slip through.
 
 Limits, honestly: these are English heuristics. They catch the common,

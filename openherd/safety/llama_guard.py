@@ -22,7 +22,9 @@ Category names in the prompt are the ones the model was trained on ("S3: Sex
 Crimes.", "S11: Self-Harm."); :data:`HAZARD_TITLES` has the longer titles of the
 model card's hazard table ("Sex-Related Crimes", "Suicide & Self-Harm") for
 people and logs. Llama Guard 3-1B was trained on S1-S13 only (its template
-leaves S14 out by default); pass ``exclude=("S14",)`` for it if you like.
+leaves S14 out by default). :class:`LlamaGuardShield` follows the 3-1B variant
+(S1-S13, and a space before ``<|eot_id|>`` as its template has) when the model's
+own chat template says it is one, and the 8B variant otherwise.
 
 The classification call itself is injected: ``complete(prompt, max_tokens) -> str``
 comes from the serving layer (greedy decoding, the prompt tokenised with special
@@ -216,12 +218,22 @@ def conversation(messages: Sequence[dict[str, Any]], role: str = "User") -> list
     return turns
 
 
+STYLES = ("8b", "1b")
+
+
 def render_prompt(
     messages: Sequence[dict[str, Any]],
     role: str = "User",
     categories: Sequence[Category] = LLAMA_GUARD_3_CATEGORIES,
+    style: str = "8b",
 ) -> str:
-    """The full Llama Guard 3 prompt (special tokens included) to classify the last `role` message."""
+    """The full Llama Guard 3 prompt (special tokens included) to classify the last `role` message.
+
+    style: "8b" follows meta-llama/Llama-Guard-3-8B's template; "1b" follows Llama-Guard-3-1B's, which
+    differs only by a space before ``<|eot_id|>``.
+    """
+    if style not in STYLES:
+        raise InvalidRequest(f"unknown Llama Guard prompt style {style!r}; use 8b or 1b")
     who = _role(role)
     turns = conversation(messages, who)
     cats = "\n".join(c.render() for c in categories)
@@ -239,7 +251,8 @@ def render_prompt(
         f"Provide your safety assessment for ONLY THE LAST {who} message in the above conversation:\n"
         " - First line must read 'safe' or 'unsafe'.\n"
         " - If unsafe, a second line must include a comma-separated list of violated categories."
-        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        + (" " if style == "1b" else "")
+        + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     )
 
 
@@ -323,20 +336,29 @@ class LlamaGuardShield:
         max_tokens: int = 32,
         store: Any = None,
     ):
+        build_categories(categories, exclude, custom)  # bad codes fail before the store is touched
+        self.manifest = _resolve_model(model, store)
+        self.model = getattr(self.manifest, "name", "") or model
+        # Follow the model's own template where it tells us which variant it is: the 3-1B template
+        # puts a space before <|eot_id|> and, trained on S1-S13 only, leaves S14 out by default.
+        template = getattr(self.manifest, "chat_template", None) or ""
+        self.style = "1b" if "categories. <|eot_id|>" in template else "8b"
+        if self.style == "1b" and categories is None:
+            exclude = (*exclude, "S14")
         self.categories = build_categories(categories, exclude, custom)
         self.fail_closed = fail_closed
         self.complete = complete
         # 'unsafe' + up to 14 codes is ~30 tokens; more would only be rambling.
         self.max_tokens = max_tokens
-        self.manifest = _resolve_model(model, store)
-        self.model = getattr(self.manifest, "name", model)
 
     def prompt(self, messages: Sequence[dict[str, Any]], role: str = "User") -> str:
-        return render_prompt(messages, role, self.categories)
+        return render_prompt(messages, role, self.categories, self.style)
 
     def check(self, messages: Sequence[dict[str, Any]], role: str = "User") -> Verdict:
         answer = self._complete()(self.prompt(messages, role), self.max_tokens)
         if inspect.isawaitable(answer):
+            if inspect.iscoroutine(answer):
+                answer.close()  # never awaited: close it rather than leak a warning
             raise InvalidRequest("this shield's complete() is async; call `await shield.acheck(...)`")
         return parse_verdict(answer)
 

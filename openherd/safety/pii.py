@@ -24,10 +24,16 @@ Decisions worth knowing (they are tested in tests/test_safety_pii.py):
   digits) with one kind of separator. Plain digit runs without separators
   (``4155552671``) are not phones: they are indistinguishable from order and
   account numbers. Dates, years, versions, ISBNs and card-length digit runs
-  do not match these shapes.
+  do not match these shapes. A run of digit groups yields its longest valid
+  prefix ending at a group boundary, so "+44 20 7946 0958 10.1.2.3" is a phone
+  and an address; a prefix followed by ``.``/``-`` and a digit is the head of
+  a longer number and never matches.
 * Cards: 13-19 digits, optionally in groups of four (or Amex/Diners 4-6-x)
   separated by one kind of separator, a plausible issuer prefix for the
-  length, and a valid Luhn checksum.
+  length, and a valid Luhn checksum. Card- and IBAN-shaped strings that fail
+  their checksum stay whole: no phone number is carved out of them.
+* Emails: ASCII local part and domain with a letter TLD (``user@localhost``
+  and internationalised addresses are not matched).
 * API keys need the vendor prefix at a token boundary (``task-list`` is not an
   OpenAI key) and enough randomness: an ``sk-`` key needs a 16+ character
   segment mixing letters and digits, a ``Bearer`` token 16+ characters with a
@@ -316,7 +322,9 @@ def _chain_end(text: str, start: int, raw_end: int, endpos: int, ok: Callable[[s
     digit, or by '.'/'-' and a digit, is the head of a longer number (a decimal, a date, a version)
     and is never a candidate; one followed by a space and more digits is (a phone, then a number).
     """
-    ends = [raw_end] + [i for i in range(raw_end - 1, start, -1) if text[i] in " .-" and text[i + 1] in _DIGITS]
+    ends = [raw_end] + [
+        i for i in range(raw_end - 1, start, -1) if text[i] in " .-" and text[i + 1] in _DIGITS
+    ]
     for e in ends:
         nxt = text[e] if e < endpos else ""
         if nxt and (nxt.isascii() and (nxt.isalnum() or nxt == "_")):
@@ -442,19 +450,29 @@ def _candidates(text: str, pos: int, endpos: int, kinds: frozenset[str]) -> list
 
 
 def _resolve(cands: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
-    """Non-overlapping subset: longest first, ties to the more specific kind."""
-    cands.sort(key=lambda c: (c[0] - c[1], _RANK[c[2]], c[0]))
-    starts: list[int] = []
-    chosen: list[tuple[int, int, str]] = []  # kept sorted by start
-    for c in cands:
-        i = bisect.bisect_left(starts, c[0])
-        if i > 0 and chosen[i - 1][1] > c[0]:
-            continue
-        if i < len(chosen) and chosen[i][0] < c[1]:
-            continue
-        starts.insert(i, c[0])
-        chosen.insert(i, c)
-    return chosen
+    """Non-overlapping subset, sorted: longest first, ties to the more specific kind.
+
+    Greedy per cluster of mutually overlapping candidates (a connected component), which is the
+    same as greedy over everything but linear in the number of candidates.
+    """
+    cands.sort()
+    out: list[tuple[int, int, str]] = []
+    i = 0
+    while i < len(cands):
+        j, end = i + 1, cands[i][1]
+        while j < len(cands) and cands[j][0] < end:
+            end = max(end, cands[j][1])
+            j += 1
+        if j == i + 1:
+            out.append(cands[i])
+        else:
+            chosen: list[tuple[int, int, str]] = []
+            for c in sorted(cands[i:j], key=lambda c: (c[0] - c[1], _RANK[c[2]], c[0])):
+                if all(c[1] <= d[0] or d[1] <= c[0] for d in chosen):
+                    chosen.append(c)
+            out += sorted(chosen)
+        i = j
+    return out
 
 
 def _find_span(text: str, pos: int, endpos: int, kinds: frozenset[str]) -> list[Finding]:

@@ -107,9 +107,13 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if exc.status_code == 404:
-        err: HerdError = NotFound(f"no route {request.method} {request.url.path[:200]}; see /v1 (OpenAI) and /api (Ollama)")
+        err: HerdError = NotFound(
+            f"no route {request.method} {request.url.path[:200]}; see /v1 (OpenAI) and /api (Ollama)"
+        )
     elif exc.status_code == 405:
-        err = InvalidRequest(f"method {request.method} is not allowed on {request.url.path[:200]}", code="method_not_allowed")
+        err = InvalidRequest(
+            f"method {request.method} is not allowed on {request.url.path[:200]}", code="method_not_allowed"
+        )
         err.status = 405
     else:
         err = HerdError(str(exc.detail)[:200])
@@ -219,11 +223,19 @@ class HostOriginMiddleware:
         if scope["type"] == "http":
             host = _header(scope, b"host")
             if not self.host_ok(host):
-                await send_error(scope, send, Forbidden(f"host {(host or '')[:100]!r} is not allowed; add it to HERD_ORIGINS"))
+                await send_error(
+                    scope,
+                    send,
+                    Forbidden(f"host {(host or '')[:100]!r} is not allowed; add it to HERD_ORIGINS"),
+                )
                 return
             origin = _header(scope, b"origin")
             if not self.origin_ok(origin):
-                await send_error(scope, send, Forbidden(f"origin {(origin or '')[:100]!r} is not allowed; add it to HERD_ORIGINS"))
+                await send_error(
+                    scope,
+                    send,
+                    Forbidden(f"origin {(origin or '')[:100]!r} is not allowed; add it to HERD_ORIGINS"),
+                )
                 return
         await self.app(scope, receive, send)
 
@@ -254,7 +266,9 @@ class AuthMiddleware:
             return
         auth = _header(scope, b"authorization")
         if not auth:
-            await send_error(scope, send, AuthError("missing API key: send the header 'Authorization: Bearer KEY'"))
+            await send_error(
+                scope, send, AuthError("missing API key: send the header 'Authorization: Bearer KEY'")
+            )
             return
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not self.valid(token.strip()):
@@ -278,14 +292,19 @@ class SizeLimitMiddleware:
         self.max_headers = max_headers
 
     def too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body is larger than the limit of {self.max_body} bytes (HERD_MAX_BODY)")
+        return PayloadTooLarge(
+            f"request body is larger than the limit of {self.max_body} bytes (HERD_MAX_BODY)"
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         if sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ())) > self.max_headers:
-            err = PayloadTooLarge(f"request headers are larger than the limit of {self.max_headers} bytes", code="headers_too_large")
+            err = PayloadTooLarge(
+                f"request headers are larger than the limit of {self.max_headers} bytes",
+                code="headers_too_large",
+            )
             err.status = 431
             await send_error(scope, send, err)
             return
@@ -413,4 +432,3 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(CatchAllMiddleware)
     return app
-

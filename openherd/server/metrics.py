@@ -89,7 +89,9 @@ class Histogram:
         return lines
 
 
-def render_gauge(name: str, help: str, labelnames: tuple[str, ...], values: dict[tuple[str, ...], float]) -> list[str]:
+def render_gauge(
+    name: str, help: str, labelnames: tuple[str, ...], values: dict[tuple[str, ...], float]
+) -> list[str]:
     lines = [f"# HELP {name} {help}", f"# TYPE {name} gauge"]
     for lv, v in sorted(values.items()):
         lines.append(f"{name}{_labels(labelnames, lv)} {_num(v)}")
@@ -99,12 +101,19 @@ def render_gauge(name: str, help: str, labelnames: tuple[str, ...], values: dict
 class Metrics:
     def __init__(self):
         self.requests = Counter(
-            "herd_http_requests_total", "HTTP requests by route, method and status.", ("route", "method", "status")
+            "herd_http_requests_total",
+            "HTTP requests by route, method and status.",
+            ("route", "method", "status"),
         )
         self.request_duration = Histogram(
-            "herd_http_request_duration_seconds", "Time to the end of the response, by route.", DURATION_BUCKETS, ("route",)
+            "herd_http_request_duration_seconds",
+            "Time to the end of the response, by route.",
+            DURATION_BUCKETS,
+            ("route",),
         )
-        self.prompt_tokens = Counter("herd_prompt_tokens_total", "Prompt tokens of finished sequences.", ("model",))
+        self.prompt_tokens = Counter(
+            "herd_prompt_tokens_total", "Prompt tokens of finished sequences.", ("model",)
+        )
         self.completion_tokens = Counter("herd_completion_tokens_total", "Generated tokens.", ("model",))
         self.cached_tokens = Counter(
             "herd_cached_prompt_tokens_total", "Prompt tokens served from the prefix cache.", ("model",)
@@ -113,10 +122,16 @@ class Metrics:
             "herd_sequences_total", "Finished sequences by finish reason.", ("model", "finish_reason")
         )
         self.ttft = Histogram(
-            "herd_time_to_first_token_seconds", "Request arrival to first streamed token.", TTFT_BUCKETS, ("model",)
+            "herd_time_to_first_token_seconds",
+            "Request arrival to first streamed token.",
+            TTFT_BUCKETS,
+            ("model",),
         )
         self.itl = Histogram(
-            "herd_inter_token_latency_seconds", "Gap between consecutive tokens of one sequence.", ITL_BUCKETS, ("model",)
+            "herd_inter_token_latency_seconds",
+            "Gap between consecutive tokens of one sequence.",
+            ITL_BUCKETS,
+            ("model",),
         )
 
     def render(self, engine_stats: dict[str, object]) -> str:
@@ -124,9 +139,13 @@ class Metrics:
         queue = {(m,): float(getattr(s, "queue_depth", 0)) for m, s in engine_stats.items()}
         active = {(m,): float(getattr(s, "active", 0)) for m, s in engine_stats.items()}
         lines: list[str] = []
-        lines += render_gauge("herd_models_loaded", "Models loaded in memory.", (), {(): float(len(engine_stats))})
+        lines += render_gauge(
+            "herd_models_loaded", "Models loaded in memory.", (), {(): float(len(engine_stats))}
+        )
         lines += render_gauge("herd_queue_depth", "Requests waiting for a sequence slot.", ("model",), queue)
-        lines += render_gauge("herd_active_sequences", "Sequences being prefilled or decoded.", ("model",), active)
+        lines += render_gauge(
+            "herd_active_sequences", "Sequences being prefilled or decoded.", ("model",), active
+        )
         lines += render_gauge(
             "herd_queue_depth_total", "Requests waiting, all models.", (), {(): sum(queue.values())}
         )

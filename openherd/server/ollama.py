@@ -149,7 +149,9 @@ def _done_reason(fin: FinishEvent) -> str:
     return "length" if fin.reason == "length" else "stop"
 
 
-async def _load_only(state: ServerState, model: str, keep_alive: float | None, t0: float, key: str, empty) -> dict:
+async def _load_only(
+    state: ServerState, model: str, keep_alive: float | None, t0: float, key: str, empty
+) -> dict:
     """A request with nothing to generate loads (or, with keep_alive 0, unloads) the model."""
     validate_name(model)
     if keep_alive == 0:
@@ -213,7 +215,9 @@ async def chat(request: Request) -> Response:
     keep_alive = p.parse_keep_alive(req.keep_alive)
     if not req.messages:
         return JSONResponse(
-            await _load_only(state, req.model, keep_alive, t0, "message", {"role": "assistant", "content": ""})
+            await _load_only(
+                state, req.model, keep_alive, t0, "message", {"role": "assistant", "content": ""}
+            )
         )
     opts = req.options or p.OllamaOptions()
     engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
@@ -250,10 +254,19 @@ async def chat(request: Request) -> Response:
                     calls += k
                 fin = ev
         raise_for_finish(fin)
-        message: dict = {"role": "assistant", "content": "".join(content).strip() if calls else "".join(content)}
+        message: dict = {
+            "role": "assistant",
+            "content": "".join(content).strip() if calls else "".join(content),
+        }
         if calls:
             message["tool_calls"] = _ollama_calls(calls)
-        out = {"model": req.model, "created_at": now_iso(), "message": message, "done_reason": _done_reason(fin), "done": True}
+        out = {
+            "model": req.model,
+            "created_at": now_iso(),
+            "message": message,
+            "done_reason": _done_reason(fin),
+            "done": True,
+        }
         if req.logprobs:
             out["logprobs"] = lps
         return {**out, **_stats(t0, load_s, fin)}
@@ -261,7 +274,9 @@ async def chat(request: Request) -> Response:
     return JSONResponse(await run_unless_disconnected(request, collect()))
 
 
-async def _chat_stream(gen: Generation, req: p.OllamaChatRequest, parser, t0: float, load_s: float) -> AsyncIterator[str]:
+async def _chat_stream(
+    gen: Generation, req: p.OllamaChatRequest, parser, t0: float, load_s: float
+) -> AsyncIterator[str]:
     def line(content: str, calls: list[ParsedCall] | None = None, lps: list | None = None) -> str:
         message: dict = {"role": "assistant", "content": content}
         if calls:
@@ -323,7 +338,9 @@ async def generate(request: Request) -> Response:
         if req.raw:
             toks = engine.tokenize(text, add_special=not context, parse_special=True) if text else []
         else:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": text}]
+            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+                {"role": "user", "content": text}
+            ]
             toks = engine.encode_chat(messages)
             if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
                 toks = toks[1:]  # the context already starts the sequence
@@ -354,7 +371,9 @@ async def generate(request: Request) -> Response:
     return JSONResponse(await run_unless_disconnected(request, collect()))
 
 
-async def _generate_stream(gen: Generation, req: p.OllamaGenerateRequest, prompt: list[int], t0: float, load_s: float) -> AsyncIterator[str]:
+async def _generate_stream(
+    gen: Generation, req: p.OllamaGenerateRequest, prompt: list[int], t0: float, load_s: float
+) -> AsyncIterator[str]:
     tokens: list[int] = []
     try:
         async for _, ev in gen.events():
@@ -420,7 +439,14 @@ def _modified(m) -> str:
 async def tags(request: Request) -> Response:
     manifests = await run_in_threadpool(_state(request).store.list)
     models = [
-        {"name": m.name, "model": m.name, "modified_at": _modified(m), "size": m.size, "digest": m.sha256, "details": _details(m)}
+        {
+            "name": m.name,
+            "model": m.name,
+            "modified_at": _modified(m),
+            "size": m.size,
+            "digest": m.sha256,
+            "details": _details(m),
+        }
         for m in manifests
     ]
     return JSONResponse({"models": models})
@@ -508,7 +534,9 @@ def _pullable(state: ServerState, name: str) -> str:
     key = name[: -len(":latest")] if name.endswith(":latest") else name
     if key not in state.store.catalog:
         known = ", ".join(sorted(state.store.catalog)) or "none"
-        raise ModelNotFound(name, f"model '{name}' is not in the catalog (known: {known}); or pull hf:OWNER/REPO/FILE.gguf")
+        raise ModelNotFound(
+            name, f"model '{name}' is not in the catalog (known: {known}); or pull hf:OWNER/REPO/FILE.gguf"
+        )
     return key
 
 
@@ -609,7 +637,9 @@ async def embed(request: Request) -> Response:
     state = _state(request)
     req = p.parse_request(p.OllamaEmbedRequest, await request.body())
     opts = req.options or p.OllamaOptions()
-    engine, load_s = await state.engine(req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx)
+    engine, load_s = await state.engine(
+        req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx
+    )
     if req.dimensions is not None and req.dimensions != engine.info.n_embd:
         raise InvalidRequest(
             f"this model's embeddings have {engine.info.n_embd} dimensions; 'dimensions' cannot change that",
@@ -633,7 +663,9 @@ async def embeddings(request: Request) -> Response:
     state = _state(request)
     req = p.parse_request(p.OllamaEmbeddingsRequest, await request.body())
     opts = req.options or p.OllamaOptions()
-    engine, _ = await state.engine(req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx)
+    engine, _ = await state.engine(
+        req.model, keep_alive=p.parse_keep_alive(req.keep_alive), num_ctx=opts.num_ctx
+    )
     if not req.prompt:
         return JSONResponse({"embedding": []})
     vectors, _ = await run_in_threadpool(_embed, engine, [req.prompt], True)
@@ -655,4 +687,3 @@ async def version() -> Response:
 async def root() -> Response:
     # Ollama answers "Ollama is running"; health checks written for it probe "/".
     return Response("openherd is running", media_type="text/plain")
-

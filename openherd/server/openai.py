@@ -43,7 +43,14 @@ from .serving import (
     seeds,
     start_generation,
 )
-from .tools import ParsedCall, ToolCallParser, ToolFormat, detect_format, forced_call_grammar, prepare_messages
+from .tools import (
+    ParsedCall,
+    ToolCallParser,
+    ToolFormat,
+    detect_format,
+    forced_call_grammar,
+    prepare_messages,
+)
 
 router = APIRouter()
 
@@ -86,8 +93,10 @@ async def retrieve_model(model_id: str, request: Request) -> Response:
     state = _state(request)
     if not is_valid_name(model_id):
         raise ModelNotFound(model_id, f"model '{model_id[:80]}' not found")
-    manifest = await run_in_threadpool(state.store.resolve, model_id)
-    return json_response(p.ModelCard(id=manifest.name or model_id, created=_created(manifest)))
+    manifest = await run_in_threadpool(state.store.get, model_id)
+    if manifest is None:
+        raise ModelNotFound(model_id)
+    return json_response(p.ModelCard(id=manifest.name, created=_created(manifest)))
 
 
 # ============================================================================
@@ -104,7 +113,9 @@ def _grammar(fmt: p.ResponseFormat | None) -> GrammarSpec | None:
     return GrammarSpec("json_schema", schema if schema is not None else {"type": "object"})
 
 
-def sampling_params(req, engine, max_tokens: int | None, grammar: GrammarSpec | None, logprobs: int | None, seed) -> SamplingParams:
+def sampling_params(
+    req, engine, max_tokens: int | None, grammar: GrammarSpec | None, logprobs: int | None, seed
+) -> SamplingParams:
     """OpenAI fields -> SamplingParams. OpenAI's samplers are temperature and top_p
     only, so top_k and min_p are off unless the request sets the extensions."""
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -189,7 +200,11 @@ def _message_dict(m: p.ChatMessage) -> dict:
         d["name"] = m.name
     if m.tool_calls:
         d["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}}
+            {
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.function.name, "arguments": c.function.arguments},
+            }
             for c in m.tool_calls
         ]
         if m.content is None:
@@ -226,12 +241,18 @@ async def chat_completions(request: Request) -> Response:
     n = req.n or 1
     grammar = plan.grammar or _grammar(req.response_format)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = [sampling_params(req, engine, req.completion_limit, grammar, logprobs, s) for s in seeds(req.seed, n)]
+    params = [
+        sampling_params(req, engine, req.completion_limit, grammar, logprobs, s) for s in seeds(req.seed, n)
+    ]
     rid = request_id("chatcmpl")
     gen = await start_generation(state, engine, req.model, [(prompt, sp) for sp in params], t0, rid)
     created = int(time.time())
     if req.stream:
-        return EventStream(_chat_stream(gen, req, plan, rid, created, len(prompt)), media_type="text/event-stream", headers=SSE_HEADERS)
+        return EventStream(
+            _chat_stream(gen, req, plan, rid, created, len(prompt)),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
+        )
     results: list[ChoiceResult] = await run_unless_disconnected(request, gen.collect())
     choices = []
     for i, r in enumerate(results):
@@ -246,13 +267,19 @@ async def chat_completions(request: Request) -> Response:
         message = p.ResponseMessage(
             content=content if (content or not calls) else None,
             tool_calls=[
-                p.ResponseToolCall(id=c.id, function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments_json))
+                p.ResponseToolCall(
+                    id=c.id, function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments_json)
+                )
                 for c in calls
             ]
             or None,
         )
         lp = p.ChoiceLogprobs(content=[_logprob_entry(ev) for ev in r.events]) if req.logprobs else None
-        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=_finish_reason(r.finish, len(calls))))
+        choices.append(
+            p.ChatChoice(
+                index=i, message=message, logprobs=lp, finish_reason=_finish_reason(r.finish, len(calls))
+            )
+        )
     body = p.ChatCompletion(
         id=rid,
         choices=choices,
@@ -275,7 +302,9 @@ async def _chat_stream(
     exclude = None if include_usage else {"usage"}
 
     def chunk(choices: list[p.ChunkChoice]) -> str:
-        c = p.ChatCompletionChunk(id=rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT)
+        c = p.ChatCompletionChunk(
+            id=rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT
+        )
         return _sse(c.model_dump_json(exclude=exclude))
 
     def tool_deltas(calls: list[ParsedCall], first_index: int) -> list[p.DeltaToolCall]:
@@ -309,7 +338,10 @@ async def _chat_stream(
             if isinstance(ev, TokenEvent):
                 lp = p.ChoiceLogprobs(content=[_logprob_entry(ev)]) if req.logprobs else None
                 if content or calls or lp is not None:
-                    delta = p.Delta(content=content if (content or not calls) else None, tool_calls=tool_deltas(calls, n_calls[i]) or None)
+                    delta = p.Delta(
+                        content=content if (content or not calls) else None,
+                        tool_calls=tool_deltas(calls, n_calls[i]) or None,
+                    )
                     yield chunk([p.ChunkChoice(index=i, delta=delta, logprobs=lp)])
                 n_calls[i] += len(calls)
                 continue
@@ -319,10 +351,16 @@ async def _chat_stream(
                 yield chunk([p.ChunkChoice(index=i, delta=delta)])
             n_calls[i] += len(calls)
             finishes.append(ev)
-            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))])
+            yield chunk(
+                [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))]
+            )
         if include_usage:
             c = p.ChatCompletionChunk(
-                id=rid, choices=[], created=created, model=req.model, system_fingerprint=FINGERPRINT,
+                id=rid,
+                choices=[],
+                created=created,
+                model=req.model,
+                system_fingerprint=FINGERPRINT,
                 usage=_usage(prompt_tokens, finishes),
             )
             yield _sse(c.model_dump_json())
@@ -384,7 +422,9 @@ async def completions(request: Request) -> Response:
     prompt_tokens = sum(len(toks) for toks, _ in prompts)
     if req.stream:
         return EventStream(
-            _completion_stream(gen, req, rid, created, echoes, prompt_tokens), media_type="text/event-stream", headers=SSE_HEADERS
+            _completion_stream(gen, req, rid, created, echoes, prompt_tokens),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
     results: list[ChoiceResult] = await run_unless_disconnected(request, gen.collect())
     choices = []
@@ -392,13 +432,27 @@ async def completions(request: Request) -> Response:
         lp = _completion_logprobs(r.events, len(echoes[i])) if req.logprobs is not None else None
         choices.append(
             p.CompletionChoice(
-                index=i, text=echoes[i] + r.text, logprobs=lp, finish_reason="length" if r.finish.reason == "length" else "stop"
+                index=i,
+                text=echoes[i] + r.text,
+                logprobs=lp,
+                finish_reason="length" if r.finish.reason == "length" else "stop",
             )
         )
     usage = _usage(prompt_tokens, [r.finish for r in results])
     # The shared-prompt min() of chat does not apply across different prompts.
-    usage.prompt_tokens_details = p.PromptTokensDetails(cached_tokens=sum(r.finish.usage.cached_tokens for r in results[::n]))
-    return json_response(p.Completion(id=rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage))
+    usage.prompt_tokens_details = p.PromptTokensDetails(
+        cached_tokens=sum(r.finish.usage.cached_tokens for r in results[::n])
+    )
+    return json_response(
+        p.Completion(
+            id=rid,
+            choices=choices,
+            created=created,
+            model=req.model,
+            system_fingerprint=FINGERPRINT,
+            usage=usage,
+        )
+    )
 
 
 async def _completion_stream(
@@ -436,9 +490,18 @@ async def _completion_stream(
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion,
                 total_tokens=prompt_tokens + completion,
-                prompt_tokens_details=p.PromptTokensDetails(cached_tokens=min((f.usage.cached_tokens for f in finishes), default=0)),
+                prompt_tokens_details=p.PromptTokensDetails(
+                    cached_tokens=min((f.usage.cached_tokens for f in finishes), default=0)
+                ),
             )
-            c = p.Completion(id=rid, choices=[], created=created, model=req.model, system_fingerprint=FINGERPRINT, usage=usage)
+            c = p.Completion(
+                id=rid,
+                choices=[],
+                created=created,
+                model=req.model,
+                system_fingerprint=FINGERPRINT,
+                usage=usage,
+            )
             yield _sse(c.model_dump_json())
         yield "data: [DONE]\n\n"
     except Exception as e:

@@ -146,7 +146,9 @@ class ContentPart(_Request):
     @model_validator(mode="after")
     def _text_only(self):
         if self.type not in ("text", "refusal", "input_text"):
-            raise ValueError(f"content parts of type {self.type!r} are not supported; this server takes text only")
+            raise ValueError(
+                f"content parts of type {self.type!r} are not supported; this server takes text only"
+            )
         if self.text is None:
             raise ValueError("a text part needs 'text'")
         return self
@@ -269,7 +271,9 @@ class ChatCompletionRequest(_Request):
     @classmethod
     def _reject_legacy_functions(cls, data):
         if isinstance(data, dict) and (data.get("functions") or data.get("function_call")):
-            raise InvalidRequest("'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'", param="functions")
+            raise InvalidRequest(
+                "'functions'/'function_call' are deprecated; use 'tools' and 'tool_choice'", param="functions"
+            )
         return data
 
     @model_validator(mode="after")
@@ -283,7 +287,8 @@ class ChatCompletionRequest(_Request):
             names = {t.function.name for t in self.tools or []}
             if self.tool_choice.function.name not in names:
                 raise InvalidRequest(
-                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'", param="tool_choice"
+                    f"tool_choice names function {self.tool_choice.function.name!r}, which is not in 'tools'",
+                    param="tool_choice",
                 )
         if self.tools:
             names = [t.function.name for t in self.tools]
@@ -291,7 +296,9 @@ class ChatCompletionRequest(_Request):
                 raise InvalidRequest("tool function names must be unique", param="tools")
         forced = self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
         if forced and self.response_format is not None and self.response_format.type != "text":
-            raise InvalidRequest("response_format cannot be combined with a forced tool_choice", param="response_format")
+            raise InvalidRequest(
+                "response_format cannot be combined with a forced tool_choice", param="response_format"
+            )
         return self
 
     @property
@@ -605,7 +612,9 @@ class OllamaOptions(_Request):
     because the server, not the request, owns the hardware."""
 
     num_ctx: int | None = Field(default=None, ge=1, le=2**24)
-    num_predict: int | None = Field(default=None, ge=-2, le=2**31 - 1)  # -1 = unbounded, -2 = fill the context
+    num_predict: int | None = Field(
+        default=None, ge=-2, le=2**31 - 1
+    )  # -1 = unbounded, -2 = fill the context
     temperature: float | None = Field(default=None, ge=0.0, le=100.0)
     top_k: int | None = Field(default=None, ge=0, le=1_000_000)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -660,7 +669,8 @@ class OllamaGenerateRequest(_OllamaBase):
             raise InvalidRequest("'suffix' (fill-in-the-middle) is not supported", param="suffix")
         if self.template:
             raise InvalidRequest(
-                "per-request 'template' overrides are not supported; the model's own template is used", param="template"
+                "per-request 'template' overrides are not supported; the model's own template is used",
+                param="template",
             )
         return self
 
@@ -793,5 +803,7 @@ def parse_keep_alive(v: Any) -> float | None:
             secs += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if pos != len(s) or not s:
-            raise ValueError(f"keep_alive {v!r} is not a duration; use e.g. '5m', '1h', '30s', 0 or -1") from None
+            raise ValueError(
+                f"keep_alive {v!r} is not a duration; use e.g. '5m', '1h', '30s', 0 or -1"
+            ) from None
     return KEEP_FOREVER if (sign < 0 and secs > 0) or secs > _KEEP_MAX else secs

@@ -30,7 +30,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from ..errors import HerdError, Unavailable
+from ..errors import HerdError, ModelNotFound, Unavailable
 from ..settings import Settings
 from ..store.manifest import validate_name
 from .metrics import Metrics
@@ -65,11 +65,17 @@ class ServerState:
         return self._store
 
     async def engine(self, name: str, keep_alive: float | None = None, num_ctx: int | None = None):
-        """The loaded engine for a *store name* (validated: never a path) and the
-        seconds spent loading it (0 when it was already loaded)."""
+        """The loaded engine for a registered *store name* and the seconds spent
+        loading it (0 when it was already loaded).
+
+        Only names in the store are served: never a path, and never a name that
+        merely happens to be a file in the server's working directory (the store's
+        resolve() accepts those, for the CLI)."""
         validate_name(name)
         t0 = time.perf_counter()
         already = self.manager.get_loaded(name) is not None
+        if not already and await run_in_threadpool(self.store.get, name) is None:
+            raise ModelNotFound(name)
         engine = await self.manager.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
         return engine, (0.0 if already else time.perf_counter() - t0)
 
@@ -94,7 +100,9 @@ def check_token_ids(engine, tokens: list[int], param: str) -> None:
     n_vocab = engine.info.n_vocab
     for t in tokens:
         if not 0 <= t < n_vocab:
-            raise InvalidRequest(f"token id {t} is outside this model's vocabulary (0..{n_vocab - 1})", param=param)
+            raise InvalidRequest(
+                f"token id {t} is outside this model's vocabulary (0..{n_vocab - 1})", param=param
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -219,7 +227,9 @@ async def start_generation(
 
     def submit_all() -> None:
         for i, (prompt, params) in enumerate(jobs):
-            handles.append(engine.submit(GenerationRequest(prompt=prompt, params=params, request_id=f"{rid}/{i}")))
+            handles.append(
+                engine.submit(GenerationRequest(prompt=prompt, params=params, request_id=f"{rid}/{i}"))
+            )
 
     try:
         if any(p.grammar is not None for _, p in jobs):

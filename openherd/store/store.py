@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,9 @@ from .manifest import (
 from .sources import QUANTS, HFDirSource, default_name, fetch, looks_like_path, parse_source
 
 log = logging.getLogger("openherd.store")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_BLOB_NAME = re.compile(r"sha256-([0-9a-f]{64})")
 
 
 def manifest_from_gguf(
@@ -109,7 +113,10 @@ class Store:
                 f"the manifest of '{stored_name}' names another model ('{manifest.name}'); "
                 f"remove it with `herd rm {stored_name}`"
             )
-        manifest.path = str(self.blobs.path(manifest.sha256))  # the store may have moved with HERD_HOME
+        # Blob paths are derived, not trusted: the store may have moved with HERD_HOME.
+        manifest.path = str(self.blobs.path(manifest.sha256))
+        if manifest.adapter and (digest := _blob_digest(manifest.adapter)):
+            manifest.adapter = str(self.blobs.path(digest))
         return manifest
 
     def exists(self, name: str) -> bool:
@@ -135,6 +142,11 @@ class Store:
                     raise StoreError(
                         f"model '{text}' is registered but its file sha256-{manifest.short_id} is missing; "
                         f"pull it again or remove it with `herd rm {text}`"
+                    )
+                if manifest.adapter and not Path(manifest.adapter).is_file():
+                    raise StoreError(
+                        f"model '{text}' is registered but its adapter file is missing; "
+                        f"remove it with `herd rm {text}` and tune or import it again"
                     )
                 return manifest
         if looks_like_path(text) or not is_valid_name(text):
@@ -281,7 +293,7 @@ class Store:
         path = self.manifest_path(manifest.name)
         old_refs = (_raw_refs(path) or set()) if path.is_file() else set()
         atomic_write_text(path, manifest.to_json())
-        self._collect(old_refs - _manifest_refs(manifest, self.blobs))
+        self._collect(old_refs - _manifest_refs(manifest))
 
     def _collect(self, candidates: set[str]) -> None:
         """Delete candidate blobs that no remaining manifest references (caller holds the lock)."""
@@ -311,19 +323,25 @@ def _raw_refs(path: Path) -> set[str] | None:
         return None
     refs: set[str] = set()
     sha = data.get("sha256")
-    if isinstance(sha, str) and len(sha) == 64:
+    if isinstance(sha, str) and _HEX64.fullmatch(sha):
         refs.add(sha)
     adapter = data.get("adapter")
-    if isinstance(adapter, str) and Path(adapter).name.startswith("sha256-"):
-        refs.add(Path(adapter).name[len("sha256-") :])
+    if isinstance(adapter, str) and (digest := _blob_digest(adapter)):
+        refs.add(digest)
     return refs
 
 
-def _manifest_refs(manifest: Manifest, blobs: BlobStore) -> set[str]:
+def _manifest_refs(manifest: Manifest) -> set[str]:
     refs = {manifest.sha256} if manifest.sha256 else set()
-    if manifest.adapter and Path(manifest.adapter).name.startswith("sha256-"):
-        refs.add(Path(manifest.adapter).name[len("sha256-") :])
+    if manifest.adapter and (digest := _blob_digest(manifest.adapter)):
+        refs.add(digest)
     return refs
+
+
+def _blob_digest(path: str) -> str | None:
+    """The hex digest if `path` names a blob (".../sha256-<hex>"), else None."""
+    m = _BLOB_NAME.fullmatch(Path(path).name)
+    return m[1] if m else None
 
 
 def _emit(progress: ProgressFn | None, event: Progress) -> None:

@@ -710,3 +710,85 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "") -> Non
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+# --------------------------------------------------------------------------- finish: adapter -> store
+
+
+def finish(run: Run) -> Any:
+    """Write the adapter GGUF next to the run and register cfg.out = base + adapter in the store."""
+    from .export import write_adapter_gguf
+
+    adapter = write_adapter_gguf(run.model, run.cfg.lora, run.run_dir / "adapter.gguf", name=run.cfg.out)
+    details = {
+        "lora": {"rank": run.cfg.rank, "alpha": run.cfg.alpha, "dropout": run.cfg.dropout,
+                 "targets": list(run.cfg.targets)},
+        "training": {"steps": run.state.step, "tokens": run.state.tokens, "seq_len": run.meta["seq_len"],
+                     "train_loss": run.state.last("loss"), "eval_loss": run.state.last("eval_loss"),
+                     "data_sha256": run.data_sha256, "seed": run.cfg.seed, "run_dir": str(run.run_dir)},
+    }  # fmt: skip
+    return register_tuned(run.cfg.out, run.cfg.base, run.base_path, adapter, details)
+
+
+def register_tuned(name: str, base: str, base_path: Path, adapter: Path, details: dict[str, Any]) -> Any:
+    """Register `name` as base GGUF + adapter GGUF (both as store blobs) and return its Manifest.
+
+    A base given as a .gguf path is copied into the store so the tuned model does not
+    depend on a file elsewhere; a Hugging Face directory is converted to GGUF (f16),
+    because llama.cpp serves the result.
+    """
+    from ..store import Manifest, Store
+    from ..store.manifest import utcnow
+    from ..store.store import manifest_from_gguf
+
+    store = Store()
+    if base_path.is_dir():
+        from ..store.convert import convert_hf_dir
+
+        with store.blobs.tempdir() as tmp:
+            convert_hf_dir(base_path, tmp / "base.gguf", quant="f16")
+            blob = store.add_blob(tmp / "base.gguf")
+        base_m = manifest_from_gguf(blob.path, name="", source=f"hf-dir:{base_path}", sha256=blob.sha256)
+    else:
+        base_m = store.resolve(base)
+        if not base_m.registered:
+            blob = store.add_blob(base_m.path)
+            base_m.sha256, base_m.path = blob.sha256, str(blob.path)
+    ad_blob = store.add_blob(adapter)
+    manifest = Manifest(
+        name=name,
+        source=f"tune:{base}",
+        sha256=base_m.sha256,
+        size=base_m.size,
+        path=base_m.path,
+        architecture=base_m.architecture,
+        parameters=base_m.parameters,
+        quantization=base_m.quantization,
+        context_length=base_m.context_length,
+        chat_template=base_m.chat_template,
+        created_at=utcnow(),
+        base=base,
+        adapter=str(ad_blob.path),
+        details={**base_m.details, "base_source": base_m.source, "adapter_sha256": ad_blob.sha256,
+                 "adapter_size": ad_blob.size, **details},  # fmt: skip
+    )
+    return store.register(manifest)
+
+
+def tune(cfg: TuneConfig) -> tuple[Run, Any]:
+    """setup -> fit -> finish: what `herd tune` runs. Returns the run and the new Manifest."""
+    from ..store.manifest import validate_name
+
+    validate_name(cfg.out)  # before hours of training, not after
+    if cfg.out == cfg.base:
+        raise InvalidRequest(f"--out {cfg.out} would replace the base model; choose a new name", param="out")
+    if Path(cfg.base).expanduser().is_dir():
+        from ..store.convert import read_hf_config
+
+        read_hf_config(Path(cfg.base).expanduser())  # it is converted to GGUF at the end: fail now, not then
+    run = setup(cfg)
+    try:
+        fit(run)
+        return run, finish(run)
+    finally:
+        run.close()

@@ -1,0 +1,177 @@
+"""`herd tune`, `herd export`, `herd distill`: customise a model and take it anywhere.
+
+torch, matplotlib and the tune package are imported inside the handlers, so
+`herd --help` never pays for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub) -> None:
+    t = sub.add_parser(
+        "tune",
+        help="LoRA fine-tune a model on your data (needs the `tune` extra: torch)",
+        description="LoRA supervised fine-tuning. BASE is a store name, a .gguf file or a Hugging Face "
+        "directory; DATA is JSONL with {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...} per line. "
+        "The loss covers assistant tokens only, rendered with BASE's own chat template. The result is "
+        "registered as NAME (BASE + adapter): `herd run NAME`, `herd serve` and `herd export NAME` use it. "
+        "Checkpoints, loss.png and history.json go to $HERD_HOME/runs/NAME.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument("base", metavar="BASE", help="base model: store name, .gguf path or Hugging Face directory")
+    t.add_argument("--data", required=True, metavar="FILE.jsonl", help="training data (chat or prompt/completion JSONL)")
+    t.add_argument("--out", required=True, metavar="NAME", help="store name for the tuned model")
+    g = t.add_argument_group("LoRA")
+    g.add_argument("--rank", type=int, default=8, help="rank r of the update")
+    g.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
+    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    o = t.add_argument_group("training")
+    o.add_argument("--epochs", type=float, default=3.0, help="passes over the data (unless --max-steps)")
+    o.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0 = decided by --epochs")
+    o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to lr/10)")
+    o.add_argument("--warmup", type=int, default=-1, help="linear warmup steps; -1 = 5%% of the run")
+    o.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
+    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    o.add_argument("--seq-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
+    o.add_argument("--pack", action="store_true", help="pack several examples per row (isolated attention)")
+    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
+    o.add_argument("--eval-split", type=float, default=0.1, help="fraction of examples held out for validation")
+    o.add_argument("--eval-every", type=int, default=0, help="steps between validations; 0 = at checkpoints")
+    o.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
+    o.add_argument("--seed", type=int, default=1337, help="same seed, data and flags = same adapter")
+    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    r = t.add_argument_group("run directory")
+    r.add_argument("--run-dir", default=None, help="where checkpoints go (default $HERD_HOME/runs/NAME)")
+    r.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="discard an earlier run's checkpoints")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.set_defaults(func=cmd_tune)
+
+    e = sub.add_parser(
+        "export",
+        help="export a model as merged GGUF, merged safetensors or a PEFT adapter",
+        description="Write NAME (a tuned model: base + adapter, or any store model) in an open format: "
+        "gguf = a standalone merged file for llama.cpp; safetensors = a merged Hugging Face directory "
+        "for transformers; peft = adapter_config.json + adapter_model.safetensors for peft.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    e.add_argument("model", metavar="NAME", help="store name (or .gguf path)")
+    e.add_argument("--format", required=True, choices=("gguf", "safetensors", "peft"), help="output format")
+    e.add_argument("--out", required=True, metavar="PATH", help="output file (gguf) or directory")
+    e.add_argument("--quant", choices=("f16", "q8_0", "q4_0", "f32"), default="f16", help="gguf weight type")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="safetensors weight type")  # fmt: skip
+    e.add_argument("--base-model-id", default=None,
+                   help="peft: base_model_name_or_path to record (default: the base's HF directory or name)")  # fmt: skip
+    e.set_defaults(func=cmd_export)
+
+    d = sub.add_parser(
+        "distill",
+        help="generate training data from a teacher model or OpenAI-compatible API",
+        description="Ask a teacher for answers to PROMPTS and append them to OUT as chat JSONL that "
+        "`herd tune --data` reads. The teacher is an OpenAI-compatible base URL (http://host:port/v1) or a "
+        "local store model. Rerun the same command to resume; duplicate prompts and answers are dropped.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--teacher", required=True, metavar="MODEL_OR_URL", help="store model name or API base URL")
+    d.add_argument("--prompts", required=True, metavar="FILE", help=".txt (one per line) or .jsonl prompts")
+    d.add_argument("--out", required=True, metavar="FILE.jsonl", help="output (appended to; resumable)")
+    d.add_argument("--model", default=None, help="model id at the endpoint (default: the first it lists)")
+    d.add_argument("--system", default=None, help="system prompt for every request")
+    d.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    d.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    d.add_argument("--max-tokens", type=int, default=512, help="answer length limit")
+    d.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    d.add_argument("--seed", type=int, default=None, help="sampling seed")
+    d.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the endpoint's API key")  # fmt: skip
+    d.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    d.add_argument("--keep-truncated", action="store_true", help="keep answers cut off by --max-tokens")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=cmd_distill)
+
+
+def _log_to_stderr() -> None:
+    """Warnings from the tune package (truncated examples, ...) as `herd: warning: ...` lines."""
+    import logging
+
+    logger = logging.getLogger("openherd.tune")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("herd: %(levelname)s: %(message)s"))
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _torch_threads() -> None:
+    from ..settings import get_settings
+
+    threads = get_settings().threads
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_tune(args) -> int:
+    _log_to_stderr()
+    _torch_threads()
+    from ..tune.sft import TuneConfig, tune
+
+    cfg = TuneConfig(
+        base=args.base, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seq_len=args.seq_len, pack=args.pack, weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip, eval_split=args.eval_split, eval_every=args.eval_every,
+        save_every=args.save_every, seed=args.seed, device=args.device, run_dir=args.run_dir,
+        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+    )  # fmt: skip
+    run, manifest = tune(cfg)
+    st = run.state
+    eval_loss = st.last("eval_loss")
+    tok_s = st.tokens / st.train_seconds if st.train_seconds else 0.0
+    print(
+        f"tuned {manifest.name}: {st.step} steps, train loss {st.last('loss'):.4f}"
+        + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
+        + f", {tok_s:.0f} tok/s"
+    )
+    print(f"loss curve: {run.run_dir / 'loss.png'}")
+    print(f'try it: herd run {manifest.name} "..."   export it: herd export {manifest.name} --format gguf --out FILE.gguf')
+    return 0
+
+
+def cmd_export(args) -> int:
+    _log_to_stderr()
+    _torch_threads()
+    from ..tune.export import export_model
+
+    out = export_model(args.model, args.format, args.out, quant=args.quant, dtype=args.dtype,
+                       base_model_id=args.base_model_id)  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    import os
+
+    _log_to_stderr()
+    from ..tune.distill import DistillConfig, distill
+
+    cfg = DistillConfig(
+        teacher=args.teacher, prompts=args.prompts, out=args.out, model=args.model, system=args.system,
+        samples=args.samples, concurrency=args.concurrency, max_tokens=args.max_tokens,
+        temperature=args.temperature, seed=args.seed, api_key=os.environ.get(args.api_key_env) or None,
+        timeout=args.timeout, keep_truncated=args.keep_truncated, progress=not args.quiet,
+    )  # fmt: skip
+    s = distill(cfg)
+    print(
+        f"{args.out}: {s.written} new answers ({s.already_done} already there); "
+        f"dropped {s.duplicates} duplicate, {s.truncated if not args.keep_truncated else 0} truncated, "
+        f"{s.empty} empty; {s.failed} failed; {s.duplicate_prompts} duplicate prompts skipped"
+    )
+    return 0
