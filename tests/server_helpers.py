@@ -113,13 +113,16 @@ class LiveServer:
                 ) from None
         return self.proc.returncode
 
-    def metric(self, name: str) -> float:
-        """The value of an unlabelled metric line from /metrics."""
+    def metric(self, series: str, default: float | None = None) -> float:
+        """The value of one series from /metrics, e.g. 'herd_queue_depth_total' or
+        'herd_sequences_total{model="tiny",finish_reason="abort"}'."""
         text = httpx.get(f"{self.url}/metrics", headers=self.headers, timeout=10).text
         for line in text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise AssertionError(f"{name} not in /metrics")
+            if line.startswith(series + " "):
+                return float(line.rsplit(" ", 1)[1])
+        if default is not None:
+            return default
+        raise AssertionError(f"{series} not in /metrics")
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, log_path: Path, timeout: float = 90.0) -> None:

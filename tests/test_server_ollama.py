@@ -250,7 +250,7 @@ def test_ps_and_keep_alive(client):
     assert m.context_length == N_CTX and m.size > 0
     left = (m.expires_at - datetime.now(UTC)).total_seconds()
     assert 500 < left <= 600
-    client.chat(model=MODEL, messages=[], keep_alive=-1)
+    client.chat(model=f"{MODEL}:latest", messages=[], keep_alive=-1)  # the same model, not a second copy
     [m] = loaded()
     assert (m.expires_at - datetime.now(UTC)).days > 365  # forever
     r = client.chat(model=MODEL, messages=[], keep_alive=0)

@@ -575,7 +575,7 @@ def _drop_stream_midway(url: str, i: int) -> None:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": f"long answer {i}"}],
-        "max_tokens": 400,
+        "max_tokens": 1500,
         "stream": True,
         "logit_bias": NO_EOS,
     }
@@ -584,6 +584,9 @@ def _drop_stream_midway(url: str, i: int) -> None:
         for n, _ in enumerate(r.iter_lines()):
             if n >= 6:
                 break  # leaving the block closes the connection mid-stream
+
+
+CANCELLED = 'herd_sequences_total{model="tiny",finish_reason="cancelled"}'
 
 
 def _wait_idle(server, timeout=5.0) -> float:
@@ -596,6 +599,7 @@ def _wait_idle(server, timeout=5.0) -> float:
 
 
 def test_dropped_streams_free_their_sequences(server, client):
+    cancelled = server.metric(CANCELLED, default=0)
     threads = [threading.Thread(target=_drop_stream_midway, args=(server.url, i)) for i in range(20)]
     for t in threads:
         t.start()
@@ -603,6 +607,8 @@ def test_dropped_streams_free_their_sequences(server, client):
         t.join(60)
     assert _wait_idle(server) == 0
     assert server.metric("herd_queue_depth_total") == 0
+    # Each was cancelled by the server (not run to its 1500 tokens).
+    assert server.metric(CANCELLED) - cancelled == 20
     t0 = time.monotonic()
     stream = chat(client, max_tokens=2, stream=True)
     next(iter(stream))
@@ -611,6 +617,7 @@ def test_dropped_streams_free_their_sequences(server, client):
 
 
 def test_dropped_non_streaming_request_is_cancelled(server):
+    cancelled = server.metric(CANCELLED, default=0)
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "go"}],
@@ -620,6 +627,7 @@ def test_dropped_non_streaming_request_is_cancelled(server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
     assert _wait_idle(server) == 0
+    assert server.metric(CANCELLED) - cancelled == 1
 
 
 def test_metrics(server, client):
@@ -639,13 +647,15 @@ def test_metrics(server, client):
 
 
 def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
-    env = {"HERD_NUM_PARALLEL": "1", "HERD_MAX_QUEUE": "0"}
-    with live_server(tmp_path, serve_gguf, env=env) as s:
+    # One sequence slot, no waiting room: a second request while the first streams is refused.
+    with live_server(
+        tmp_path, serve_gguf, env={"HERD_MAX_QUEUE": "0"}, args=("--parallel", "1", "--ctx", "256")
+    ) as s:
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
         busy = c.chat.completions.create(
             model=MODEL,
             messages=[{"role": "user", "content": "x"}],
-            max_tokens=1500,
+            max_tokens=200,
             stream=True,
             logit_bias=NO_EOS,
         )
@@ -655,10 +665,14 @@ def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
         assert int(e.value.response.headers["retry-after"]) >= 1
         assert e.value.body["code"] == "queue_full"
         busy.close()
+        [loaded] = httpx.get(f"{s.url}/api/ps", timeout=10).json()["models"]
+        assert loaded["context_length"] == 256  # --ctx
 
 
 def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, serve_gguf):
-    with live_server(tmp_path, serve_gguf) as s:
+    with live_server(tmp_path, serve_gguf, args=("--model", MODEL)) as s:
+        # --model preloads before the server reports healthy
+        assert [m["name"] for m in httpx.get(f"{s.url}/api/ps", timeout=10).json()["models"]] == [MODEL]
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "x"}],

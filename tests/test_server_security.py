@@ -59,6 +59,61 @@ def test_refuses_public_bind_without_keys(tmp_path, how):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "not-pulled"], "model 'not-pulled' not found"),
+        (["--model", "../x.gguf"], "invalid model name"),
+        (["--parallel", "0"], "--parallel must be between 1 and 256"),
+        (["--ctx", "8"], "--ctx must be at least 16"),
+        (["--host", "127.0.0.1:99999"], "bad port"),
+        (["--api-key", " "], "--api-key must not be empty"),
+    ],
+)
+def test_bad_serve_flags_are_one_line_errors(tmp_path, args, message):
+    env = server_env(tmp_path / "home")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "openherd",
+            "serve",
+            "--host",
+            f"127.0.0.1:{free_port()}",
+            *args,
+        ],  # a later --host wins
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("herd: preparing")]
+    assert len(lines) == 1 and lines[0].startswith("herd: error:") and message in lines[0], r.stderr
+
+
+def test_address_in_use_is_one_line(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "openherd", "serve", "--host", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            env=server_env(tmp_path / "home"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"herd: error: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
+
+
 def test_public_bind_with_key_serves_any_host_but_requires_auth(tmp_path, serve_gguf):
     with live_server(tmp_path, serve_gguf, host="0.0.0.0", args=("--api-key", KEY)) as s:
         assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200

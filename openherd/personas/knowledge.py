@@ -97,6 +97,7 @@ class _HTMLText(HTMLParser):
     BLOCK = {"p", "div", "section", "article", "header", "footer", "main", "aside", "nav", "ul", "ol", "li",
              "table", "tr", "blockquote", "pre", "h1", "h2", "h3", "h4", "h5", "h6", "dl", "dt", "dd",
              "figure", "figcaption", "form", "fieldset", "address", "details", "summary", "br", "hr"}
+    _LINE = {"br", "li", "tr", "dt", "dd"}  # line breaks, not paragraph breaks
     _HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
 
     def __init__(self):
@@ -106,6 +107,7 @@ class _HTMLText(HTMLParser):
         self._skip_tag: str | None = None
         self._skip_depth = 0
         self._in_title = False
+        self._pre = 0
 
     def _hidden(self, tag: str, attrs: list[tuple[str, str | None]]) -> bool:
         if tag in self.SKIP:
@@ -125,8 +127,10 @@ class _HTMLText(HTMLParser):
         if tag not in self.VOID and self._hidden(tag, attrs):
             self._skip_tag, self._skip_depth = tag, 1
             return
+        if tag == "pre":
+            self._pre += 1
         if tag in self.BLOCK:
-            self.parts.append("\n\n" if tag not in ("br", "li", "tr", "dt", "dd") else "\n")
+            self.parts.append("\n" if tag in self._LINE else "\n\n")
         if tag == "li":
             self.parts.append("- ")
         if tag in ("td", "th"):
@@ -148,14 +152,17 @@ class _HTMLText(HTMLParser):
                 if self._skip_depth == 0:
                     self._skip_tag = None
             return
-        if tag in self.BLOCK:
+        if tag == "pre":
+            self._pre -= 1
+        if tag in self.BLOCK and tag not in self._LINE:  # a line-level element broke before it started
             self.parts.append("\n\n")
 
     def handle_data(self, data):
         if self._in_title:
             self.title.append(data)
         elif self._skip_tag is None:
-            self.parts.append(data)
+            # Source line breaks are just whitespace in HTML, except inside <pre>.
+            self.parts.append(data if self._pre else re.sub(r"\s+", " ", data))
 
 
 def html_to_text(markup: str) -> tuple[str, str]:
@@ -164,7 +171,7 @@ def html_to_text(markup: str) -> tuple[str, str]:
     p.feed(markup)
     p.close()
     text = "".join(p.parts)
-    lines = [" ".join(line.split()) for line in text.split("\n")]
+    lines = [line.strip() for line in text.split("\n")]
     text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
     return " ".join("".join(p.title).split()), html.unescape(text) if "&" in text else text
 
@@ -291,23 +298,15 @@ def chunk_text(text: str, tokenize: Tokenize, chunk_tokens: int = 192, overlap: 
     word boundaries (never inside a word, so no chunk starts with half a token's text)."""
     if overlap >= chunk_tokens:
         raise InvalidRequest("chunk overlap must be smaller than the chunk size")
-    units = _units(text, tokenize, chunk_tokens)
+    # Units are at most chunk - overlap tokens, so a carried tail plus the next unit always fits.
+    units = _units(text, tokenize, chunk_tokens - overlap)
     chunks: list[str] = []
     current: list[_Unit] = []
     size = 0
     for unit in units:
         if current and size + unit.n > chunk_tokens:
             chunks.append(_join(current))
-            # Carry the tail of this chunk into the next one, whole units only, at most `overlap`
-            # tokens (and never all of it, which would loop on a unit that never fits).
-            tail: list[_Unit] = []
-            carried = 0
-            for prev in reversed(current):
-                if carried + prev.n > overlap or len(tail) + 1 >= len(current):
-                    break
-                tail.insert(0, prev)
-                carried += prev.n
-            current, size = tail, carried
+            current, size = _overlap_tail(current, overlap, tokenize)
             if size + unit.n > chunk_tokens:
                 current, size = [], 0
         current.append(unit)
@@ -315,6 +314,35 @@ def chunk_text(text: str, tokenize: Tokenize, chunk_tokens: int = 192, overlap: 
     if current:
         chunks.append(_join(current))
     return chunks
+
+
+def _overlap_tail(units: list[_Unit], overlap: int, tokenize: Tokenize) -> tuple[list[_Unit], int]:
+    """The end of a finished chunk that starts the next one: whole units while they fit in
+    `overlap` tokens, then the last words of the unit that does not (so a long sentence
+    still overlaps). Never the whole chunk, which could loop on a unit that never fits."""
+    tail: list[_Unit] = []
+    carried = 0
+    for i in range(len(units) - 1, -1, -1):
+        unit = units[i]
+        if carried + unit.n <= overlap and i > 0:
+            tail.insert(0, unit)
+            carried += unit.n
+            continue
+        words = unit.text.split()
+        lo, hi = 0, len(words) - 1  # the largest m with the last m words within the budget
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if len(tokenize(" ".join(words[-mid:]))) <= overlap - carried:
+                lo = mid
+            else:
+                hi = mid - 1
+        if lo:
+            text = " ".join(words[-lo:])
+            n = len(tokenize(text))
+            tail.insert(0, _Unit(text, n, unit.sep))
+            carried += n
+        break
+    return tail, carried
 
 
 def _join(units: list[_Unit]) -> str:
@@ -794,6 +822,7 @@ def render_context(passages: Iterable[Passage], budget_tokens: int, count: Calla
     placed: list[Passage] = []
     used = count(CONTEXT_HEADER)
     for p in passages:
+        p.index = 0
         n = len(placed) + 1
         block = f"[{n}] {p.source.label}\n{sanitize(p.chunk.text).strip()}"
         cost = count(block) + 2

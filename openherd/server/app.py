@@ -426,7 +426,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
             CORSMiddleware,
             allow_origins=browser_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["*"],  # SDKs add their own (x-stainless-*, user-agent hints)
         )
     app.add_middleware(HostOriginMiddleware, settings=settings)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

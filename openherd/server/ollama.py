@@ -153,9 +153,8 @@ async def _load_only(
     state: ServerState, model: str, keep_alive: float | None, t0: float, key: str, empty
 ) -> dict:
     """A request with nothing to generate loads (or, with keep_alive 0, unloads) the model."""
-    validate_name(model)
     if keep_alive == 0:
-        await state.manager.unload(model)
+        await state.unload(model)
         return {"model": model, "created_at": now_iso(), key: empty, "done_reason": "unload", "done": True}
     _, load_s = await state.engine(model, keep_alive=keep_alive)
     return {
@@ -231,7 +230,7 @@ async def chat(request: Request) -> Response:
 
     prompt = await run_in_threadpool(build)
     params = sampling_params(opts, req.format, _logprobs(req), engine)
-    gen = await start_generation(state, engine, req.model, [(prompt, params)], t0, request_id("chat"))
+    gen = await start_generation(state, engine, [(prompt, params)], t0, request_id("chat"))
     new_parser = (lambda: ToolCallParser(fmt, names)) if tools else (lambda: None)
 
     if req.stream is not False:
@@ -348,7 +347,7 @@ async def generate(request: Request) -> Response:
 
     prompt = await run_in_threadpool(build)
     params = sampling_params(opts, req.format, _logprobs(req), engine)
-    gen = await start_generation(state, engine, req.model, [(prompt, params)], t0, request_id("gen"))
+    gen = await start_generation(state, engine, [(prompt, params)], t0, request_id("gen"))
 
     if req.stream is not False:
         return EventStream(_generate_stream(gen, req, prompt, t0, load_s), media_type=NDJSON)
@@ -607,8 +606,7 @@ async def pull(request: Request) -> Response:
 async def delete(request: Request) -> Response:
     state = _state(request)
     req = p.parse_request(p.OllamaDeleteRequest, await request.body())
-    validate_name(req.model)
-    await state.manager.unload(req.model)
+    await state.unload(req.model)
     await run_in_threadpool(state.store.remove, req.model)
     return Response(status_code=200)
 

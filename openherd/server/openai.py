@@ -161,17 +161,13 @@ def _usage(prompt_tokens: int, finishes: list[FinishEvent]) -> p.UsageInfo:
     )
 
 
-def _bytes_list(b: bytes) -> list[int]:
-    return list(b)
-
-
 def _logprob_entry(ev: TokenEvent) -> p.LogprobEntry:
     return p.LogprobEntry(
         token=ev.bytes.decode("utf-8", errors="replace"),
         logprob=ev.logprob if ev.logprob is not None else 0.0,
-        bytes=_bytes_list(ev.bytes),
+        bytes=list(ev.bytes),
         top_logprobs=[
-            p.TopLogprobEntry(token=t.text, logprob=t.logprob, bytes=_bytes_list(t.text.encode("utf-8")))
+            p.TopLogprobEntry(token=t.text, logprob=t.logprob, bytes=list(t.text.encode("utf-8")))
             for t in (ev.top_logprobs or [])
         ],
     )
@@ -245,7 +241,7 @@ async def chat_completions(request: Request) -> Response:
         sampling_params(req, engine, req.completion_limit, grammar, logprobs, s) for s in seeds(req.seed, n)
     ]
     rid = request_id("chatcmpl")
-    gen = await start_generation(state, engine, req.model, [(prompt, sp) for sp in params], t0, rid)
+    gen = await start_generation(state, engine, [(prompt, sp) for sp in params], t0, rid)
     created = int(time.time())
     if req.stream:
         return EventStream(
@@ -416,7 +412,7 @@ async def completions(request: Request) -> Response:
         for s in seeds(req.seed, n):
             jobs.append((toks, sampling_params(req, engine, req.max_tokens, grammar, req.logprobs, s)))
     rid = request_id("cmpl")
-    gen = await start_generation(state, engine, req.model, jobs, t0, rid)
+    gen = await start_generation(state, engine, jobs, t0, rid)
     created = int(time.time())
     echoes = [text if req.echo else "" for _, text in prompts for _ in range(n)]
     prompt_tokens = sum(len(toks) for toks, _ in prompts)

@@ -30,9 +30,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-from ..errors import HerdError, ModelNotFound, Unavailable
+from ..errors import HerdError, InvalidRequest, ModelNotFound, Unavailable
 from ..settings import Settings
-from ..store.manifest import validate_name
+from ..store.manifest import name_candidates, validate_name
 from .metrics import Metrics
 
 log = logging.getLogger("openherd.server")
@@ -70,14 +70,24 @@ class ServerState:
 
         Only names in the store are served: never a path, and never a name that
         merely happens to be a file in the server's working directory (the store's
-        resolve() accepts those, for the CLI)."""
+        resolve() accepts those, for the CLI). "x" and "x:latest" are one model, so
+        the manager is always asked for the stored name: one engine, not two."""
         validate_name(name)
         t0 = time.perf_counter()
-        already = self.manager.get_loaded(name) is not None
-        if not already and await run_in_threadpool(self.store.get, name) is None:
-            raise ModelNotFound(name)
-        engine = await self.manager.acquire(name, keep_alive=keep_alive, num_ctx=num_ctx)
+        key = next((c for c in name_candidates(name) if self.manager.get_loaded(c) is not None), None)
+        already = key is not None
+        if key is None:
+            manifest = await run_in_threadpool(self.store.get, name)
+            if manifest is None:
+                raise ModelNotFound(name)
+            key = manifest.name
+        engine = await self.manager.acquire(key, keep_alive=keep_alive, num_ctx=num_ctx)
         return engine, (0.0 if already else time.perf_counter() - t0)
+
+    async def unload(self, name: str) -> None:
+        validate_name(name)
+        for c in name_candidates(name):
+            await self.manager.unload(c)
 
     def engine_stats(self) -> dict[str, Any]:
         return {lm.name: lm.engine.stats() for lm in self.manager.loaded()}
@@ -95,8 +105,6 @@ def seeds(seed: int | None, n: int) -> list[int | None]:
 
 
 def check_token_ids(engine, tokens: list[int], param: str) -> None:
-    from ..errors import InvalidRequest
-
     n_vocab = engine.info.n_vocab
     for t in tokens:
         if not 0 <= t < n_vocab:
@@ -129,10 +137,15 @@ class Generation:
         self.handles = handles
         self.t0 = t0
         self._last_token: list[float | None] = [None] * len(handles)
+        self._finished = [False] * len(handles)
 
     def cancel(self) -> None:
-        for h in self.handles:
-            h.cancel()  # a no-op for finished handles
+        """Cancel every sequence still running (the engine frees each within one step)."""
+        for i, h in enumerate(self.handles):
+            if not self._finished[i]:
+                self._finished[i] = True
+                h.cancel()
+                self.state.metrics.sequences.inc(self.model, "cancelled")
 
     def _observe(self, i: int, ev: TokenEvent | FinishEvent) -> None:
         m = self.state.metrics
@@ -145,6 +158,7 @@ class Generation:
                 m.itl.observe(now - last, self.model)
             self._last_token[i] = now
             return
+        self._finished[i] = True
         u = ev.usage
         m.prompt_tokens.inc(self.model, value=u.prompt_tokens)
         m.completion_tokens.inc(self.model, value=u.completion_tokens)
@@ -216,13 +230,13 @@ def raise_for_finish(fin: FinishEvent) -> None:
 async def start_generation(
     state: ServerState,
     engine,
-    model: str,
     jobs: list[tuple[list[int], SamplingParams]],
     t0: float,
     rid: str = "",
 ) -> Generation:
     """Submit every (prompt, params) job; all or none (QueueFull/ContextOverflow on
-    any job cancels the ones already queued)."""
+    any job cancels the ones already queued). Metrics are labelled with the engine's
+    own (stored) name, never a client-supplied string."""
     handles: list = []
 
     def submit_all() -> None:
@@ -242,7 +256,7 @@ async def start_generation(
         for h in handles:
             h.cancel()
         raise
-    return Generation(state, model, handles, t0)
+    return Generation(state, engine.info.name, handles, t0)
 
 
 # ----------------------------------------------------------------------------

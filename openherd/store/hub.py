@@ -143,8 +143,20 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
 
     endpoint = _endpoint()
     where = endpoint or "https://huggingface.co"
-    if progress:
-        progress(Progress("pulling manifest"))
+    # An exception from the caller's callback (a server cancelling the pull of a client that
+    # left) must come out as itself, not be translated into a download error below.
+    from_callback: list[BaseException] = []
+
+    def report(ev: Progress) -> None:
+        if progress is None:
+            return
+        try:
+            progress(ev)
+        except BaseException as e:
+            from_callback.append(e)
+            raise
+
+    report(Progress("pulling manifest"))
     try:
         url = hf_hub_url(ref.repo_id, ref.filename, revision=ref.revision, endpoint=endpoint)
         meta = get_hf_file_metadata(url)
@@ -154,7 +166,7 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
             return HubFile(existing, meta.commit_hash, existing.size)
         kwargs: dict[str, Any] = {}
         if "tqdm_class" in inspect.signature(hf_hub_download).parameters:
-            kwargs["tqdm_class"] = _tqdm_class(progress, digest)
+            kwargs["tqdm_class"] = _tqdm_class(report, digest)
         with blobs.tempdir() as tmp:
             path = hf_hub_download(
                 ref.repo_id,
@@ -166,13 +178,13 @@ def download(ref: HubRef, blobs: BlobStore, progress: ProgressFn | None = None) 
                 endpoint=endpoint,
                 **kwargs,
             )
-            staged = blobs.stage_file(
-                Path(path), expected_sha, meta.size, progress, what=f"download of {ref}"
-            )
+            staged = blobs.stage_file(Path(path), expected_sha, meta.size, report, what=f"download of {ref}")
         return HubFile(staged, meta.commit_hash, staged.size)
     except HerdError:
         raise
     except Exception as e:  # noqa: BLE001 - every hub failure becomes one actionable line
+        if from_callback:
+            raise from_callback[0] from None
         log.debug("hub download of %s failed", ref, exc_info=True)
         raise _translate(e, ref, where) from None
 

@@ -1,0 +1,136 @@
+"""Memory: conversations in SQLite (WAL), listing, export, and survival of a kill -9 mid-write."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from openherd.errors import InvalidRequest, NotFound
+from openherd.personas.memory import ConversationStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_conversations_round_trip(tmp_path):
+    with ConversationStore(tmp_path / "memory.db", persona="glim") as store:
+        assert store.latest() is None
+        a = store.new(model="tiny")
+        store.append(a.id, "assistant", "Welcome to the lighthouse!", {"greeting": True})
+        store.append(a.id, "user", "What is the cat called?\nAnd why?")
+        store.append(a.id, "assistant", "Bartholomew Quince [1].",
+                     {"sources": [{"index": 1, "title": "keeper.md", "document": "keeper.md"}]})
+        time.sleep(0.01)
+        b = store.new()
+        store.append(b.id, "user", "Second conversation")
+        assert store.latest().id == b.id
+        time.sleep(0.01)
+        store.append(a.id, "user", "back to the first")
+        assert store.latest().id == a.id  # most recent activity, not creation
+        convs = store.list()
+        assert [c.id for c in convs] == [a.id, b.id] and convs[0].turns == 4
+        assert convs[0].title == "What is the cat called? And why?"  # the first user message
+        assert store.messages(a.id)[1] == {"role": "user", "content": "What is the cat called?\nAnd why?"}
+        assert store.get(a.id).id == a.id
+        assert store.get("last").id == a.id
+
+        doc = json.loads(store.export(a.id, "json"))
+        assert doc["persona"] == "glim" and [t["role"] for t in doc["turns"]] == ["assistant", "user", "assistant", "user"]
+        assert doc["turns"][2]["meta"]["sources"][0]["title"] == "keeper.md"
+        md = store.export(a.id, "markdown")
+        assert "**User:**" in md and "**glim:**" in md and "- [1] keeper.md" in md
+
+        with pytest.raises(InvalidRequest):
+            store.append(a.id, "wizard", "x")
+        with pytest.raises(NotFound):
+            store.append("nope", "user", "x")
+        with pytest.raises(NotFound):
+            store.get("zzz")
+        with pytest.raises(InvalidRequest):
+            store.export(a.id, "pdf")
+        store.delete(b.id)
+        assert [c.id for c in store.list()] == [a.id]
+        assert store.turns(b.id) == []  # cascaded
+
+    db = sqlite3.connect(tmp_path / "memory.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_prefix_ambiguity(tmp_path):
+    with ConversationStore(tmp_path / "m.db", "glim") as store:
+        a, b = store.new(), store.new()
+        common = os.path.commonprefix([a.id, b.id])
+        with pytest.raises(InvalidRequest, match="more than one"):
+            store.get(common)
+        with pytest.raises(NotFound):
+            store.get("%")  # LIKE wildcards are escaped, not patterns
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from openherd.personas.memory import ConversationStore
+
+    store = ConversationStore(sys.argv[1], persona="glim")
+    conv = store.new()
+    print("conv", conv.id, flush=True)
+    i = 0
+    while True:
+        # Big turns make each commit slow enough that the kill lands mid-transaction.
+        store.append(conv.id, "user" if i % 2 == 0 else "assistant", f"turn {i} " + "x" * 200_000)
+        print("committed", i, flush=True)
+        i += 1
+""")
+
+
+def test_kill_9_mid_write_leaves_the_database_intact(tmp_path):
+    db_path = tmp_path / "memory.db"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(db_path)], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO)
+    committed: list[int] = []
+    conv_id = None
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            kind, value = line.split()
+            if kind == "conv":
+                conv_id = value
+            else:
+                committed.append(int(value))
+            if len(committed) >= 25:
+                break
+        # Let it get into the next write, then kill it without any chance to clean up.
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        committed += [int(x.split()[1]) for x in proc.stdout.read().splitlines() if x.startswith("committed")]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert conv_id is not None and len(committed) >= 25
+
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    with ConversationStore(db_path, persona="glim") as store:
+        turns = store.turns(conv_id)
+        # Every turn reported committed is there, whole; at most the one being written is extra.
+        assert [t.seq for t in turns] == list(range(1, len(turns) + 1))
+        assert len(committed) <= len(turns) <= len(committed) + 1
+        for t in turns:
+            i = t.seq - 1
+            assert t.content == f"turn {i} " + "x" * 200_000
+        store.append(conv_id, "user", "still writable after the crash")
+        assert store.turns(conv_id)[-1].content == "still writable after the crash"
