@@ -57,6 +57,7 @@ __all__ = [
     "load_gguf",
     "load_hf_dir",
     "load_torch_model",
+    "dequantize_gguf_tensor",
     "logits_to_probs",
     "ours_to_hf_state_dict",
     "prefill",
@@ -71,7 +72,7 @@ __all__ = [
 
 @dataclass
 class ModelArgs:
-    arch: str = "llama"  # "llama" | "mistral" | "qwen2": the HF model_type / GGUF architecture written on export
+    arch: str = "llama"  # "llama" | "mistral" | "qwen2": HF model_type / GGUF architecture on export
     dim: int = 4096  # hidden size (d_model)
     n_layers: int = 32  # transformer blocks
     n_heads: int = 32  # query heads
@@ -82,17 +83,20 @@ class ModelArgs:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     max_seq_len: int = 4096  # context the model was trained for; generation refuses to go past it
     rope_theta: float = 10000.0  # RoPE base frequency
-    rope_scaling: str = "default"  # "default" | "linear" (positions / factor) | "llama3" (Llama 3.1 frequency bands)
+    # "default" | "linear" (positions / factor) | "llama3" (Llama 3.1 per-band frequency scaling)
+    rope_scaling: str = "default"
     rope_factor: float = 1.0  # linear/llama3 scaling factor
-    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above original_max / low_freq_factor are divided by factor
-    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high_freq_factor are kept
-    rope_original_max_seq_len: int = 8192  # llama3: the pre-extension context length
-    rope_freq_factors: tuple[float, ...] | None = None  # explicit per-frequency divisors (GGUF rope_freqs.weight); overrides rope_scaling
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept as they are
+    rope_original_max_seq_len: int = 8192  # llama3: the context length before extension
+    # Explicit per-frequency divisors (GGUF rope_freqs.weight, how llama.cpp stores Llama 3.1
+    # scaling); when set they replace rope_scaling.
+    rope_freq_factors: tuple[float, ...] | None = None
     qkv_bias: bool = False  # biases on wq/wk/wv (Qwen2; Llama with attention_bias)
     o_bias: bool = False  # bias on wo (Llama with attention_bias only)
     mlp_bias: bool = False  # biases on w1/w2/w3 (Llama with mlp_bias)
-    tie_embeddings: bool = False  # output projection shares tok_embeddings.weight (Llama 3.2, SmolLM2, small Qwen2)
-    sliding_window: int | None = None  # attend to at most this many latest positions (Mistral v0.1, some Qwen2)
+    tie_embeddings: bool = False  # output shares tok_embeddings.weight (Llama 3.2, SmolLM2, small Qwen2)
+    sliding_window: int | None = None  # attend to at most this many latest positions (Mistral v0.1)
     sliding_window_from_layer: int = 0  # layers before this index attend fully (Qwen2 max_window_layers)
 
     def __post_init__(self):
@@ -103,15 +107,21 @@ class ModelArgs:
                 raise InvalidModelFile(f"hidden size {self.dim} is not divisible by {self.n_heads} heads")
             self.head_dim = self.dim // self.n_heads
         if self.n_heads % self.n_kv_heads:
-            raise InvalidModelFile(f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} key/value heads")
+            raise InvalidModelFile(
+                f"{self.n_heads} query heads cannot be grouped over {self.n_kv_heads} key/value heads"
+            )
         if self.head_dim % 2:
             raise InvalidModelFile(f"head size {self.head_dim} is odd; RoPE rotates pairs")
         if self.rope_scaling not in ("default", "linear", "llama3"):
-            raise InvalidModelFile(f"unsupported RoPE scaling {self.rope_scaling!r} (supported: default, linear, llama3)")
+            raise InvalidModelFile(
+                f"unsupported RoPE scaling {self.rope_scaling!r} (supported: default, linear, llama3)"
+            )
         if self.rope_freq_factors is not None:
             self.rope_freq_factors = tuple(float(f) for f in self.rope_freq_factors)
             if len(self.rope_freq_factors) != self.head_dim // 2:
-                raise InvalidModelFile(f"rope_freqs has {len(self.rope_freq_factors)} entries, expected {self.head_dim // 2}")
+                raise InvalidModelFile(
+                    f"rope_freqs has {len(self.rope_freq_factors)} entries, expected {self.head_dim // 2}"
+                )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise InvalidModelFile(f"sliding window must be positive, got {self.sliding_window}")
 
@@ -197,7 +207,9 @@ class RMSNorm(nn.Module):
 def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> Tensor:
     """RoPE inverse frequencies, (head_dim // 2,) in fp32, with the model's scaling applied."""
     dim = args.head_dim
-    inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    inv_freq = 1.0 / (
+        args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    )
     if args.rope_freq_factors is not None:
         # llama.cpp stores Llama 3.1 scaling as precomputed divisors (convert_hf_to_gguf.py, rope_freqs).
         return inv_freq / torch.tensor(args.rope_freq_factors, dtype=torch.float32, device=device)
@@ -214,7 +226,7 @@ def rope_inv_freq(args: ModelArgs, device: torch.device | str | None = None) -> 
         scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         return torch.where(is_medium, smoothed, scaled)
     return inv_freq
 
@@ -239,7 +251,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Keys and values of past positions, one per attention layer (gpt-fast)."""
 
-    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+    def __init__(
+        self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None
+    ):
         super().__init__()
         shape = (max_batch_size, n_kv_heads, max_seq_len, head_dim)
         # Not persistent: caches never belong in a checkpoint.
@@ -265,7 +279,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -275,7 +291,10 @@ class Attention(nn.Module):
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S_max, hd)
-            k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]  # (B, n_kv, S, hd): only filled positions
+            k, v = (
+                k[:, :, : mask.shape[-1]],
+                v[:, :, : mask.shape[-1]],
+            )  # (B, n_kv, S, hd): only filled positions
         if self.n_kv_heads != self.n_heads:  # GQA/MQA: each kv head serves n_heads // n_kv_heads query heads
             rep = self.n_heads // self.n_kv_heads
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
@@ -307,7 +326,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
+    ) -> Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -407,7 +428,10 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None 
 
 
 def sample(
-    logits: Tensor, temperature: float = 0.0, top_k: int | None = None, generator: torch.Generator | None = None
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Next tokens (B, 1) from the last position of logits (B, T, vocab); temperature 0 = greedy."""
     last = logits[:, -1]  # (B, vocab)
@@ -448,7 +472,9 @@ def generate(
     Greedy when temperature is 0. `on_token` sees each id as it is produced (streaming).
     """
     device = model.output.weight.device
-    ids = torch.as_tensor(list(prompt) if not isinstance(prompt, Tensor) else prompt, dtype=torch.long, device=device)
+    ids = torch.as_tensor(
+        list(prompt) if not isinstance(prompt, Tensor) else prompt, dtype=torch.long, device=device
+    )
     T = ids.numel()
     if T == 0:
         raise InvalidRequest("generate() needs at least one prompt token (add BOS for an empty prompt)")
@@ -503,11 +529,12 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelArgs:
             f"unsupported model_type {model_type!r}; the torch model supports {', '.join(_SUPPORTED_HF)}"
         )
     if cfg.get("hidden_act", "silu") != "silu":
-        raise InvalidModelFile(f"unsupported hidden_act {cfg.get('hidden_act')!r}; the Llama family uses silu")
+        raise InvalidModelFile(
+            f"unsupported hidden_act {cfg.get('hidden_act')!r}; the Llama family uses silu"
+        )
     # transformers 5 nests theta and scaling in rope_parameters; 4.x had rope_theta + rope_scaling.
-    rope = dict(cfg.get("rope_parameters") or {})
-    if cfg.get("rope_scaling"):
-        rope = {**cfg["rope_scaling"], **rope}
+    params, legacy = cfg.get("rope_parameters"), cfg.get("rope_scaling")
+    rope = {**(legacy if isinstance(legacy, dict) else {}), **(params if isinstance(params, dict) else {})}
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
     if rope_type not in ("default", "linear", "llama3"):
@@ -673,18 +700,19 @@ def load_hf_dir(path: str | Path, *, device=None, dtype=None) -> Transformer:
     args = config_from_hf(cfg)
     device, dtype = _pick_device_dtype(device, dtype)
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     sd: dict[str, Tensor] = {}
     for file in _safetensors_files(path):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    sd[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
         except OSError as e:
             raise InvalidModelFile(f"cannot read {file.name}: {e}") from None
-        except Exception as e:  # safetensors raises SafetensorError for a corrupt header
+        except SafetensorError as e:
             raise InvalidModelFile(f"corrupt safetensors file {file.name}: {e}") from None
+        for name, t in tensors.items():
+            sd[name] = t.to(device=device, dtype=dtype)
     return _build(args, hf_state_dict_to_ours(sd, args), device)
 
 
@@ -715,7 +743,9 @@ def _safetensors_files(path: Path) -> list[Path]:
     raise InvalidModelFile(f"{path.name} has no *.safetensors weights")
 
 
-def save_hf_dir(model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None, **config_extra) -> None:
+def save_hf_dir(
+    model: Transformer, path: str | Path, *, dtype: torch.dtype | None = None, **config_extra
+) -> None:
     """Write config.json + model.safetensors that transformers and convert_hf_to_gguf.py load.
 
     Copy the tokenizer files separately (they are not the model's business).
@@ -750,8 +780,11 @@ _GGUF_LAYER_NAMES = {
 _GGUF_TOP_NAMES = {"token_embd": "tok_embeddings", "output_norm": "norm", "output": "output"}
 
 
-def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelArgs:
-    """ModelArgs from GGUF metadata (llama.cpp key names) and the tensor table (name -> shape)."""
+def config_from_gguf(
+    md: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: Sequence[float] | None = None
+) -> ModelArgs:
+    """ModelArgs from GGUF metadata (llama.cpp key names), the tensor shapes (name -> PyTorch-order
+    shape) and the values of the rope_freqs.weight tensor when the file has one."""
     arch = md.get("general.architecture")
     if arch not in _SUPPORTED_GGUF:
         raise InvalidModelFile(
@@ -771,8 +804,10 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelArgs:
     head_dim = get("attention.key_length", dim // n_heads if n_heads else 0)
     rope_dims = get("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
-        raise InvalidModelFile(f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported by the torch model")
-    if "token_embd.weight" not in tensors:
+        raise InvalidModelFile(
+            f"partial RoPE ({rope_dims} of {head_dim} dims) is not supported by the torch model"
+        )
+    if "token_embd.weight" not in shapes:
         raise InvalidModelFile("GGUF has no token_embd.weight")
     scaling = md.get(f"{arch}.rope.scaling.type") or "none"
     factor = float(md.get(f"{arch}.rope.scaling.factor") or 1.0)
@@ -781,7 +816,6 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelArgs:
     if scaling not in ("none", "linear"):
         raise InvalidModelFile(f"unsupported GGUF RoPE scaling {scaling!r} (supported: none, linear)")
     linear = scaling == "linear" and factor != 1.0
-    freq_factors = tensors.get("rope_freqs.weight")  # already dequantized to a 1-D array by the caller
     window = md.get(f"{arch}.attention.sliding_window")
     return ModelArgs(
         arch=arch,
@@ -791,17 +825,17 @@ def config_from_gguf(md: dict[str, Any], tensors: dict[str, Any]) -> ModelArgs:
         n_kv_heads=get("attention.head_count_kv", n_heads),
         head_dim=head_dim,
         hidden_dim=get("feed_forward_length"),
-        vocab_size=int(tensors["token_embd.weight"].shape[0]),
+        vocab_size=int(shapes["token_embd.weight"][0]),
         norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
         max_seq_len=get("context_length", 4096),
         rope_theta=get("rope.freq_base", 10000.0, float),
         rope_scaling="linear" if linear else "default",
         rope_factor=factor if linear else 1.0,
-        rope_freq_factors=tuple(float(f) for f in freq_factors) if freq_factors is not None else None,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        o_bias="blk.0.attn_output.bias" in tensors,
-        mlp_bias="blk.0.ffn_up.bias" in tensors,
-        tie_embeddings="output.weight" not in tensors,
+        rope_freq_factors=tuple(float(f) for f in rope_freqs) if rope_freqs is not None else None,
+        qkv_bias="blk.0.attn_q.bias" in shapes,
+        o_bias="blk.0.attn_output.bias" in shapes,
+        mlp_bias="blk.0.ffn_up.bias" in shapes,
+        tie_embeddings="output.weight" not in shapes,
         sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
     )
 
@@ -845,38 +879,30 @@ def gguf_state_dict_to_ours(tensors: dict[str, Tensor], args: ModelArgs) -> dict
     return out
 
 
-def read_gguf_tensors(path: str | Path):
-    """(metadata, {name: float32 numpy array in PyTorch (out, in) order}) of a GGUF file.
+def dequantize_gguf_tensor(mm, t) -> Any:
+    """One tensor of a GGUF file as a float32 numpy array in PyTorch (out, in) order.
 
-    The header is validated by openherd.gguf first; tensor bytes are then memory-mapped
-    at the offsets it checked and dequantized with the gguf package (Q4_0, Q4_1, Q8_0,
-    K-quants, F16, BF16, ...).
+    `mm` is the file memory-mapped as uint8, `t` an openherd.gguf.TensorInfo whose offset and
+    size read_gguf has already checked against the file. The gguf package dequantizes
+    (Q4_0, Q4_1, Q8_0, K-quants, F16, BF16, ...).
     """
-    import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
     from gguf.quants import dequantize
 
-    from .gguf import read_gguf
-
-    info = read_gguf(path, load_arrays=True)
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    arrays: dict[str, Any] = {}
-    for t in info.tensors:
-        try:
-            qtype = GGMLQuantizationType(t.ggml_type)
-            block, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise InvalidModelFile(f"tensor {t.name} has unknown ggml type {t.ggml_type}") from None
-        ne0, rows = t.shape[0], math.prod(t.shape[1:])  # GGML order: ne0 is the contiguous dim
-        raw = mm[t.offset : t.offset + rows * (ne0 // block) * type_size].reshape(rows, -1)
-        try:
-            data = dequantize(raw, qtype)  # (rows, ne0) float32
-        except NotImplementedError:
-            raise InvalidModelFile(f"tensor {t.name}: the gguf package cannot dequantize {qtype.name}") from None
-        if not data.flags.writeable:  # F32 comes back as a view of the read-only map
-            data = data.copy()
-        arrays[t.name] = data.reshape(tuple(reversed(t.shape)))
-    return info.metadata, arrays
+    try:
+        qtype = GGMLQuantizationType(t.ggml_type)
+        block, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise InvalidModelFile(f"tensor {t.name} has unknown ggml type {t.ggml_type}") from None
+    ne0, rows = t.shape[0], math.prod(t.shape[1:])  # GGML order: ne0 is the contiguous dim
+    raw = mm[t.offset : t.offset + rows * (ne0 // block) * type_size].reshape(rows, -1)
+    try:
+        data = dequantize(raw, qtype)  # (rows, ne0) float32
+    except NotImplementedError:
+        raise InvalidModelFile(f"tensor {t.name}: the gguf package cannot dequantize {qtype.name}") from None
+    if not data.flags.writeable:  # F32 comes back as a view of the read-only map
+        data = data.copy()
+    return data.reshape(tuple(reversed(t.shape)))
 
 
 def load_gguf(path: str | Path, *, device=None, dtype=None) -> Transformer:
@@ -885,14 +911,23 @@ def load_gguf(path: str | Path, *, device=None, dtype=None) -> Transformer:
 
 
 def _load_gguf(path, device, dtype) -> tuple[Transformer, dict[str, Any]]:
-    metadata, arrays = read_gguf_tensors(path)
-    args = config_from_gguf(metadata, arrays)
+    import numpy as np
+
+    from .gguf import read_gguf
+
+    # The validating reader checks every count, length and offset before any byte is mapped.
+    info = read_gguf(path, load_arrays=True)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    shapes = {t.name: tuple(reversed(t.shape)) for t in info.tensors}
+    freqs = info.tensor("rope_freqs.weight")
+    rope_freqs = dequantize_gguf_tensor(mm, freqs).tolist() if freqs is not None else None
+    args = config_from_gguf(info.metadata, shapes, rope_freqs)
     device, dtype = _pick_device_dtype(device, dtype)
-    tensors = {}
-    while arrays:  # convert one tensor at a time so fp32 copy and target never both hold the whole model
-        name, a = arrays.popitem()
-        tensors[name] = torch.from_numpy(a).to(device=device, dtype=dtype)
-    return _build(args, gguf_state_dict_to_ours(tensors, args), device), metadata
+    tensors: dict[str, Tensor] = {}
+    for t in info.tensors:  # one fp32 tensor at a time: peak memory is the model in `dtype` plus one
+        if t.name != "rope_freqs.weight":
+            tensors[t.name] = torch.from_numpy(dequantize_gguf_tensor(mm, t)).to(device=device, dtype=dtype)
+    return _build(args, gguf_state_dict_to_ours(tensors, args), device), info.metadata
 
 
 # --------------------------------------------------------------------------- loading
@@ -956,14 +991,13 @@ def load_torch_model(path_or_name: str | os.PathLike[str], *, device=None, dtype
     (bf16 on CUDA, fp32 on CPU by default); GGUF weights are dequantized. The tokenizer
     (openherd.tokenizer.Tokenizer) is None for a directory without tokenizer.json.
     """
+    from .gguf import is_gguf
     from .tokenizer import Tokenizer
 
     path = _resolve(path_or_name)
     if path.is_dir():
         return load_hf_dir(path, device=device, dtype=dtype), Tokenizer.from_hf_dir(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+    if not is_gguf(path):
         raise InvalidModelFile(f"{path.name} is neither a GGUF file nor a Hugging Face model directory")
     model, metadata = _load_gguf(path, device, dtype)
     return model, Tokenizer.from_gguf_metadata(metadata)

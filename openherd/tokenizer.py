@@ -154,7 +154,11 @@ class Tokenizer:
             bos_id = _first_int(config.get("bos_token_id"))
         eos: list[int] = []
         # Llama 3 lists several ids that end a turn (<|end_of_text|>, <|eot_id|>, <|eom_id|>).
-        for value in (token_id(tok_cfg.get("eos_token")), gen_cfg.get("eos_token_id"), config.get("eos_token_id")):
+        for value in (
+            token_id(tok_cfg.get("eos_token")),
+            gen_cfg.get("eos_token_id"),
+            config.get("eos_token_id"),
+        ):
             for i in value if isinstance(value, list) else [value]:
                 if isinstance(i, int) and i not in eos:
                     eos.append(i)
@@ -204,7 +208,7 @@ class Tokenizer:
 
         added = [
             AddedToken(tok, special=t != TOKEN_USER_DEFINED, normalized=False)
-            for tok, t in zip(tokens, types)
+            for tok, t in zip(tokens, types, strict=True)
             if t in (TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNKNOWN)
         ]
         backend.add_special_tokens([a for a in added if a.special])
@@ -221,7 +225,9 @@ class Tokenizer:
         _set_post_processor(backend, tokens, bos_id if add_bos else None, eos[0] if add_eos else None)
 
         template = md.get("tokenizer.chat_template")
-        return cls(backend, bos_id, tuple(eos), template if isinstance(template, str) and template else None, add_bos)
+        return cls(
+            backend, bos_id, tuple(eos), template if isinstance(template, str) and template else None, add_bos
+        )
 
 
 # --------------------------------------------------------------------------- builders
@@ -241,7 +247,9 @@ def _byte_level_bpe(md: dict[str, Any], tokens: list[str], types: list[int]):
     if not isinstance(merges, list):
         raise InvalidModelFile("GGUF byte-level vocabulary has no tokenizer.ggml.merges")
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    model = models.BPE(vocab=vocab, merges=[_split_merge(m) for m in merges], ignore_merges=pre in _IGNORE_MERGES)
+    model = models.BPE(
+        vocab=vocab, merges=[_split_merge(m) for m in merges], ignore_merges=pre in _IGNORE_MERGES
+    )
     backend = Backend(model)
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
@@ -260,8 +268,8 @@ def _split_merge(merge: str) -> tuple[str, str]:
 
 
 def _sentencepiece_bpe(md: dict[str, Any], tokens: list[str], types: list[int]):
-    from tokenizers import decoders, models, normalizers
     from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     merges = md.get("tokenizer.ggml.merges")
@@ -304,7 +312,7 @@ def _merges_from_scores(
     has the highest score (leftmost on ties); BPE with merges in this order does the same.
     """
     ranked: list[tuple[float, int, int, str, str]] = []
-    for tok, score, t in zip(tokens, scores, types):
+    for tok, score, t in zip(tokens, scores, types, strict=True):
         if t != TOKEN_NORMAL or len(tok) < 2:
             continue
         for cut in range(1, len(tok)):

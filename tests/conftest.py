@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tinymodels import write_tiny_gguf, write_tiny_hf_dir
 
+pytest_plugins = ["server_helpers"]
+
 
 @pytest.fixture
 def herd_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

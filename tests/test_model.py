@@ -132,7 +132,12 @@ def test_config_from_hf_reads_transformers_4_and_5_rope_spellings():
     v5 = config_from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **rope}})
     old = config_from_hf({**base, "rope_theta": 5e5, "rope_scaling": {"type": "llama3", **rope}})
     assert v4 == v5 == old
-    assert (v5.rope_scaling, v5.rope_theta, v5.rope_factor, v5.rope_original_max_seq_len) == ("llama3", 5e5, 8.0, 32)
+    assert (v5.rope_scaling, v5.rope_theta, v5.rope_factor, v5.rope_original_max_seq_len) == (
+        "llama3",
+        5e5,
+        8.0,
+        32,
+    )
     with pytest.raises(InvalidModelFile, match="yarn"):
         config_from_hf({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(InvalidModelFile, match="model_type 'gemma'"):
@@ -262,9 +267,13 @@ def test_sampling_functions():
     assert probs.sum().item() == pytest.approx(1.0)
     assert probs[0].item() == 0 and probs[2].item() == 0 and probs[1] > probs[3] > 0
     assert sample(logits, temperature=5.0, top_k=1).tolist() == [[1]]
-    draws = [int(sample(logits, temperature=2.0, generator=torch.Generator().manual_seed(s))) for s in range(40)]
+    draws = [
+        int(sample(logits, temperature=2.0, generator=torch.Generator().manual_seed(s))) for s in range(40)
+    ]
     assert len(set(draws)) > 1  # really sampling
-    again = [int(sample(logits, temperature=2.0, generator=torch.Generator().manual_seed(s))) for s in range(40)]
+    again = [
+        int(sample(logits, temperature=2.0, generator=torch.Generator().manual_seed(s))) for s in range(40)
+    ]
     assert draws == again  # and reproducible with a seeded generator
 
 
@@ -279,7 +288,9 @@ def test_generate_stops_streams_and_checks_the_context():
         generate(model, list(range(200)), 57)
     with pytest.raises(InvalidRequest, match="at least one prompt token"):
         generate(model, [], 5)
-    seeded = [generate(model, [1, 2], 8, temperature=1.5, generator=torch.Generator().manual_seed(7)) for _ in "ab"]
+    seeded = [
+        generate(model, [1, 2], 8, temperature=1.5, generator=torch.Generator().manual_seed(7)) for _ in "ab"
+    ]
     assert seeded[0] == seeded[1]
 
 
@@ -292,12 +303,16 @@ def test_hf_dir_and_gguf_of_the_same_model_give_the_same_logits(tiny_hf_dir, tin
     gg_model, gg_tok = load_torch_model(tiny_gguf)
     # GGUF stores the epsilon as float32; everything else must agree exactly.
     assert gg_model.args.norm_eps == pytest.approx(hf_model.args.norm_eps)
-    assert hf_model.args == ModelArgs.from_dict({**gg_model.args.to_dict(), "norm_eps": hf_model.args.norm_eps})
+    assert hf_model.args == ModelArgs.from_dict(
+        {**gg_model.args.to_dict(), "norm_eps": hf_model.args.norm_eps}
+    )
     text = "<|im_start|>user\nThe herd counts 1234 llamas.<|im_end|>\n"
     ids = hf_tok.encode(text)
     assert ids == gg_tok.encode(text)
     with torch.no_grad():
-        torch.testing.assert_close(gg_model(torch.tensor([ids])), hf_model(torch.tensor([ids])), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            gg_model(torch.tensor([ids])), hf_model(torch.tensor([ids])), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_hf_dir_tokenizer(tiny_hf_dir, tmp_path):
@@ -345,14 +360,20 @@ def test_sharded_safetensors_directory(tiny_hf_dir, tmp_path):
     (d / "model.safetensors").unlink()
     names = sorted(sd)
     half = len(names) // 2
-    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    shards = {
+        "model-00001-of-00002.safetensors": names[:half],
+        "model-00002-of-00002.safetensors": names[half:],
+    }
     for file, keys in shards.items():
         save_file({k: sd[k] for k in keys}, d / file)
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
     sharded, _ = load_torch_model(d)
     whole, _ = load_torch_model(tiny_hf_dir)
-    assert all(torch.equal(a, b) for a, b in zip(sharded.state_dict().values(), whole.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(sharded.state_dict().values(), whole.state_dict().values(), strict=True)
+    )
 
     index["weight_map"][names[0]] = "../escape.safetensors"
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -429,7 +450,10 @@ def test_store_names_resolve_through_the_store(herd_home, tiny_gguf):
     by_name, tok = load_torch_model("tiny-torch")
     by_path, _ = load_torch_model(tiny_gguf)
     assert tok is not None
-    assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(by_name.state_dict().values(), by_path.state_dict().values(), strict=True)
+    )
 
 
 # --------------------------------------------------------------------------- parity with llama.cpp
@@ -439,12 +463,18 @@ def _llama(path: Path, **kw):
     import llama_cpp
 
     # f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~1e-3.
-    return llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, verbose=False, type_k=0, type_v=0, **kw)
+    return llama_cpp.Llama(
+        model_path=str(path), n_ctx=256, n_threads=1, verbose=False, type_k=0, type_v=0, **kw
+    )
 
 
 @pytest.mark.parametrize(
     "kw",
-    [dict(arch="llama"), dict(arch="llama", vocab="spm", n_head_kv=1), dict(arch="qwen2", tie_embeddings=True)],
+    [
+        dict(arch="llama"),
+        dict(arch="llama", vocab="spm", n_head_kv=1),
+        dict(arch="qwen2", tie_embeddings=True),
+    ],
     ids=["llama-bpe-gqa", "llama-spm-mqa", "qwen2-tied"],
 )
 def test_logits_match_llama_cpp_on_tiny_gguf(tmp_path, kw):
@@ -452,7 +482,9 @@ def test_logits_match_llama_cpp_on_tiny_gguf(tmp_path, kw):
     llm = _llama(path, logits_all=True)
     model, tok = load_torch_model(path)
     ids = tok.encode("The keeper counts the herd: one, two, 3, 4 and 56789 llamas!")
-    assert ids == llm.tokenize("The keeper counts the herd: one, two, 3, 4 and 56789 llamas!".encode(), add_bos=True, special=True)
+    assert ids == llm.tokenize(
+        b"The keeper counts the herd: one, two, 3, 4 and 56789 llamas!", add_bos=True, special=True
+    )
     llm.eval(ids)
     ref = torch.from_numpy(np.array(llm.scores[: len(ids)]))
     with torch.no_grad():
@@ -482,7 +514,7 @@ def test_quantized_gguf_dequantizes_like_llama_cpp(tmp_path):
     assert llama_cpp.llama_model_quantize(str(q8).encode(), str(f32).encode(), params) == 0
     ours, _ = load_torch_model(q8)
     ref, _ = load_torch_model(f32)
-    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     exact, _ = load_torch_model(write_tiny_gguf(tmp_path / "exact.gguf", dtype="f32"))
     w, wq = exact.layers[0].feed_forward.w1.weight, ours.layers[0].feed_forward.w1.weight
@@ -519,7 +551,9 @@ def test_gguf_tokenizer_matches_llama_cpp(tmp_path, vocab):
         # llama-cpp-python drops SentencePiece's prefix space only after a BOS, as HF's
         # Llama tokenizer does, so compare decodes of the BOS-prefixed ids (the last `ref`).
         for special in (True, False):
-            assert tok.decode(ref, skip_special=not special) == llm.detokenize(ref, special=special).decode(), text
+            assert (
+                tok.decode(ref, skip_special=not special) == llm.detokenize(ref, special=special).decode()
+            ), text
         if vocab == "bpe":  # byte-level BPE is lossless
             assert tok.decode(tok.encode(text)) == text
 

@@ -57,15 +57,39 @@ CASES = [
     # Llama 3.1: scaled RoPE evaluated at positions up to 80, past original_max_position_embeddings=32.
     Case("llama3-scaled-gqa", "llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE), seq=80),
     # Llama 3.2 / SmolLM2 shape: tied embeddings; MQA; linear RoPE scaling.
-    Case("llama-tied-mqa-linear", "llama", dict(num_key_value_heads=1, tie_word_embeddings=True,
-                                                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),  # fmt: skip
+    Case(
+        "llama-tied-mqa-linear",
+        "llama",
+        dict(
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        ),
+    ),  # fmt: skip
     # Llama 2 shape (MHA) with every optional bias switched on.
     Case("llama2-mha-bias", "llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
-    Case("qwen2-bias-tied", "qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True,
-                                          rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),  # fmt: skip
+    Case(
+        "qwen2-bias-tied",
+        "qwen2",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        ),
+    ),  # fmt: skip
     # Qwen2 with a sliding window on layers >= max_window_layers only.
-    Case("qwen2-window-layer2", "qwen2", dict(num_hidden_layers=3, num_key_value_heads=2, use_sliding_window=True,
-                                              sliding_window=8, max_window_layers=2), gguf=False),  # fmt: skip
+    Case(
+        "qwen2-window-layer2",
+        "qwen2",
+        dict(
+            num_hidden_layers=3,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=8,
+            max_window_layers=2,
+        ),
+        gguf=False,
+    ),  # fmt: skip
     # Mistral v0.1: 40 tokens against a 16-token window, so the window really cuts.
     Case("mistral-window", "mistral", dict(num_key_value_heads=2, sliding_window=16), gguf=False),
 ]
@@ -74,7 +98,11 @@ CASES = [
 def hf_config(case: Case):
     base = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=128, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2)  # fmt: skip
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }
     return cls[case.arch](**{**base, **case.config})
 
 
@@ -360,11 +388,11 @@ def test_smollm2_dequantization_and_logits_match_llama_cpp_f32(smollm2, smollm2_
 
     model, tok = smollm2
     ref_model, _ = load_torch_model(smollm2_f32, device="cpu", dtype=torch.float32)
-    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     del ref_model
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_f32), n_ctx=512, n_threads=2, logits_all=True, verbose=False,
+    llm = llama_cpp.Llama(model_path=str(smollm2_f32), n_ctx=512, n_threads=1, logits_all=True, verbose=False,
                           type_k=0, type_v=0)  # fmt: skip
     ids = tok.encode(chatml("What is the capital of France?"))
     llm.eval(ids)
@@ -377,7 +405,7 @@ def test_smollm2_dequantization_and_logits_match_llama_cpp_f32(smollm2, smollm2_
     for q in QUESTIONS[:5]:
         ids = tok.encode(chatml(q))
         ours, theirs = generate(model, ids, N_NEW), llama_cpp_greedy(llm, ids, N_NEW)
-        agreed += next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), N_NEW)
+        agreed += next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), N_NEW)
     assert agreed / (5 * N_NEW) >= 0.95
 
 
@@ -393,7 +421,7 @@ def test_smollm2_greedy_agrees_with_llama_cpp_q4_1(smollm2, smollm2_path):
     import llama_cpp
 
     model, tok = smollm2
-    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
     agree = total = prefix = 0
     margins: list[float] = []
     for q in QUESTIONS:
@@ -404,12 +432,12 @@ def test_smollm2_greedy_agrees_with_llama_cpp_q4_1(smollm2, smollm2_path):
         with torch.no_grad():
             logits = model(torch.tensor([ids + ref[:-1]]))[0, len(ids) - 1 :]  # predicts ref[0..N-1]
         ours = logits.argmax(-1).tolist()
-        for i, (want, got) in enumerate(zip(ref, ours)):
+        for i, (want, got) in enumerate(zip(ref, ours, strict=True)):
             total += 1
             agree += want == got
             if want != got:
                 margins.append(float(logits[i, got] - logits[i, want]))
-        prefix += next((i for i, (a, b) in enumerate(zip(ref, ours)) if a != b), N_NEW)
+        prefix += next((i for i, (a, b) in enumerate(zip(ref, ours, strict=True)) if a != b), N_NEW)
     print(f"teacher-forced agreement {agree}/{total}; tokens before first divergence {prefix}/{total}; "
           f"margins {sorted(round(m, 3) for m in margins)}")  # fmt: skip
     assert agree / total >= 0.95

@@ -108,12 +108,17 @@ def test_injected_passage_is_quarantined(store, engine):
 
 
 def test_injection_policy_flag_and_off(store, engine):
-    persona = make_persona(store, safety=SafetyPolicy(injection="flag"), knowledge=KnowledgeConfig(top_k=2))
+    docs = [("notes.txt", DISTRACTORS["notes.txt"].encode()), ("ferry.txt", DISTRACTORS["ferry.txt"].encode())]
+    persona = store.create(Persona(name="glim", model="tiny", safety=SafetyPolicy(injection="flag")), docs)
     rt = PersonaRuntime(persona, lambda name: engine, store=store)
     prep = rt.prepare_sync([{"role": "user", "content": "visitor notes about the cat"}])
     assert "notes.txt" in [p.source.file for p in prep.sources]  # kept, but flagged and recorded
     assert any(d.action == "flag" for d in prep.decisions)
-    assert not prep.quarantined
+    assert not prep.quarantined and prep.herd()["sources"][0]["flagged"]
+    off = store.update("glim", {"safety": {"injection": "off"}})
+    prep = PersonaRuntime(off, lambda name: engine, store=store).prepare_sync(
+        [{"role": "user", "content": "visitor notes about the cat"}])
+    assert "notes.txt" in [p.source.file for p in prep.sources] and prep.decisions == []
 
 
 def test_no_knowledge_no_retrieval(store, engine):

@@ -19,12 +19,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..errors import HerdError, InvalidRequest, Unavailable
+from ..errors import HerdError, InvalidRequest, ModelNotFound, Unavailable
 from ..settings import Settings, get_settings
 from .engine import Engine, EngineConfig
 from .runtime import LlamaModel
 
 log = logging.getLogger("openherd.manager")
+
+_GRACE_S = 2.0  # seconds after acquire() during which a model is never evicted
 
 
 @dataclass
@@ -154,7 +156,10 @@ class ModelManager:
         )
 
     async def _load(self, name: str, num_ctx: int | None) -> LoadedModel:
-        manifest = await asyncio.to_thread(self.store.resolve, name)
+        # Store names only: a server must never load an arbitrary path a client names.
+        manifest = await asyncio.to_thread(self.store.get, name)
+        if manifest is None:
+            raise ModelNotFound(name)
         cfg = self._config(num_ctx, manifest.adapter)
         async with self._global:
             await self._make_room(manifest.size)
@@ -191,7 +196,10 @@ class ModelManager:
             return len(self._loaded) >= self.settings.max_loaded_models or used + incoming > self.budget
 
         while self._loaded and over():
-            idle = [m for m in self._loaded.values() if not m.engine.busy]
+            # A model handed out in the last moments may not have its request submitted
+            # yet; evicting it would fail that request, so it counts as busy.
+            now = time.monotonic()
+            idle = [m for m in self._loaded.values() if not m.engine.busy and now - m.engine.last_used > _GRACE_S]
             if not idle:
                 if len(self._loaded) >= self.settings.max_loaded_models:
                     raise Unavailable("all loaded models are busy and no more can be loaded; retry shortly")

@@ -119,7 +119,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         err = HerdError(str(exc.detail)[:200])
         err.status = exc.status_code
         err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return error_response(request.url.path, err)
+    response = error_response(request.url.path, err)
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
