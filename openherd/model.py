@@ -56,6 +56,7 @@ __all__ = [
     "hf_state_dict_to_ours",
     "load_gguf",
     "load_hf_dir",
+    "llama3_rope_factors",
     "load_torch_model",
     "dequantize_gguf_tensor",
     "logits_to_probs",
@@ -816,6 +817,17 @@ def config_from_gguf(
     if scaling not in ("none", "linear"):
         raise InvalidModelFile(f"unsupported GGUF RoPE scaling {scaling!r} (supported: none, linear)")
     linear = scaling == "linear" and factor != 1.0
+    theta = get("rope.freq_base", 10000.0, float)
+    rope: dict[str, Any] = {
+        "rope_scaling": "linear" if linear else "default",
+        "rope_factor": factor if linear else 1.0,
+    }
+    if rope_freqs is not None:
+        # Name the scaling when the factors are Llama 3.1's, so the model exports to a HF config.
+        orig = int(md.get(f"{arch}.rope.scaling.original_context_length") or 8192)
+        rope = _llama3_rope_from_factors(list(rope_freqs), theta, head_dim, orig) or {
+            "rope_freq_factors": tuple(float(f) for f in rope_freqs)
+        }
     window = md.get(f"{arch}.attention.sliding_window")
     return ModelArgs(
         arch=arch,
@@ -828,16 +840,45 @@ def config_from_gguf(
         vocab_size=int(shapes["token_embd.weight"][0]),
         norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
         max_seq_len=get("context_length", 4096),
-        rope_theta=get("rope.freq_base", 10000.0, float),
-        rope_scaling="linear" if linear else "default",
-        rope_factor=factor if linear else 1.0,
-        rope_freq_factors=tuple(float(f) for f in rope_freqs) if rope_freqs is not None else None,
+        rope_theta=theta,
+        **rope,
         qkv_bias="blk.0.attn_q.bias" in shapes,
         o_bias="blk.0.attn_output.bias" in shapes,
         mlp_bias="blk.0.ffn_up.bias" in shapes,
         tie_embeddings="output.weight" not in shapes,
         sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
     )
+
+
+def llama3_rope_factors(
+    theta: float, head_dim: int, factor: float, low: float, high: float, original_max_seq_len: int
+) -> list[float]:
+    """Llama 3.1 scaling as per-frequency divisors: llama.cpp's rope_freqs.weight
+    (convert_hf_to_gguf.py, `LlamaModel.generate_extra_tensors`)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < original_max_seq_len / high:
+            out.append(1.0)
+        elif wavelen > original_max_seq_len / low:
+            out.append(factor)
+        else:
+            smooth = (original_max_seq_len / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+def _llama3_rope_from_factors(factors: list[float], theta: float, head_dim: int, orig: int) -> dict | None:
+    """The llama3 rope fields whose factors these are, trying Meta's published low/high (1, 4)."""
+    factor = max(factors)
+    expected = llama3_rope_factors(theta, head_dim, factor, 1.0, 4.0, orig)
+    if len(expected) != len(factors) or any(
+        abs(a - b) > 1e-5 * b for a, b in zip(factors, expected, strict=True)
+    ):
+        return None
+    return dict(rope_scaling="llama3", rope_factor=factor, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                rope_original_max_seq_len=orig)  # fmt: skip
 
 
 def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:

@@ -30,7 +30,8 @@ This module imports no torch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,25 @@ class Tokenizer:
     eos_ids: tuple[int, ...] = ()  # every id that ends a turn; eos_ids[0] is the EOS proper
     chat_template: str | None = None  # the model's own Jinja chat template
     add_bos: bool = False  # whether encode(add_special=True) prepends BOS
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # ----------------------------------------------------------------- encode / decode
 
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of `text`. Special tokens written in the text (`<|im_start|>`) are parsed as such."""
-        return list(self.backend.encode(text, add_special_tokens=add_special).ids)
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, as llama.cpp's tokenize(text, add_special, parse_special).
+
+        add_special: add BOS/EOS where the model wants them. parse_special: read control
+        tokens written in the text (`<|im_start|>`) as those tokens; turn it off for
+        untrusted text, which then cannot forge turn boundaries.
+        """
+        if parse_special:
+            return list(self.backend.encode(text, add_special_tokens=add_special).ids)
+        with self._lock:  # the switch lives on the shared backend
+            self.backend.encode_special_tokens = True
+            try:
+                return list(self.backend.encode(text, add_special_tokens=add_special).ids)
+            finally:
+                self.backend.encode_special_tokens = False
 
     def decode(self, ids: list[int], skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)

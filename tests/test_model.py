@@ -23,10 +23,12 @@ from openherd.model import (
     PRESETS,
     ModelArgs,
     Transformer,
+    config_from_gguf,
     config_from_hf,
     config_to_hf,
     generate,
     hf_state_dict_to_ours,
+    llama3_rope_factors,
     load_torch_model,
     logits_to_probs,
     ours_to_hf_state_dict,
@@ -182,6 +184,19 @@ def test_explicit_rope_freq_factors_and_linear_scaling():
     torch.testing.assert_close(explicit, plain / torch.tensor(factors))
 
 
+def test_gguf_rope_freqs_are_recognised_as_llama3_scaling():
+    md = {"general.architecture": "llama", "llama.embedding_length": 2048, "llama.attention.head_count": 32,
+          "llama.block_count": 16, "llama.feed_forward_length": 8192, "llama.rope.freq_base": 500000.0}  # fmt: skip
+    shapes = {"token_embd.weight": (128256, 2048)}
+    factors = llama3_rope_factors(500000.0, 64, 32.0, 1.0, 4.0, 8192)  # Llama 3.2 1B
+    args = config_from_gguf(md, shapes, np.float32(factors))  # as stored: float32
+    preset = ModelArgs.from_name("llama-3.2-1b")
+    assert (args.rope_scaling, args.rope_factor, args.rope_original_max_seq_len) == ("llama3", 32.0, 8192)
+    torch.testing.assert_close(rope_inv_freq(args), rope_inv_freq(preset))
+    odd = [f * 1.01 for f in factors]  # not Llama 3.1's formula: kept as explicit divisors
+    assert config_from_gguf(md, shapes, odd).rope_freq_factors == tuple(odd)
+
+
 def test_rope_frequencies_stay_fp32_in_a_bf16_model():
     model = random_model().to(torch.bfloat16)
     logits = model(torch.tensor([[1, 2, 3]]))
@@ -258,6 +273,15 @@ def test_batched_forward_matches_single_rows_and_logits_to_keep():
         for i in range(3):
             torch.testing.assert_close(batch[i], model(ids[i : i + 1])[0])
         torch.testing.assert_close(model(ids, logits_to_keep=1), batch[:, -1:])
+
+
+def test_training_forward_backward_reaches_every_parameter():
+    model = random_model(tie_embeddings=True, qkv_bias=True, sliding_window=4).train()
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    logits = model(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), ids[:, 1:].reshape(-1))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
 def test_sampling_functions():
@@ -545,6 +569,8 @@ def test_gguf_tokenizer_matches_llama_cpp(tmp_path, vocab):
     tok = Tokenizer.from_gguf_metadata(read_gguf(path, load_arrays=True).metadata)
     assert tok.add_bos is (vocab == "spm")
     for text in TOKENIZER_TEXTS:
+        unparsed = llm.tokenize(text.encode(), add_bos=False, special=False)
+        assert tok.encode(text, add_special=False, parse_special=False) == unparsed, text
         for add_special in (False, True):
             ref = llm.tokenize(text.encode(), add_bos=add_special, special=True)
             assert tok.encode(text, add_special=add_special) == ref, (text, add_special)

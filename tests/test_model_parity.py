@@ -16,7 +16,6 @@ Slow tests use the real default model (SmolLM2-135M-Instruct, Q4_1 GGUF).
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +237,8 @@ def write_gguf_like_llama_cpp(hf, path: Path) -> Path:
     if rope["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
+    if rope["rope_type"] == "llama3":  # lets the loader name the scaling (llama.cpp reads it for YaRN only)
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
 
     voc = tiny_vocab("bpe")
     w.add_tokenizer_model("gpt2")
@@ -292,8 +293,9 @@ def test_gguf_round_trip_and_llama_cpp(case_models, tmp_path):
     path = write_gguf_like_llama_cpp(hf, tmp_path / "m.gguf")
     from_gguf, tok = load_torch_model(path, device="cpu", dtype=torch.float32)
     assert tok is not None and tok.vocab_size == VOCAB
-    if case.name.startswith("llama3"):
-        assert from_gguf.args.rope_freq_factors is not None
+    # Same config, Llama 3.1 scaling recognised from rope_freqs; GGUF stores eps as float32.
+    assert from_gguf.args.norm_eps == pytest.approx(ours.args.norm_eps)
+    assert from_gguf.args == ours.args.from_dict({**ours.args.to_dict(), "norm_eps": from_gguf.args.norm_eps})
     ids = prompt_ids(case.seq, seed=3)
     with torch.no_grad():
         ref = ours(ids)
@@ -333,10 +335,9 @@ def chatml(question: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def smollm2_path(request) -> Path:
-    """SmolLM2-135M-Instruct Q4_1: HERD_TEST_DEFAULT_GGUF, else conftest's `default_model_path`."""
-    override = os.environ.get("HERD_TEST_DEFAULT_GGUF")
-    return Path(override) if override else Path(request.getfixturevalue("default_model_path"))
+def smollm2_path(default_model_path) -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the store (or HERD_TEST_DEFAULT_GGUF; see conftest)."""
+    return Path(default_model_path)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ import ollama
 import pytest
 from server_helpers import MODEL, N_CTX, live_server, register_model
 
-pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 

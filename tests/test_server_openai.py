@@ -20,7 +20,6 @@ import openai
 import pytest
 from server_helpers import MODEL, N_CTX, NO_EOS, live_server, register_model
 
-pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 

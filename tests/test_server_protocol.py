@@ -33,7 +33,6 @@ from openherd.server.tools import (
     prepare_messages,
 )
 
-pytest_plugins = ["server_helpers"]  # the serve_gguf fixture
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 

@@ -19,7 +19,6 @@ from starlette.testclient import TestClient
 from openherd.server.app import MAX_HEADER_BYTES, build_app
 from openherd.settings import Settings
 
-pytest_plugins = ["server_helpers"]  # the serve_gguf / llama3_gguf fixtures
 pytestmark = pytest.mark.timeout(300)
 
 KEY = "sk-test-0123456789"

@@ -133,3 +133,59 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- comparisons
+
+
+def write_comparison(out_dir: Path, comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]) -> dict[str, Path]:
+    """A comparison's directory: comparison.json, report.md, chart.png, and each run's own files in a/ and b/."""
+    from .compare import comparison_table
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for side, (summary, records) in results.items():
+        write_report(out_dir / side, summary, records)
+    paths = {"comparison": out_dir / "comparison.json", "report": out_dir / "report.md"}
+    _atomic_write(paths["comparison"], json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    _atomic_write(paths["report"], comparison_table(comparison))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return paths
+    paths["chart"] = out_dir / "chart.png"
+    write_comparison_chart(paths["chart"], comparison)
+    return paths
+
+
+def write_comparison_chart(path: Path, comparison) -> None:
+    """Grouped bars, A and B per metric, with the difference and its interval as the label."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = comparison.metrics
+    fig = Figure(figsize=(max(4.5, 1.8 * len(metrics) + 2), 3.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = list(range(len(metrics)))
+    width = 0.38
+    ax.bar([x - width / 2 for x in xs], [m.a for m in metrics], width, label=f"A: {comparison.a}", color="#4C72B0")
+    ax.bar([x + width / 2 for x in xs], [m.b for m in metrics], width, label=f"B: {comparison.b}", color="#DD8452")
+    top = max([m.a for m in metrics] + [m.b for m in metrics] + [0.0])
+    for x, m in zip(xs, metrics, strict=True):
+        ax.annotate(
+            f"{m.diff:+.3f}\n[{m.low:+.3f}, {m.high:+.3f}]",
+            (x, max(m.a, m.b)),
+            ha="center",
+            va="bottom",
+            xytext=(0, 3),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    ax.set_xticks(xs)
+    ax.set_xticklabels([m.metric for m in metrics])
+    ax.set_ylim(0, (1.25 if top <= 1.0 else top * 1.3))
+    ax.set_title(f"{comparison.task}: B − A with {round(comparison.confidence * 100)}% paired bootstrap CI", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")

@@ -2,25 +2,30 @@
 
 ``run_task(model, task)`` is the one entry point. ``model`` is anything with the
 three request types of lm-evaluation-harness (``LanguageModel`` below), so the
-scoring here never touches llama.cpp: ``EngineLM`` adapts an
-``openherd.engine.Engine`` to it, and tests can pass any other implementation.
+scoring here never touches llama.cpp: ``lm.EngineLM`` and ``lm.PersonaLM``
+adapt the engine (and a persona) to it, and tests can pass any other implementation.
 
 Request semantics follow lm-eval so numbers are comparable:
 
 * multiple_choice: one ``loglikelihood(context, target_delimiter + choice)``
-  request per choice; acc / acc_norm from ``scoring.mc_predictions``;
+  request per choice (all of them in one call, so the model can batch them;
+  no delimiter for chat-formatted models, as lm-eval does with a chat
+  template); acc / acc_norm from ``scoring.mc_predictions``;
 * generation: ``generate(context, stop, max_tokens)`` at temperature 0, scored
   with the task's metric against every reference (best one counts);
-* perplexity: ``loglikelihood_rolling(text)``, aggregated into word/byte
-  perplexity and bits per byte;
+* perplexity: ``loglikelihood_rolling(text)``, aggregated into word, byte and
+  token perplexity and bits per byte;
 * humaneval: ``samples`` completions of each problem's prompt, run in the
   sandbox, pass@k.
+
+Perplexity and HumanEval are raw-text measures: a chat-formatted model (a
+persona) answers them through its ``raw`` model, the served weights alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -44,14 +49,22 @@ class GenRequest:
 
 
 class LanguageModel(Protocol):
+    """lm-eval's request types. Optional attributes the runner honours:
+
+    * ``chat`` (bool): prompts are chat-formatted, so choices follow the prompt without
+      the target delimiter (lm-eval's rule under a chat template);
+    * ``raw`` (LanguageModel): the same weights without chat formatting, used for
+      perplexity and HumanEval, which score raw text and raw code completion.
+    """
+
     name: str
 
     def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
         """For each (context, continuation): (sum of log P(continuation tokens | context), is_greedy)."""
         ...
 
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        """For each text: its total log-probability, scored in windows of the context size."""
+    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """For each text: (its total log-probability, scored in windows of the context size; its token count)."""
         ...
 
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
@@ -64,6 +77,8 @@ class TaskResult:
     summary: EvalSummary
     records: list[dict]  # one per item (per sample for humaneval)
     scores: dict[str, list[float]]  # per-item scores per metric, in item order: input to paired_bootstrap
+    # metric -> per-item weights when the metric is a weighted mean (perplexity: bytes per document)
+    weights: dict[str, list[float]] = field(default_factory=dict)
 
 
 def run_task(
@@ -100,7 +115,7 @@ def _intervals(scores: dict[str, list[float]]) -> dict[str, tuple[float, float]]
 
 
 def _run_multiple_choice(model: LanguageModel, task: Task, fewshot: int | None) -> TaskResult:
-    delim = task.spec.target_delimiter
+    delim = "" if getattr(model, "chat", False) else task.spec.target_delimiter
     requests, spans = [], []
     for doc in task.docs:
         ctx = task.context(doc, fewshot)
@@ -113,6 +128,7 @@ def _run_multiple_choice(model: LanguageModel, task: Task, fewshot: int | None) 
     records, scores = [], {"acc": [], "acc_norm": []}
     for doc, (start, n) in zip(task.docs, spans, strict=True):
         lls = [r[0] for r in results[start : start + n]]
+        greedy = [r[1] for r in results[start : start + n]]
         choices = task.choices(doc)
         gold = task.gold(doc)
         pred, pred_norm = scoring.mc_predictions(lls, choices)
@@ -127,6 +143,7 @@ def _run_multiple_choice(model: LanguageModel, task: Task, fewshot: int | None) 
                 "pred": pred,
                 "pred_norm": pred_norm,
                 "loglikelihoods": lls,
+                "greedy": greedy,
                 "acc": a,
                 "acc_norm": an,
             }
@@ -138,8 +155,8 @@ def _run_multiple_choice(model: LanguageModel, task: Task, fewshot: int | None) 
         model.name,
         metrics,
         _intervals(scores),
-        {"items": len(task.docs)},
-        _settings(task, fewshot),
+        {"items": len(task.docs), "requests": len(requests)},
+        {**_settings(task, fewshot), "target_delimiter": delim},
     )
     return TaskResult(summary, records, scores)
 
@@ -184,28 +201,37 @@ def _run_generation(model: LanguageModel, task: Task, fewshot: int | None) -> Ta
 
 
 def _run_perplexity(model: LanguageModel, task: Task) -> TaskResult:
+    subject, model = model.name, getattr(model, "raw", model)
     texts = [task.text(doc) for doc in task.docs]
-    lls = model.loglikelihood_rolling(texts)
+    rolled = model.loglikelihood_rolling(texts)
+    if len(rolled) != len(texts):
+        raise RuntimeError(f"model returned {len(rolled)} rolling log-likelihoods for {len(texts)} texts")
+    lls = [float(ll) for ll, _ in rolled]
+    tokens = [int(n) for _, n in rolled]
     words = [scoring.count_words(t) for t in texts]
     nbytes = [scoring.count_bytes(t) for t in texts]
     metrics = {
         "word_perplexity": scoring.weighted_perplexity(lls, words),
         "byte_perplexity": scoring.weighted_perplexity(lls, nbytes),
+        "token_perplexity": scoring.weighted_perplexity(lls, tokens),
         "bits_per_byte": scoring.bits_per_byte(lls, nbytes),
     }
     records = [
-        {"index": d.index, "source": d.source, "loglikelihood": ll, "words": w, "bytes": b}
-        for d, ll, w, b in zip(task.docs, lls, words, nbytes, strict=True)
+        {"index": d.index, "source": d.source, "loglikelihood": ll, "tokens": n, "words": w, "bytes": b}
+        for d, ll, n, w, b in zip(task.docs, lls, tokens, words, nbytes, strict=True)
     ]
-    summary = EvalSummary(
-        task.name, task.type, model.name, metrics, {}, {"items": len(texts)}, _settings(task, 0)
-    )
-    return TaskResult(summary, records, {"loglikelihood": list(lls)})
+    counts = {"items": len(texts), "tokens": sum(tokens), "words": sum(words), "bytes": sum(nbytes)}
+    summary = EvalSummary(task.name, task.type, subject, metrics, {}, counts, _settings(task, 0))
+    # Per-document bits per byte with the byte counts as weights: their weighted mean is the
+    # corpus bits_per_byte, which is what a paired comparison resamples (compare.py).
+    bpb = [-ll / b / math.log(2) for ll, b in zip(lls, nbytes, strict=True)]
+    return TaskResult(summary, records, {"bits_per_byte": bpb}, weights={"bits_per_byte": [float(b) for b in nbytes]})
 
 
 def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolation, progress) -> TaskResult:
     from .humaneval import Sample, evaluate_samples, load_problems
 
+    subject, model = model.name, getattr(model, "raw", model)
     spec = task.spec
     problems = load_problems(spec.data or None)
     ids = list(problems)[: task.limit]
@@ -237,7 +263,7 @@ def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolati
     )
     return humaneval_result(
         task.name,
-        model.name,
+        subject,
         samples,
         report,
         {"samples_per_problem": spec.samples, "temperature": spec.temperature, "timeout": spec.timeout},
@@ -264,104 +290,3 @@ def humaneval_result(task_name: str, subject: str, samples, report, settings: di
         task_name, "humaneval", subject, dict(report.pass_at_k), intervals, counts, settings
     )
     return TaskResult(summary, records(samples, report), scores)
-
-
-# ---------------------------------------------------------------- the engine adapter
-
-
-class EngineLM:
-    """`LanguageModel` over an ``openherd.engine.Engine`` (the native API in docs/ARCHITECTURE.md).
-
-    Tokenisation follows lm-eval's HF models: context and continuation are
-    encoded together and split at the context's length, with trailing spaces
-    of the context moved to the continuation, so BPE merges across the
-    boundary match what the model saw in training.
-    """
-
-    def __init__(self, engine, name: str, *, parallel: int | None = None):
-        self.engine = engine
-        self.name = name
-        self.parallel = parallel or max(1, getattr(getattr(engine, "config", None), "n_parallel", 4) or 4)
-
-    # -- helpers
-
-    def _encode(self, text: str, bos: bool) -> list[int]:
-        return self.engine.tokenize(text, add_special=bos, parse_special=False)
-
-    def _bos(self) -> list[int]:
-        bos = getattr(self.engine.info, "bos", None)
-        return [bos] if bos is not None and bos >= 0 else []
-
-    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        n_spaces = len(context) - len(context.rstrip())
-        if n_spaces > 0:
-            continuation = context[-n_spaces:] + continuation
-            context = context[:-n_spaces]
-        whole = self._encode(context + continuation, bos=True)
-        ctx = self._encode(context, bos=True)
-        return ctx, whole[len(ctx) :]
-
-    # -- LanguageModel
-
-    def loglikelihood(self, requests: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
-        n_ctx = self.engine.info.n_ctx
-        out = []
-        for context, continuation in requests:
-            if context:
-                ctx, cont = self._encode_pair(context, continuation)
-            else:  # lm-eval: an empty context is the BOS/EOT token alone
-                ctx, cont = self._bos(), self._encode(continuation, bos=False)
-            if not cont:
-                out.append((0.0, True))
-                continue
-            keep = max(1, n_ctx - len(cont))
-            ll, greedy = self.engine.loglikelihood(ctx[-keep:], cont[-(n_ctx - 1) :])
-            out.append((float(ll), bool(greedy)))
-        return out
-
-    def loglikelihood_rolling(self, texts: Sequence[str]) -> list[float]:
-        # lm-eval's get_rolling_token_windows with context_len=1: disjoint predicted
-        # spans, each with as much preceding text as fits in the context window.
-        max_len = self.engine.info.n_ctx - 1
-        out = []
-        for text in texts:
-            tokens = self._encode(text, bos=False)
-            total, predicted = 0.0, 0
-            while predicted < len(tokens):
-                n = min(max_len, len(tokens) - predicted)
-                end = predicted + n
-                ctx = self._bos() if predicted == 0 else tokens[max(0, end - max_len - 1) : predicted]
-                ll, _ = self.engine.loglikelihood(ctx, tokens[predicted:end])
-                total += float(ll)
-                predicted = end
-            out.append(total)
-        return out
-
-    def generate(self, requests: Sequence[GenRequest]) -> list[str]:
-        from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
-
-        def one(req: GenRequest) -> str:
-            params = SamplingParams(
-                temperature=req.temperature,
-                top_p=1.0,
-                top_k=0,
-                min_p=0.0,
-                max_tokens=req.max_tokens,
-                stop=list(req.stop),
-                seed=req.seed,
-            )
-            text = []
-            for ev in self.engine.generate(
-                GenerationRequest(prompt=self._encode(req.prompt, bos=True), params=params)
-            ):
-                if isinstance(ev, TokenEvent):
-                    text.append(ev.text)
-                elif isinstance(ev, FinishEvent):
-                    if ev.reason == "error":
-                        raise RuntimeError(f"generation failed: {ev.error}")
-                    text.append(ev.text)
-            return "".join(text)
-
-        # The engine batches concurrent sequences into one decode step; keep it fed.
-        with ThreadPoolExecutor(max_workers=self.parallel) as pool:
-            return list(pool.map(one, requests))

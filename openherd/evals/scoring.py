@@ -225,6 +225,7 @@ def paired_bootstrap(
     a: Sequence[float],
     b: Sequence[float],
     *,
+    weights: Sequence[float] | None = None,
     confidence: float = 0.95,
     n_resamples: int = 2000,
     seed: int = 0,
@@ -234,6 +235,8 @@ def paired_bootstrap(
     Resampling pairs rather than each system separately keeps the per-item
     correlation, which makes the interval much tighter than two independent
     intervals, and is the right test for "is model A better than model B".
+    With ``weights`` the statistic is the weighted mean of each resample (a
+    corpus-level metric such as bits per byte, weighted by each document's bytes).
     """
     x = np.asarray(a, dtype=np.float64)
     y = np.asarray(b, dtype=np.float64)
@@ -241,12 +244,19 @@ def paired_bootstrap(
         raise ValueError(
             "paired_bootstrap needs two equally long, non-empty score lists (same items, same order)"
         )
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != x.shape or not (w > 0).all():
+        raise ValueError("paired_bootstrap weights must be positive, one per item")
     d = x - y
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, d.size, size=(n_resamples, d.size))
-    diffs = d[idx].mean(axis=1)
+    diffs = np.empty(n_resamples)
+    # Resample in blocks so a large item set never needs an (n_resamples x n) index array at once.
+    block = max(1, 4_000_000 // d.size)
+    for start in range(0, n_resamples, block):
+        idx = rng.integers(0, d.size, size=(min(block, n_resamples - start), d.size))
+        diffs[start : start + len(idx)] = (d[idx] * w[idx]).sum(axis=1) / w[idx].sum(axis=1)
     alpha = (1 - confidence) / 2
-    observed = float(d.mean())
+    observed = float((d * w).sum() / w.sum())
     if observed == 0:
         p = 1.0
     else:

@@ -26,6 +26,8 @@ from typing import Any
 from ..errors import InvalidRequest, NotFound, TaskError
 
 TASK_TYPES = ("multiple_choice", "generation", "humaneval", "perplexity")
+# A perplexity task's data may be plain text: the whole file is one document.
+TEXT_SUFFIXES = (".txt", ".md", ".text")
 METRICS = ("exact_match", "regex", "f1")
 BUILTIN_DIR = Path(__file__).with_name("builtin")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -38,7 +40,7 @@ class TaskSpec:
     name: str  # [A-Za-z0-9][A-Za-z0-9._-]*: used in output directory names
     type: str  # multiple_choice | generation | humaneval | perplexity
     data: str = ""  # JSONL(.gz) path relative to the YAML, or "package:MODULE/PATH" for packaged data
-    description: str = ""  # text placed before the few-shot examples
+    description: str = ""  # text placed verbatim before the few-shot examples (end it with "\n\n" yourself)
     prompt: str = ""  # Jinja2 template over the data fields (the doc itself is also `doc`)
     # multiple_choice
     choices: str | list[str] | None = None  # field holding a list of strings, or a list of templates
@@ -69,7 +71,7 @@ _REQUIRED = {
     "multiple_choice": ("prompt", "choices", "gold"),
     "generation": ("prompt", "target"),
     "humaneval": (),
-    "perplexity": ("text",),
+    "perplexity": (),  # `text` too, unless `data` is a plain text file (checked in parse_spec)
 }
 _FIELD_TYPES = {
     "name": str,
@@ -190,7 +192,11 @@ class Task:
         return rng.sample(pool, min(k, len(pool)))
 
     def context(self, doc: Doc, fewshot: int | None = None) -> str:
-        """description + few-shot examples + this item's prompt, lm-eval style."""
+        """description + few-shot examples + this item's prompt, exactly as lm-eval builds it.
+
+        lm-eval prepends the description verbatim (its ``maybe_delimit`` adds nothing to a
+        lone description), so a task that wants a blank line after it writes one.
+        """
         spec = self.spec
         parts = [
             self.prompt(ex) + spec.target_delimiter + self.answer(ex)
@@ -198,7 +204,7 @@ class Task:
         ]
         parts.append(self.prompt(doc))
         body = spec.fewshot_delimiter.join(parts)
-        return (spec.description + spec.fewshot_delimiter + body) if spec.description else body
+        return spec.description + body
 
     def _render(self, key, doc: Doc) -> str:
         from jinja2 import TemplateError
@@ -223,7 +229,7 @@ def resolve_task(name_or_path: str) -> Path:
     if name_or_path in builtins:
         return builtins[name_or_path]
     p = Path(name_or_path).expanduser()
-    if p.suffix in (".yaml", ".yml") or "/" in name_or_path or p.exists():
+    if p.suffix in (".yaml", ".yml", *TEXT_SUFFIXES) or "/" in name_or_path or p.exists():
         if not p.is_file():
             raise NotFound(f"task file {name_or_path} does not exist")
         return p
@@ -237,9 +243,19 @@ def resolve_task(name_or_path: str) -> Path:
 
 
 def load_task(name_or_path: str, *, limit: int | None = None) -> Task:
+    """A built-in task, a task YAML file, or a plain text file (its perplexity)."""
     path = resolve_task(name_or_path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return text_task(path, limit=limit)
     spec = parse_spec(path)
     return build_task(spec, path, limit=limit)
+
+
+def text_task(path: Path, *, limit: int | None = None) -> Task:
+    """Perplexity of one plain text file, as a task: ``herd eval MODEL --task notes.txt``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", path.stem).lstrip("._-")[:48] or "text"
+    spec = TaskSpec(name=f"ppl-{stem}", type="perplexity", data=str(path.resolve()), text="text")
+    return build_task(spec, None, limit=limit)
 
 
 def parse_spec(path: Path) -> TaskSpec:
@@ -296,6 +312,11 @@ def parse_spec(path: Path) -> TaskSpec:
             raise TaskError(f"{label}: a {raw['type']} task needs the field '{req}'")
     if raw["type"] != "humaneval" and "data" not in raw:
         raise TaskError(f"{label}: missing required field 'data' (a JSONL file relative to the task file)")
+    if raw["type"] == "perplexity" and "text" not in raw and not raw["data"].lower().endswith(TEXT_SUFFIXES):
+        raise TaskError(
+            f"{label}: a perplexity task needs the field 'text' (the JSONL field to score), "
+            f"or a plain text file ({', '.join(TEXT_SUFFIXES)}) as its data"
+        )
 
     spec = TaskSpec(**raw)
     _check_values(spec, at)
@@ -334,6 +355,11 @@ def _check_values(spec: TaskSpec, at) -> None:
     for ok, key, msg in checks:
         if not ok:
             raise TaskError(f"{at(key)}: '{key}' {msg}")
+    if spec.samples > 1 and spec.temperature == 0:
+        raise TaskError(
+            f"{at('samples')}: {spec.samples} samples per problem at temperature 0 would all be the same "
+            "completion; set a temperature > 0 (e.g. 0.8) for pass@k with k > 1"
+        )
     if spec.type == "perplexity" and spec.fewshot:
         raise TaskError(f"{at('fewshot')}: perplexity tasks take no few-shot examples")
 
@@ -362,7 +388,11 @@ def build_task(spec: TaskSpec, path: Path | None, *, limit: int | None = None) -
             raise InvalidRequest("--limit must be > 0")
         return Task(spec, path, [], [], templates, limit=limit)
     base = path.parent if path else Path.cwd()
-    all_docs = list(read_jsonl(locate_data(spec.data, base)))
+    location = locate_data(spec.data, base)
+    if spec.type == "perplexity" and location[0].lower().endswith(TEXT_SUFFIXES):
+        all_docs = [read_text_doc(location, spec.text or "text")]
+    else:
+        all_docs = list(read_jsonl(location))
     if not all_docs:
         raise TaskError(f"{label}: data file {spec.data} has no items")
     pool = list(read_jsonl(locate_data(spec.fewshot_data, base))) if spec.fewshot_data else all_docs
@@ -412,6 +442,19 @@ def locate_data(data: str, base: Path) -> tuple[str, Any]:
     if not p.is_file():
         raise TaskError(f"task data file {p} does not exist")
     return str(p), p
+
+
+def read_text_doc(location: tuple[str, Any], field_name: str) -> Doc:
+    """A whole plain text file as one document (perplexity of a text file)."""
+    label, res = location
+    try:
+        text = res.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = res.read_bytes()[: e.start].count(b"\n") + 1
+        raise TaskError(f"{label}:{line}: not UTF-8 text") from None
+    if not text.strip():
+        raise TaskError(f"{label}: the text file is empty")
+    return Doc(0, {field_name: text}, f"{label}:1")
 
 
 def read_jsonl(location: tuple[str, Any]) -> Iterator[Doc]:

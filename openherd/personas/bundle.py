@@ -35,6 +35,7 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -50,6 +51,8 @@ from typing import IO, Any
 from ..errors import HerdError, InvalidName, InvalidRequest, NotFound, PayloadTooLarge, StoreError
 from ..settings import Settings, get_settings
 from ..store.manifest import NAME_RE, display, utcnow
+
+log = logging.getLogger("openherd.personas")
 
 try:
     import fcntl
@@ -685,8 +688,8 @@ class PersonaStore:
                 continue
             try:
                 out.append(self.get(entry.name))
-            except HerdError:
-                continue
+            except HerdError as e:
+                log.warning("skipping persona %s: %s", entry.name, e.message)
         return out
 
     def lookup(self, model_id: str) -> Persona | None:

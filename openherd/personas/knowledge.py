@@ -491,6 +491,8 @@ class KnowledgeIndex:
         self.path = Path(path)
         self._lock = threading.RLock()
         self._db: sqlite3.Connection | None = None
+        self.sync_lock = threading.Lock()  # one ingest/embed pass at a time (PersonaRuntime.sync)
+        self._rows_cache: tuple[tuple, list[tuple]] | None = None  # (key, active chunk rows)
         self._lex_cache: tuple[tuple, object, list[int]] | None = None  # (key, bm25 model, chunk ids)
         self._dense_cache: dict[str, tuple[tuple, np.ndarray, list[int]]] = {}
 
@@ -718,10 +720,14 @@ class KnowledgeIndex:
         if mode not in ("hybrid", "bm25", "dense"):
             raise InvalidRequest(f"unknown retrieval mode {mode!r}; use hybrid, bm25 or dense")
         with self._lock:
-            rows = self._active(sources, chunker)
+            key = (self._generation(), chunker, tuple(sorted(s.sha256 for s in sources)))
+            if self._rows_cache is not None and self._rows_cache[0] == key:
+                rows = self._rows_cache[1]
+            else:
+                rows = self._active(sources, chunker)
+                self._rows_cache = (key, rows)
             if not rows:
                 return SearchResult([], [])
-            key = (self._generation(), chunker, tuple(sorted(s.sha256 for s in sources)))
             rankings: list[list[int]] = []
             bm25_ranks: dict[int, int] = {}
             dense_ranks: dict[int, int] = {}

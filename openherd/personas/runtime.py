@@ -29,7 +29,7 @@ import inspect
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,15 @@ from ..engine.types import FinishEvent, GenerationRequest, SamplingParams
 from ..errors import ContextOverflow, InvalidRequest, StoreError
 from ..settings import Settings
 from .bundle import KnowledgeSource, Persona, PersonaStore
-from .knowledge import KnowledgeIndex, Passage, SearchResult, SyncReport, chunker_id, cited_indices, render_context
+from .knowledge import (
+    KnowledgeIndex,
+    Passage,
+    SearchResult,
+    SyncReport,
+    chunker_id,
+    cited_indices,
+    render_context,
+)
 
 __all__ = ["PersonaAnswer", "PersonaRuntime", "PreparedChat", "model_key"]
 
@@ -160,7 +168,6 @@ class PersonaRuntime:
         self.acquire = acquire
         self.store = store or PersonaStore(settings)
         self.retrieval = retrieval
-        self._sync_lock = threading.Lock()
 
     # ------------------------------------------------------------------ engines
 
@@ -242,7 +249,7 @@ class PersonaRuntime:
     def sync(self, engine, embedder=None) -> SyncReport:
         """Bring the index up to date: ingest new/changed documents, embed what lacks vectors."""
         k = self.persona.knowledge
-        with self._sync_lock:
+        with self.index().sync_lock:  # per index: concurrent requests of one persona ingest once
             report = self.index().sync(
                 k.sources, self._read, _tokenizer(engine), model_key(engine), k.chunk_tokens, k.chunk_overlap)
             if embedder is not None and self.retrieval != "bm25":
@@ -374,20 +381,54 @@ def _counter(engine):
     return lambda text: len(engine.tokenize(text, add_special=False, parse_special=False))
 
 
+EMBED_BATCH_TOKENS = 512  # llama.cpp's n_ubatch in the engine's embedding context
+
+
 def _embedder(engine):
+    """texts -> vectors through engine.embed, in calls of at most EMBED_BATCH_TOKENS tokens.
+
+    Encoder models (BERT) must see every token of a llama_decode call in one
+    micro-batch (n_ubatch, 512 in the engine's embedding context); llama.cpp aborts
+    the process otherwise. Texts are cut to fit (a chunk is 192 tokens of the
+    generation model, far below that, but an embedding tokenizer may count more).
+    """
+
+    def count(text: str) -> int:
+        return len(engine.tokenize(text, add_special=True, parse_special=False))
+
     def embed(texts: list[str]) -> list[list[float]]:
-        limit = getattr(getattr(engine, "config", None), "embed_ctx", 2048)
-        # A chunk (plus its title) can exceed a small embedding context; cut it rather than fail.
-        safe = []
+        limit = EMBED_BATCH_TOKENS
+        n_train = getattr(engine.info, "n_ctx_train", 0)
+        if n_train:
+            limit = min(limit, n_train)  # BERT-style encoders have 512 positions
+        fitted: list[tuple[str, int]] = []
         for t in texts:
-            toks = engine.tokenize(t, add_special=False, parse_special=False)
-            if len(toks) > limit - 8:
-                t = engine.detokenize(toks[: limit - 8])
-            safe.append(t if t.strip() else ".")
-        return engine.embed(safe)[0]
+            t = t if t.strip() else "."
+            n = count(t)
+            if n > limit:
+                toks = engine.tokenize(t, add_special=False, parse_special=False)
+                keep = limit - (n - len(toks)) - 1  # room for the special tokens embed() adds
+                t = engine.detokenize(toks[:keep])
+                n = count(t)
+                while n > limit and keep > 1:  # detokenize/tokenize need not round-trip exactly
+                    keep -= 8
+                    t = engine.detokenize(toks[:keep])
+                    n = count(t)
+            fitted.append((t, n))
+        out: list[list[float]] = []
+        group: list[str] = []
+        used = 0
+        for t, n in fitted:
+            if group and used + n > limit:
+                out += engine.embed(group)[0]
+                group, used = [], 0
+            group.append(t)
+            used += n
+        if group:
+            out += engine.embed(group)[0]
+        return out
 
     return embed
-
 
 
 class LocalEngines:

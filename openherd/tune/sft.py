@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import InvalidRequest, StoreError
-from ..model import Transformer, load_torch_model, rope_cos_sin
+from ..model import Transformer, apply_rope, load_torch_model, rope_cos_sin
 from .data import (
     IGNORE,
     Batch,
@@ -64,8 +64,10 @@ from .data import (
 )
 from .lora import (
     LoRAConfig,
+    LoRALinear,
     apply_lora,
     load_lora_state_dict,
+    lora_addmm,
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
@@ -313,8 +315,18 @@ def _pad_id(tok: Any) -> int:
 
 
 def forward_hidden(model: Transformer, batch: Batch) -> Tensor:
-    """The final hidden states (B, T, dim): Transformer.forward without the output projection,
-    plus per-row positions and block-diagonal masks for packed rows."""
+    """The final hidden states (B, T, dim) for training and validation.
+
+    The same maths as ``Transformer.forward`` without the output projection (the loss
+    projects only trained positions), laid out for a training step:
+      * q/k/v and gate/up run as one GEMM each over weights fused once (the module
+        weights become views into them: no extra memory), their LoRA A's as one GEMM on
+        one dropout of the shared input (litgpt's LoRAQKVLinear does the same) and their
+        B's as one block-diagonal addmm into the base output;
+      * grouped-query attention goes to SDPA's ``enable_gqa`` instead of copying K/V;
+      * packed rows get per-row positions and block-diagonal masks.
+    tests/test_tune_sft.py checks it against ``model(input_ids)``.
+    """
     ids = batch.input_ids
     B, T = ids.shape
     x = model.tok_embeddings(ids)  # (B, T, dim)
@@ -326,8 +338,69 @@ def forward_hidden(model: Transformer, batch: Batch) -> Tensor:
         cos, sin = cos.view(B, 1, T, -1), sin.view(B, 1, T, -1)  # (B, 1, T, hd): broadcast over heads
     masks = _train_masks(model, batch)
     for i, block in enumerate(model.layers):
-        x = block(x, cos, sin, masks[model.args.window(i)], None)
+        h = x + _attention(block.attention, block.attention_norm(x), cos, sin, masks[model.args.window(i)])
+        x = h + _feed_forward(block.feed_forward, block.ffn_norm(h))
     return model.norm(x)
+
+
+def _attention(a: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
+    B, T, _ = x.shape
+    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    qkv = _fused_proj(a, ("wq", "wk", "wv"), x)  # (B, T, nq + 2 nkv)
+    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+    q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+    k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+    v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                       enable_gqa=a.n_kv_heads != a.n_heads)  # (B, nh, T, hd)  # fmt: skip
+    return a.wo(y.transpose(1, 2).reshape(B, T, nq))
+
+
+def _feed_forward(f: Any, x: Tensor) -> Tensor:
+    gate, up = _fused_proj(f, ("w1", "w3"), x).chunk(2, dim=-1)  # (B, T, hidden) each
+    return f.w2(F.silu(gate) * up)
+
+
+def _fused_proj(parent: Any, names: tuple[str, ...], x: Tensor) -> Tensor:
+    """x through several projections of the same input: [x W1^T + x A1^T B1^T s1, ...] concatenated."""
+    mods = [getattr(parent, n) for n in names]
+    weight, bias = _fused_weight(parent, names, mods)
+    y = F.linear(x, weight, bias)  # (..., sum out)
+    loras = [m for m in mods if isinstance(m, LoRALinear) and not m.merged]
+    if not loras:
+        return y
+    if len(loras) != len(mods):
+        raise RuntimeError(f"LoRA on only some of {names} is not supported by the fused training path")
+    p = max(m.dropout_p for m in mods)
+    xd = F.dropout(x, p, parent.training) if p > 0 else x  # one mask for the shared input
+    a = torch.cat([m.lora_a for m in mods]) if len(mods) > 1 else mods[0].lora_a  # (k r, in)
+    u = F.linear(xd, a.to(x.dtype))  # (..., k r)
+    b = torch.block_diag(*(m.lora_b * m.scaling for m in mods))  # (sum out, k r)
+    return lora_addmm(y, u, b)
+
+
+def _fused_weight(parent: Any, names: tuple[str, ...], mods: list[Any]) -> tuple[Tensor, Tensor | None]:
+    """One (sum out, in) weight whose row blocks the modules' own weights become views of."""
+    key = "_herd_fused_" + "".join(names)
+    cached = getattr(parent, key, None)
+    if cached is not None and all(m.weight.data_ptr() == v.data_ptr() for m, v in zip(mods, cached[2], strict=True)):
+        return cached[0], cached[1]
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in mods])
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        views, row = [], 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = weight[row : row + n]
+            if bias is not None:
+                m.bias.data = bias[row : row + n]
+            views.append(m.weight.data)
+            row += n
+    # A plain attribute, not a buffer: it must stay out of state_dict and .to() (the
+    # module weights alias it; after a .to() the data_ptr check above rebuilds it).
+    object.__setattr__(parent, key, (weight, bias, views))
+    return weight, bias
 
 
 def _train_masks(model: Transformer, batch: Batch) -> dict[int | None, Tensor | None]:

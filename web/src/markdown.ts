@@ -34,7 +34,7 @@ hljs.registerAliases(["yml"], { languageName: "yaml" });
 const marked = new Marked({ gfm: true, breaks: false, async: false });
 
 const PURIFY: Parameters<typeof DOMPurify.sanitize>[1] = {
-  USE_PROFILE: { html: true }, // no SVG or MathML: their parsing quirks are where sanitizer bypasses live
+  USE_PROFILES: { html: true }, // no SVG or MathML: their parsing quirks are where sanitizer bypasses live
   FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "option", "iframe", "object", "embed", "base", "link", "meta"],
   FORBID_ATTR: ["style", "srcset", "action", "formaction", "ping"],
   ALLOW_DATA_ATTR: false,

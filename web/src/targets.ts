@@ -16,7 +16,7 @@ export interface PersonaEntry {
   model: string;
   adapter: string | null;
   greeting: string;
-  knowledge: { sources: { file: string; title: string; size: number; added_at: string }[] };
+  knowledge: { sources: { file: string; title: string; size: number; added_at: string }[]; [key: string]: any };
   [key: string]: any;
 }
 

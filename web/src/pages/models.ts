@@ -189,7 +189,8 @@ export function modelsPage(): Page {
   }
 
   void refresh();
-  return { el, dispose: () => controller?.abort() };
+  // A pull keeps going when the page is left (the stream is read to its end): downloads are slow.
+  return { el };
 }
 
 declare module "../targets" {

@@ -1,0 +1,221 @@
+"""Serving under concurrency: `herd serve` vs llama-cpp-python's own server.
+
+Closed-loop streaming clients (each sends its next request as soon as the
+previous one finishes) at several concurrency levels, max_tokens 128, against
+both servers in the same run, on the same GGUF and thread count. Reports
+aggregate completion tok/s, time to first token (p50/p99), inter-token latency
+(p50/p99) and errors. Traffic goes to 127.0.0.1 only; every loop is bounded.
+
+    python bench/serve.py [--model smollm2] [--threads 2] [--levels 1,4,8,16]
+
+Goals (issue 3): at concurrency 8, aggregate >= 2.5x the peer, TTFT p99 <= 1.5 s,
+zero errors; single stream >= 0.95x raw llama.cpp decode (see bench/decode.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import resolve_model, write_section  # noqa: E402
+
+TOPICS = ["a lighthouse", "the moon", "a tiny robot", "autumn", "the sea", "a library", "a fox", "a city",
+          "mountains", "a violin", "the desert", "a garden", "a train", "snow", "a market", "a comet"]
+
+
+@dataclass
+class Stats:
+    tokens: int = 0
+    errors: int = 0
+    requests: int = 0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, model: str, i: int, max_tokens: int, st: Stats):
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}],
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": i,
+        "stream": True,
+    }
+    t0 = time.perf_counter()
+    last = None
+    n = 0
+    try:
+        async with client.stream("POST", url, json=body, timeout=300) as r:
+            if r.status_code != 200:
+                st.errors += 1
+                st.error_samples.append(f"HTTP {r.status_code}: {(await r.aread())[:120]!r}")
+                return
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                choices = chunk.get("choices") or []
+                if not choices or not (choices[0].get("delta") or {}).get("content"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    st.ttft.append(now - t0)
+                else:
+                    st.itl.append(now - last)
+                last = now
+                n += 1
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        st.errors += 1
+        st.error_samples.append(type(e).__name__)
+        return
+    st.tokens += n
+    st.requests += 1
+
+
+async def run_level(base: str, model: str, concurrency: int, per_client: int, max_tokens: int) -> tuple[Stats, float]:
+    st = Stats()
+    url = f"{base}/v1/chat/completions"
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        async def client_loop(c: int):
+            for k in range(per_client):  # bounded closed loop
+                await one_request(client, url, model, c * per_client + k, max_tokens, st)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(c) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return st, wall
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"{base}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError("server did not become ready")
+
+
+def start_herd(path: str, threads: int, parallel: int, home: str) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    env = dict(os.environ, HERD_HOME=home, HERD_HOST=f"127.0.0.1:{port}", HERD_THREADS=str(threads),
+               HERD_NUM_PARALLEL=str(parallel), HERD_NUM_CTX="1024", HERD_MAX_QUEUE="256")
+    subprocess.run([sys.executable, "-m", "openherd", "pull", path, "--name", "bench"], env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "openherd", "serve", "--model", "bench"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}", "bench"
+
+
+def start_peer(path: str, threads: int) -> tuple[subprocess.Popen, str, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
+         "--n_threads", str(threads), "--n_ctx", "2048", "--interrupt_requests", "False"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}", path
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--per-client", type=int, default=2, help="requests each closed-loop client sends")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--parallel", type=int, default=8, help="herd sequences decoded together")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    import tempfile
+
+    path = resolve_model(args.model)
+    levels = [int(x) for x in args.levels.split(",")]
+    results: dict[str, dict[int, tuple[Stats, float]]] = {}
+    with tempfile.TemporaryDirectory() as home:
+        for name, starter in (("openherd", lambda: start_herd(path, args.threads, args.parallel, home)),
+                              ("llama-cpp-python server", lambda: start_peer(path, args.threads))):
+            proc, base, model = starter()
+            try:
+                wait_ready(base, proc)
+                asyncio.run(run_level(base, model, 1, 1, 8))  # warm-up
+                results[name] = {}
+                for c in levels:
+                    results[name][c] = asyncio.run(run_level(base, model, c, args.per_client, args.max_tokens))
+                    st, wall = results[name][c]
+                    print(f"{name:>24} c={c:<3} {st.tokens / wall:7.1f} tok/s  ttft p50 {pct(st.ttft, 50):.2f}s "
+                          f"p99 {pct(st.ttft, 99):.2f}s  itl p50 {pct(st.itl, 50) * 1000:.0f}ms "
+                          f"p99 {pct(st.itl, 99) * 1000:.0f}ms  errors {st.errors} {st.error_samples[:2]}",
+                          flush=True)
+            finally:
+                stop(proc)
+    lines = [
+        f"Date {date.today()}, {platform.node() or 'host'} ({os.cpu_count()} CPUs, {platform.machine()}), "
+        f"model {os.path.basename(path)}, {args.threads} threads, max_tokens {args.max_tokens}, "
+        f"{args.per_client} requests per closed-loop client; herd HERD_NUM_PARALLEL={args.parallel}; peer "
+        "`python -m llama_cpp.server --interrupt_requests False` (same GGUF and threads).",
+        "",
+        "| server | concurrency | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_c in results.items():
+        for c, (st, wall) in by_c.items():
+            lines.append(f"| {name} | {c} | {st.tokens / wall:.1f} | {pct(st.ttft, 50):.2f} s | {pct(st.ttft, 99):.2f} s "
+                         f"| {pct(st.itl, 50) * 1000:.0f} ms | {pct(st.itl, 99) * 1000:.0f} ms | {st.errors} |")
+    lines.append("")
+    herd, peer = results["openherd"], results["llama-cpp-python server"]
+    for c in levels:
+        h = herd[c][0].tokens / herd[c][1]
+        p = peer[c][0].tokens / peer[c][1]
+        lines.append(f"- concurrency {c}: openherd / peer aggregate tok/s = **{h / p:.2f}x**")
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_write:
+        write_section("serve", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
