@@ -192,7 +192,7 @@ def test_perplexity_of_a_text_file(tiny_gguf, tmp_path, herd_home, capsys):
     assert m["word_perplexity"] == pytest.approx(math.exp(-ll / len(text.split())))
     assert m["bits_per_byte"] == pytest.approx(-ll / len(text.encode()) / math.log(2))
     # The CLI takes the text file as the task.
-    rc = cli.main([str(tiny_gguf), "--task", str(path), "--ctx", "48", "--json", "--out", str(tmp_path / "out")])
+    rc = cli.main(["eval", str(tiny_gguf), "--task", str(path), "--ctx", "48", "--json", "--out", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert rc == 0 and set(json.loads(out)) == set(m)
 
@@ -336,7 +336,7 @@ def test_gate_checks_every_task_before_loading_a_model(herd_home):
 
 def test_cli_evaluates_a_gguf_and_writes_every_output(tiny_gguf, herd_home, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main([str(tiny_gguf), "--task", "basics-mc", "--limit", "5", "--json", "--out", str(out), "--parallel", "4"])
+    rc = cli.main(["eval", str(tiny_gguf), "--task", "basics-mc", "--limit", "5", "--json", "--out", str(out), "--parallel", "4"])
     stdout = capsys.readouterr().out
     assert rc == 0
     metrics = json.loads(stdout)  # stdout is exactly one JSON object
@@ -353,7 +353,7 @@ def test_cli_evaluates_a_gguf_and_writes_every_output(tiny_gguf, herd_home, tmp_
 def test_cli_compare_gives_a_paired_bootstrap_interval(tiny_gguf, herd_home, tmp_path, capsys):
     _register_tuned(tiny_gguf, tmp_path)
     args = ["--compare", "tiny", "tiny-tuned", "--task", "basics-mc", "--limit", "12", "--parallel", "4"]
-    assert cli.main([*args, "--json", "--out", str(tmp_path / "c1")]) == 0
+    assert cli.main(["eval", *args, "--json", "--out", str(tmp_path / "c1")]) == 0
     cmp = json.loads(capsys.readouterr().out)
     assert (cmp["a"], cmp["b"], cmp["n_resamples"], cmp["seed"]) == ("tiny", "tiny-tuned", 1000, 0)
     acc = cmp["metrics"]["acc"]
@@ -366,7 +366,7 @@ def test_cli_compare_gives_a_paired_bootstrap_interval(tiny_gguf, herd_home, tmp
     assert (acc["low"], acc["high"], acc["p_value"]) == (ref.low, ref.high, ref.p_value)
     assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == ["a", "b", "chart.png", "comparison.json", "report.md"]
     # The table form.
-    assert cli.main([*args, "--out", str(tmp_path / "c2")]) == 0
+    assert cli.main(["eval", *args, "--out", str(tmp_path / "c2")]) == 0
     table = capsys.readouterr().out
     assert "| metric | A | B | B − A | 95% CI | p |" in table and "| acc |" in table
     assert "- A: `tiny`" in table and "- B: `tiny-tuned`" in table

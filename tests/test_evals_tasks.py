@@ -337,10 +337,15 @@ def test_run_perplexity(tmp_path):
         "name: ppl\ntype: perplexity\ndata: data.jsonl\ntext: body\n",
         [{"body": "hello world"}, {"body": "good morning all"}],
     )
-    lm = ScriptedLM(rolling=lambda t: -float(len(t)))
+    lm = ScriptedLM(rolling=lambda t: (-float(len(t)), len(t) // 2))
     res = run_task(lm, load_task(str(path)))
     assert res.summary.metrics["bits_per_byte"] == pytest.approx(1 / math.log(2))
     assert res.summary.metrics["word_perplexity"] == pytest.approx(math.exp(27 / 5))
+    assert res.summary.metrics["token_perplexity"] == pytest.approx(math.exp(27 / 13))
+    assert res.summary.metrics["byte_perplexity"] == pytest.approx(math.e)
+    # Per-document bits per byte, weighted by bytes, is what a comparison resamples.
+    assert res.scores["bits_per_byte"] == pytest.approx([1 / math.log(2)] * 2)
+    assert res.weights["bits_per_byte"] == [11.0, 16.0]
 
 
 def test_run_humaneval_through_the_sandbox():

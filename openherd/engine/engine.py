@@ -234,6 +234,7 @@ class Engine:
             self._lora = load_lora(model, config.lora)
             self.ctx.set_adapters([self._lora], [config.lora_scale])
         self.info: ModelInfo = model.info(name or os.path.basename(model.path), self.n_ctx_seq)
+        self._eog_array = np.fromiter(self.info.eog_tokens, dtype=np.int64)
         self.template = ChatTemplate(self.info.chat_template, self.info.bos_text, self.info.eos_text)
         self._slots = [_Slot(i) for i in range(config.n_parallel)]
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -558,12 +559,14 @@ class Engine:
         if p.max_tokens == 0:
             self._finish(s, "length")
             return
-        logits = self.ctx.logits(idx)  # zero-copy: edits here are what the sampler sees
-        raw = logits.copy() if p.logprobs is not None else None
-        if s.constraint is not None:
-            s.constraint.apply(logits)
-        if p.ignore_eos:
-            logits[list(self.info.eog_tokens)] = -np.inf
+        raw = None
+        if s.constraint is not None or p.ignore_eos or p.logprobs is not None:
+            logits = self.ctx.logits(idx)  # zero-copy: edits here are what the sampler sees
+            raw = logits.copy() if p.logprobs is not None else None
+            if s.constraint is not None:
+                s.constraint.apply(logits)
+            if p.ignore_eos:
+                logits[self._eog_array] = -np.inf
         tok = s.sampler.sample(self.ctx.ptr, idx)
         lp = top = None
         if raw is not None:

@@ -9,8 +9,8 @@
 Each object implements ``runner.LanguageModel``, lm-evaluation-harness's three
 request types, on the native engine API:
 
-* ``loglikelihood``: prefill-only scoring through ``Engine.score_many`` (never
-  generation). Requests are grouped by context and scored in *waves*: the
+* ``loglikelihood``: prefill-only scoring, ``Engine.score_many``'s requests
+  (never generation). Requests are grouped by context and scored in *waves*: the
   first wave scores one continuation of each of up to ``n_parallel`` contexts,
   one per sequence slot; every later wave scores the next continuation of the
   same contexts, and the engine puts each request back in the slot that holds
@@ -24,6 +24,7 @@ request types, on the native engine API:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,10 +88,42 @@ def score_pairs(engine, pairs: Sequence[tuple[list[int], list[int]]], width: int
         depth = max(len(by_ctx[c]) for c in block)
         for k in range(depth):
             wave = [(c, by_ctx[c][k]) for c in block if k < len(by_ctx[c])]
-            results = engine.score_many([(list(c), list(x)) for c, x in wave])
+            results = score_wave(engine, [(list(c), list(x)) for c, x in wave])
             for key, res in zip(wave, results, strict=True):
-                scored[key] = (float(res[0]), bool(res[1]))
+                scored[key] = res
     return [scored[(tuple(c), tuple(x))] for c, x in pairs]
+
+
+def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """``Engine.score_many`` for one wave, admitted by the scheduler as a whole.
+
+    The same requests as score_many (prompt = context + continuation, logprobs
+    from the continuation's first position, ``max_tokens=0``: prefill only), but
+    all of them reach the scheduler's queue before it admits any. score_many
+    submits one at a time, so the scheduler may admit, run and finish the first
+    request before the next arrives; that next one, sharing a prompt prefix
+    ("Question: ..."), then takes over the finished slot and the first context is
+    lost to the later waves. ``Engine.submit`` takes the scheduler's condition
+    lock, which is re-entrant, so holding it across the loop enqueues atomically.
+    """
+    from ..engine.types import GenerationRequest, SamplingParams
+
+    requests = []
+    for ctx, cont in pairs:
+        if not ctx or not cont:
+            raise InvalidRequest("context and continuation must both be non-empty")
+        requests.append(GenerationRequest(prompt=list(ctx) + list(cont), params=SamplingParams(temperature=0, max_tokens=0),
+                                          prompt_logprobs_from=len(ctx)))
+    with getattr(engine, "_cond", None) or contextlib.nullcontext():
+        handles = [engine.submit(r) for r in requests]
+    out = []
+    for h in handles:
+        _, fin = h.result()
+        if fin.reason == "error":
+            raise Unavailable(f"scoring failed: {fin.error}")
+        lps = fin.prompt_logprobs
+        out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
+    return out
 
 
 def generate_all(engine, prompts: Sequence[list[int]], params: Sequence[Any]) -> list[str]:

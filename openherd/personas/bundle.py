@@ -77,6 +77,7 @@ PERSONA_FILE = "persona.yaml"
 ARCHIVE_MANIFEST = "herd.json"
 KNOWLEDGE_DIR = "knowledge"
 
+RETRIEVAL_MODES = ("auto", "hybrid", "bm25", "dense")
 KNOWLEDGE_EXTENSIONS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
 
 # Limits. Generous for real personas, small enough that a hostile archive or
@@ -325,8 +326,12 @@ class KnowledgeConfig:
     chunk_tokens: int = 192  # target tokens per chunk (of the base model's tokenizer)
     chunk_overlap: int = 32  # tokens shared by neighbouring chunks, so a fact on a boundary survives
     max_context_tokens: int = 1024  # budget for all passages together in the prompt
-    embedding_model: str | None = None  # store name of a dedicated embedding model; None = the base model
+    embedding_model: str | None = None  # store name of a dedicated embedding model; None = the served model
     min_score: float = 0.0  # drop fused results below this RRF score (0 keeps top_k)
+    # hybrid | bm25 | dense | auto. auto = hybrid with a dedicated embedding model, else BM25 alone:
+    # mean-pooled vectors of a small chat model rank worse than BM25 and drag the fusion below it
+    # (bench/knowledge.py measures both; see docs/personas.md).
+    retrieval: str = "auto"
 
     def __post_init__(self):
         if len(self.sources) > MAX_DOCUMENTS:
@@ -350,6 +355,15 @@ class KnowledgeConfig:
                 raise _invalid("knowledge.embedding_model", f"{display(self.embedding_model)} is not a model name")
         if self.min_score < 0:
             raise _invalid("knowledge.min_score", "must be >= 0")
+        if self.retrieval not in RETRIEVAL_MODES:
+            raise _invalid("knowledge.retrieval", f"must be one of {', '.join(RETRIEVAL_MODES)}")
+
+    @property
+    def mode(self) -> str:
+        """The retrieval actually used (auto resolved)."""
+        if self.retrieval != "auto":
+            return self.retrieval
+        return "hybrid" if self.embedding_model else "bm25"
 
     def source(self, file: str) -> KnowledgeSource | None:
         return next((s for s in self.sources if s.file == file), None)
@@ -377,6 +391,7 @@ class KnowledgeConfig:
             max_context_tokens=num("max_context_tokens", int),
             embedding_model=embedding if embedding is None else _str(d, "embedding_model", where, limit=300),
             min_score=num("min_score", float),
+            retrieval=_str(d, "retrieval", where, default="auto", limit=16),
         )
 
     def to_dict(self) -> dict[str, Any]:

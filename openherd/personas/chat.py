@@ -72,7 +72,7 @@ def run_persona_chat(args: Any) -> int:
         engines = LocalEngines(settings, progress=progress, n_ctx=getattr(args, "ctx", None))
         try:
             engine = engines(persona.served_model)
-            if persona.knowledge.sources and persona.knowledge.embedding_model:
+            if persona.knowledge.sources and persona.knowledge.embedding_model and persona.knowledge.mode != "bm25":
                 engines(persona.knowledge.embedding_model)
         except BaseException:
             engines.close()

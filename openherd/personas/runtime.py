@@ -162,12 +162,14 @@ class PersonaRuntime:
         settings: Settings | None = None,
         *,
         store: PersonaStore | None = None,
-        retrieval: str = "hybrid",  # hybrid | bm25 | dense (benchmarks compare them)
+        retrieval: str | None = None,  # hybrid | bm25 | dense; None = the persona's knowledge.retrieval
     ):
         self.persona = persona
         self.acquire = acquire
         self.store = store or PersonaStore(settings)
-        self.retrieval = retrieval
+        self.retrieval = retrieval or persona.knowledge.mode
+        if self.retrieval not in ("hybrid", "bm25", "dense"):
+            raise InvalidRequest(f"unknown retrieval mode {self.retrieval!r}; use hybrid, bm25 or dense")
 
     # ------------------------------------------------------------------ engines
 
@@ -176,18 +178,22 @@ class PersonaRuntime:
         if inspect.isawaitable(engine):
             engine = await engine
         embedder = engine
-        if self.persona.knowledge.sources and self.persona.knowledge.embedding_model:
+        if self._needs_embedder():
             embedder = self.acquire(self.persona.knowledge.embedding_model)
             if inspect.isawaitable(embedder):
                 embedder = await embedder
         return engine, embedder
+
+    def _needs_embedder(self) -> bool:
+        k = self.persona.knowledge
+        return bool(k.sources and k.embedding_model and self.retrieval != "bm25")
 
     def _engines_sync(self):
         engine = self.acquire(self.persona.served_model)
         if inspect.isawaitable(engine):
             raise TypeError("prepare_sync needs a synchronous acquire(); use `await prepare(...)`")
         embedder = engine
-        if self.persona.knowledge.sources and self.persona.knowledge.embedding_model:
+        if self._needs_embedder():
             embedder = self.acquire(self.persona.knowledge.embedding_model)
         return engine, embedder
 

@@ -244,11 +244,12 @@ def tokenize_all(examples: Sequence[Example], renderer: ChatRenderer, seq_len: i
         t = renderer.tokenize(ex)
         if len(t.ids) > seq_len:
             t = Tokenized(t.ids[:seq_len], t.trained[:seq_len], t.where, truncated=True)
-            truncated.append(t.where)
         # A target is the *next* token, so the first position never is one.
         if not any(t.trained[1:]):
             dropped.append(t.where)
             continue
+        if t.truncated:
+            truncated.append(t.where)
         out.append(t)
     if truncated:
         log.warning(

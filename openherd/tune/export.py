@@ -133,14 +133,22 @@ def write_adapter_gguf(model: Transformer, lora: LoRAConfig, path: str | Path, *
     return path
 
 
+def _read_gguf_arrays(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(metadata, {name: float32 array in (out, in) order}); the header is validated first."""
+    from ..gguf import read_gguf
+    from ..model import dequantize_gguf_tensor
+
+    info = read_gguf(path, load_arrays=True)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    return info.metadata, {t.name: dequantize_gguf_tensor(mm, t) for t in info.tensors}
+
+
 def read_adapter_gguf(path: str | Path, args: ModelArgs) -> tuple[LoRAConfig, dict[str, Tensor]]:
     """(LoRAConfig, {'layers.N.attention.wq.lora_a': (r, in), ...}) in openherd/HF layout.
 
     The file is validated by openherd.gguf and its tensors read through numpy: no pickle.
     """
-    from ..model import read_gguf_tensors
-
-    md, arrays = read_gguf_tensors(path)
+    md, arrays = _read_gguf_arrays(path)
     label = Path(path).name
     if md.get("general.type") != "adapter" or md.get("adapter.type") != "lora":
         raise InvalidModelFile(f"{label} is not a LoRA adapter GGUF (general.type/adapter.type)")
@@ -237,8 +245,6 @@ def _gguf_tensors(model: Transformer) -> list[tuple[str, Tensor]]:
         if _permutes_qk(args) and rest in ("attention.wq", "attention.wk"):
             t = permute_qk(t, args.n_heads if rest == "attention.wq" else args.n_kv_heads)
         out.append((f"blk.{layer}.{_GGUF_MODULES[rest]}.{kind}", t))
-    if args.rope_freq_factors is not None:
-        out.append(("rope_freqs.weight", torch.tensor(args.rope_freq_factors, dtype=torch.float32)))
     return out
 
 
@@ -268,6 +274,15 @@ def _copy_metadata(w: Any, base_gguf: Path) -> None:
             w.add_key_value(key, field.contents(), vtype)
 
 
+def _base_tensor(path: Path, name: str) -> np.ndarray | None:
+    from ..gguf import read_gguf
+    from ..model import dequantize_gguf_tensor
+
+    info = read_gguf(path)
+    t = info.tensor(name)
+    return dequantize_gguf_tensor(np.memmap(path, dtype=np.uint8, mode="r"), t) if t is not None else None
+
+
 def export_gguf(model: Transformer, base_gguf: str | Path, out: str | Path, *, quant: str = "f16", name: str = "") -> Path:
     """A standalone GGUF of the (merged) model: tokenizer and chat template copied from the base."""
     import gguf
@@ -288,7 +303,12 @@ def export_gguf(model: Transformer, base_gguf: str | Path, out: str | Path, *, q
         if quant in ("q8_0", "q4_0"):
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _copy_metadata(w, Path(base_gguf))
-        for tname, t in _gguf_tensors(model):
+        tensors = _gguf_tensors(model)
+        # Llama 3.1 files carry their RoPE scaling as a tensor: keep the base's as it is.
+        freqs = _base_tensor(Path(base_gguf), "rope_freqs.weight")
+        if freqs is not None:
+            tensors.append(("rope_freqs.weight", torch.from_numpy(freqs)))
+        for tname, t in tensors:
             arr = t.detach().float().cpu().numpy()
             qtype = _quant_type(tname, arr.shape, quant)
             if qtype == gguf.GGMLQuantizationType.F32:

@@ -150,6 +150,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, generator: torch.Generator 
             if child_name in config.targets and isinstance(child, nn.Linear):
                 lora = LoRALinear(child, config.rank, config.alpha, config.dropout)
                 lora.reset_lora_parameters(generator)
+                lora.train(child.training)  # an eval-mode model must not start dropping out
                 setattr(parent, child_name, lora)
                 replaced += 1
     if not replaced:

@@ -382,6 +382,8 @@ def _fused_proj(parent: Any, names: tuple[str, ...], x: Tensor) -> Tensor:
 
 def _fused_weight(parent: Any, names: tuple[str, ...], mods: list[Any]) -> tuple[Tensor, Tensor | None]:
     """One (sum out, in) weight whose row blocks the modules' own weights become views of."""
+    if any(m.weight.requires_grad for m in mods):
+        raise RuntimeError("the fused training path needs frozen base weights: call mark_only_lora_as_trainable")
     key = "_herd_fused_" + "".join(names)
     cached = getattr(parent, key, None)
     if cached is not None and all(m.weight.data_ptr() == v.data_ptr() for m, v in zip(mods, cached[2], strict=True)):

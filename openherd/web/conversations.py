@@ -85,12 +85,26 @@ def clean_title(title: object) -> str:
 
 
 def conversation_json(c: Conversation) -> dict[str, Any]:
-    return {"id": c.id, "object": "conversation", "persona": c.persona or None, "model": c.model,
-            "title": c.title, "turns": c.turns, "created_at": int(c.created_at), "updated_at": int(c.updated_at)}
+    return {
+        "id": c.id,
+        "object": "conversation",
+        "persona": c.persona or None,
+        "model": c.model,
+        "title": c.title,
+        "turns": c.turns,
+        "created_at": int(c.created_at),
+        "updated_at": int(c.updated_at),
+    }
 
 
 def turn_json(t: Turn) -> dict[str, Any]:
-    return {"seq": t.seq, "role": t.role, "content": t.content, "meta": t.meta, "created_at": int(t.created_at)}
+    return {
+        "seq": t.seq,
+        "role": t.role,
+        "content": t.content,
+        "meta": t.meta,
+        "created_at": int(t.created_at),
+    }
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -273,7 +287,9 @@ async def truncate_turns(conv_id: str, request: Request, persona: str = "") -> R
 
 
 @router.get("/{conv_id}/export")
-async def export_conversation(conv_id: str, request: Request, persona: str = "", format: str = "markdown") -> Response:
+async def export_conversation(
+    conv_id: str, request: Request, persona: str = "", format: str = "markdown"
+) -> Response:
     settings = _settings(request)
     if format not in EXPORT_FORMATS:
         raise InvalidRequest(f"format must be one of {', '.join(EXPORT_FORMATS)}", param="format")
@@ -286,5 +302,8 @@ async def export_conversation(conv_id: str, request: Request, persona: str = "",
     cid, text = await run_in_threadpool(export)
     ext, media = ("json", "application/json") if format == "json" else ("md", "text/markdown; charset=utf-8")
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", cid)  # ids are [0-9a-f-] when made here; a header takes no chances
-    return Response(text, media_type=media,
-                    headers={"Content-Disposition": f'attachment; filename="conversation-{safe}.{ext}"'})
+    return Response(
+        text,
+        media_type=media,
+        headers={"Content-Disposition": f'attachment; filename="conversation-{safe}.{ext}"'},
+    )

@@ -108,9 +108,17 @@ class Job:
 
     def to_dict(self, full: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": self.id, "object": "job", "kind": self.kind, "status": self.status, "params": self.params,
-            "created_at": self.created_at, "started_at": self.started_at, "finished_at": self.finished_at,
-            "progress": self.progress, "result": self.result, "error": self.error,
+            "id": self.id,
+            "object": "job",
+            "kind": self.kind,
+            "status": self.status,
+            "params": self.params,
+            "created_at": self.created_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": self.progress,
+            "result": self.result,
+            "error": self.error,
         }
         if full:
             out["points"] = self.points
@@ -214,11 +222,20 @@ class JobManager:
                 continue
             try:
                 raw = json.loads((d / "job.json").read_text())
-                job = Job(id=d.name, kind=raw["kind"], params=raw["params"], status=raw["status"],
-                          created_at=raw["created_at"], started_at=raw.get("started_at"),
-                          finished_at=raw.get("finished_at"), progress=raw.get("progress") or {},
-                          points=raw.get("points") or [], result=raw.get("result"), error=raw.get("error"),
-                          log=deque(raw.get("log") or [], maxlen=self.config.log_lines))
+                job = Job(
+                    id=d.name,
+                    kind=raw["kind"],
+                    params=raw["params"],
+                    status=raw["status"],
+                    created_at=raw["created_at"],
+                    started_at=raw.get("started_at"),
+                    finished_at=raw.get("finished_at"),
+                    progress=raw.get("progress") or {},
+                    points=raw.get("points") or [],
+                    result=raw.get("result"),
+                    error=raw.get("error"),
+                    log=deque(raw.get("log") or [], maxlen=self.config.log_lines),
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             if not job.finished:  # the server stopped (or died) while it ran
@@ -238,7 +255,9 @@ class JobManager:
     def _admit(self) -> None:
         waiting = sum(1 for j in self.jobs.values() if j.status == "queued")
         if waiting >= self.config.max_queued:
-            raise QueueFull(f"{waiting} jobs are already waiting; wait for them or cancel some", retry_after=30)
+            raise QueueFull(
+                f"{waiting} jobs are already waiting; wait for them or cancel some", retry_after=30
+            )
 
     def _register(self, job: Job) -> Job:
         self.jobs[job.id] = job
@@ -258,7 +277,9 @@ class JobManager:
         job.error = reason if reason != "cancelled" else None
         if job.proc is not None and job.proc.returncode is None:
             _signal_group(job.proc, signal.SIGINT)  # tune saves a checkpoint on Ctrl-C
-            asyncio.get_running_loop().call_later(self.config.cancel_grace, _signal_group, job.proc, signal.SIGKILL)
+            asyncio.get_running_loop().call_later(
+                self.config.cancel_grace, _signal_group, job.proc, signal.SIGKILL
+            )
         elif job.task is not None:
             job.task.cancel()  # still queued
         return job
@@ -299,8 +320,15 @@ class JobManager:
         """`herd COMMAND --help`, once per server: which flags this CLI has (it imports only argparse)."""
         if command not in self._cli_help:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "openherd", command, "--help", env=self._env(),
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                sys.executable,
+                "-m",
+                "openherd",
+                command,
+                "--help",
+                env=self._env(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
             out, _ = await proc.communicate()
             self._cli_help[command] = out.decode(errors="replace")
         return self._cli_help[command]
@@ -308,8 +336,16 @@ class JobManager:
     def _set(self, job: Job, **changes: Any) -> None:
         for k, v in changes.items():
             setattr(job, k, v)
-        job.publish({"type": "status", "status": job.status, "error": job.error, "result": job.result,
-                     "started_at": job.started_at, "finished_at": job.finished_at})
+        job.publish(
+            {
+                "type": "status",
+                "status": job.status,
+                "error": job.error,
+                "result": job.result,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+            }
+        )
         with contextlib.suppress(OSError):
             self._save(job)
 
@@ -338,9 +374,19 @@ class JobManager:
         job.points = points
         job.exact_points = True
         job.publish({"type": "points", "points": points})
+        # The headline numbers follow the exact points too, not the last tqdm estimate.
+        train = [p for p in points if "loss" in p]
+        evals = [p for p in points if "eval_loss" in p]
+        self._progress(
+            job,
+            loss=train[-1]["loss"] if train else None,
+            eval_loss=evals[-1]["eval_loss"] if evals else None,
+        )
 
     async def _run(self, job: Job) -> None:
-        assert self._sem is not None, "JobManager.start() was not called (mount_web wires it to the app lifespan)"
+        assert self._sem is not None, (
+            "JobManager.start() was not called (mount_web wires it to the app lifespan)"
+        )
         try:
             async with self._sem:
                 if job.cancel_requested:
@@ -361,8 +407,12 @@ class JobManager:
             self._set(job, status=status, error=self.redact(e.message), finished_at=time.time())
         except Exception as e:  # never lose a job silently; the details go to the server log
             log.exception("job %s failed", job.id)
-            self._set(job, status="failed", error=f"internal error ({e.__class__.__name__}); see the server log",
-                      finished_at=time.time())
+            self._set(
+                job,
+                status="failed",
+                error=f"internal error ({e.__class__.__name__}); see the server log",
+                finished_at=time.time(),
+            )
         finally:
             job.publish({"type": "end"})
             job.proc = None
@@ -372,8 +422,17 @@ class JobManager:
         cwd = self.root / job.id
         cwd.mkdir(parents=True, exist_ok=True)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "openherd", *argv, cwd=cwd, env=self._env(), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True)
+            sys.executable,
+            "-m",
+            "openherd",
+            *argv,
+            cwd=cwd,
+            env=self._env(),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )
         job.proc = proc
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, proc.pid, self.config.nice)
@@ -454,8 +513,15 @@ class JobManager:
                 step = obj["step"]
                 if "loss" in obj:
                     self._add_point(job, {"step": step, "loss": float(obj["loss"])})
-                    self._progress(job, phase="training", step=step, total=obj.get("total"), loss=obj["loss"],
-                                   tok_s=obj.get("tok_s"), lr=obj.get("lr"))
+                    self._progress(
+                        job,
+                        phase="training",
+                        step=step,
+                        total=obj.get("total"),
+                        loss=obj["loss"],
+                        tok_s=obj.get("tok_s"),
+                        lr=obj.get("lr"),
+                    )
                 if "eval_loss" in obj:
                     self._add_point(job, {"step": step, "eval_loss": float(obj["eval_loss"])})
                     self._progress(job, eval_loss=obj["eval_loss"])
@@ -571,7 +637,9 @@ def _number(name: str, raw: str) -> float | int:
     try:
         value = kind(raw)
     except ValueError:
-        raise InvalidRequest(f"{name} must be {'an integer' if kind is int else 'a number'}", param=name) from None
+        raise InvalidRequest(
+            f"{name} must be {'an integer' if kind is int else 'a number'}", param=name
+        ) from None
     if not lo <= value <= hi:
         raise InvalidRequest(f"{name} must be between {lo:g} and {hi:g}", param=name)
     return value
@@ -641,9 +709,12 @@ async def start_tune(request: Request) -> Response:
     if out == base:
         raise InvalidRequest(f"out={out} would replace the base model; choose a new name", param="out")
     if await run_in_threadpool(store.get, out) is not None:
-        raise InvalidRequest(f"a model named '{out}' already exists; choose another name or delete it first",
-                             param="out")
-    busy = [j for j in jobs.jobs.values() if j.kind == "tune" and not j.finished and j.params.get("out") == out]
+        raise InvalidRequest(
+            f"a model named '{out}' already exists; choose another name or delete it first", param="out"
+        )
+    busy = [
+        j for j in jobs.jobs.values() if j.kind == "tune" and not j.finished and j.params.get("out") == out
+    ]
     if busy:
         raise InvalidRequest(f"job {busy[0].id} is already training '{out}'", param="out")
     params: dict[str, Any] = {"base": base, "out": out}
@@ -667,8 +738,9 @@ async def start_tune(request: Request) -> Response:
         params["examples"] = await run_in_threadpool(check_training_data, d / "data.jsonl")
     except HerdError as e:
         shutil.rmtree(d, ignore_errors=True)
-        raise InvalidRequest(jobs.redact(e.message).replace("$HERD_HOME/jobs/" + job.id + "/", ""),
-                             param="data") from None
+        raise InvalidRequest(
+            jobs.redact(e.message).replace("$HERD_HOME/jobs/" + job.id + "/", ""), param="data"
+        ) from None
     params["data_bytes"] = len(body)
     jobs._register(job)
     return JSONResponse(job.to_dict(), status_code=201)
@@ -694,8 +766,9 @@ async def start_eval(request: Request) -> Response:
     if isinstance(data.get("model"), str) and models is None:
         models = [data["model"]]
     if not isinstance(models, list) or not 1 <= len(models) <= 4:
-        raise InvalidRequest("models must be a list of 1 to 4 model names (base and tuned side by side)",
-                             param="models")
+        raise InvalidRequest(
+            "models must be a list of 1 to 4 model names (base and tuned side by side)", param="models"
+        )
     store = _store(request)
     checked = [await run_in_threadpool(_check_model, store, m, "models") for m in models]
     if len(set(checked)) != len(checked):
@@ -768,8 +841,9 @@ async def job_events(job_id: str, request: Request) -> Response:
         finally:
             job.subscribers.discard(queue)
 
-    return StreamingResponse(stream(), media_type=NDJSON, headers={"Cache-Control": "no-cache",
-                                                                   "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(), media_type=NDJSON, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
 
 
 @router.post("/{job_id}/cancel")

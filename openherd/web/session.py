@@ -119,7 +119,9 @@ class SessionStore:
     def create(self, key: str) -> tuple[str, WebSession]:
         token = secrets.token_urlsafe(32)
         now = self.clock()
-        session = WebSession(csrf=secrets.token_urlsafe(32), key_digest=_digest(key), created=now, last_seen=now)
+        session = WebSession(
+            csrf=secrets.token_urlsafe(32), key_digest=_digest(key), created=now, last_seen=now
+        )
         with self._lock:
             self._sweep(now)
             while len(self._sessions) >= self.config.max_sessions:
@@ -165,8 +167,9 @@ class SessionStore:
                 del self._failures[client]
             elif q is not None and len(q) >= self.config.login_failures:
                 retry = int(self.config.login_window - (now - q[0])) + 1
-                err = QueueFull("too many failed logins from this address; wait a minute and try again",
-                                retry_after=retry)
+                err = QueueFull(
+                    "too many failed logins from this address; wait a minute and try again", retry_after=retry
+                )
                 err.code = "login_rate_limited"
                 raise err
 
@@ -284,16 +287,22 @@ def _no_store(resp: Response) -> Response:
 @router.get("/v1/session")
 async def get_session(request: Request) -> Response:
     store: SessionStore = request.app.state.web.sessions
-    body: dict = {"object": "session", "auth_required": store.auth_required, "authenticated": False,
-                  "csrf_token": None, "expires_at": None}
+    body: dict = {
+        "object": "session",
+        "auth_required": store.auth_required,
+        "authenticated": False,
+        "csrf_token": None,
+        "expires_at": None,
+    }
     if not store.auth_required:
         body["authenticated"] = True
     else:
         bearer = _bearer(request)
         session = store.get(session_token(request))
         if session is not None:
-            body.update(authenticated=True, csrf_token=session.csrf,
-                        expires_at=int(session.expires_at(store.config)))
+            body.update(
+                authenticated=True, csrf_token=session.csrf, expires_at=int(session.expires_at(store.config))
+            )
         elif bearer is not None and store.key_valid(bearer):
             body["authenticated"] = True
     return _no_store(JSONResponse(body))
@@ -303,7 +312,9 @@ async def get_session(request: Request) -> Response:
 async def login(request: Request) -> Response:
     store: SessionStore = request.app.state.web.sessions
     if not store.auth_required:
-        raise InvalidRequest("this server has no API keys configured (HERD_API_KEYS), so there is nothing to log in to")
+        raise InvalidRequest(
+            "this server has no API keys configured (HERD_API_KEYS), so there is nothing to log in to"
+        )
     # Login CSRF: a foreign page must not be able to log the browser into its own session.
     if request.headers.get("origin") is not None and not origin_allowed(request, store):
         raise Forbidden("cross-origin login refused: the Origin header does not match this server")
@@ -323,8 +334,13 @@ async def login(request: Request) -> Response:
     old = session_token(request)
     store.revoke(old)  # a fresh id at every login: no session fixation
     token, session = store.create(key)
-    body = {"object": "session", "auth_required": True, "authenticated": True, "csrf_token": session.csrf,
-            "expires_at": int(session.expires_at(store.config))}
+    body = {
+        "object": "session",
+        "auth_required": True,
+        "authenticated": True,
+        "csrf_token": session.csrf,
+        "expires_at": int(session.expires_at(store.config)),
+    }
     resp = _no_store(JSONResponse(body))
     resp.headers.append("Set-Cookie", _cookie_header(request, token, int(store.config.absolute_ttl)))
     return resp
@@ -354,4 +370,3 @@ __all__ = [
     "router",
     "session_auth",
 ]
-

@@ -19,7 +19,8 @@ function axes(xLabel: string, yLabel: string, xTime: boolean): uPlot.Axis[] {
   const stroke = cssVar("--muted", "#888");
   const grid = { stroke: cssVar("--grid", "rgba(128,128,128,.15)"), width: 1 };
   return [
-    { stroke, grid, label: xLabel, ...(xTime ? {} : { values: (_u: uPlot, v: number[]) => v.map((x) => String(x)) }) },
+    // Steps are whole numbers: no ticks at 1.5.
+    { stroke, grid, label: xLabel, ...(xTime ? {} : { incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000] }) },
     { stroke, grid, label: yLabel, size: 60 },
   ];
 }

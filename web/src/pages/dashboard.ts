@@ -46,7 +46,7 @@ export function dashboardPage(): Page {
       "section",
       { class: "card" },
       h("h2", null, "Loaded models"),
-      h("table", null, h("thead", null, h("tr", null, ["Model", "Memory", "Context", "Unloads at"].map((t) => h("th", null, t)))), psBody),
+      h("table", { "data-testid": "loaded-models" }, h("thead", null, h("tr", null, ["Model", "Memory", "Context", "Unloads at"].map((t) => h("th", null, t)))), psBody),
       note,
     ),
   );

@@ -213,26 +213,30 @@ export function personasPage(arg: string): Page {
   }
 
   function knowledgeCard(p: PersonaEntry): HTMLElement {
-    const rows = (p.knowledge?.sources ?? []).map((s) =>
-      h("tr", null,
-        h("td", null, s.title || s.file, s.title ? h("small", null, ` (${s.file})`) : null),
-        h("td", null, fmtBytes(s.size)),
-        h("td", null, s.added_at ? new Date(s.added_at).toLocaleString() : "–"),
-        h("td", null, h("button", { type: "button", class: "small danger", on: { click: () => void removeDoc(p, s.file) } }, "Remove"))));
+    const tbody = h("tbody");
+    const renderDocs = (persona: PersonaEntry) => {
+      const rows = (persona.knowledge?.sources ?? []).map((s) =>
+        h("tr", null,
+          h("td", null, s.title || s.file, s.title ? h("small", null, ` (${s.file})`) : null),
+          h("td", null, fmtBytes(s.size)),
+          h("td", null, s.added_at ? new Date(s.added_at).toLocaleString() : "–"),
+          h("td", null, h("button", { type: "button", class: "small danger", on: { click: () => void removeDoc(persona, s.file, renderDocs) } }, "Remove"))));
+      mount(tbody, rows.length ? rows : h("tr", null, h("td", { colspan: 4, class: "muted" }, "No documents yet.")));
+    };
+    renderDocs(p);
     const files = h("input", { type: "file", multiple: true, accept: ".txt,.md,.markdown,.html,.htm,.pdf", "data-testid": "knowledge-file" });
     const progress = h("div", { class: "uploads", "data-testid": "knowledge-progress" });
     files.addEventListener("change", async () => {
       const list = Array.from(files.files ?? []);
       files.value = "";
       for (const f of list) await uploadDoc(p, f, progress);
-      const fresh = await api<PersonaEntry>(`/v1/personas/${enc(p.name)}`);
-      showEditor(fresh);
+      // Only the table: the form (maybe mid-edit) and the side chat stay as they are.
+      renderDocs(await api<PersonaEntry>(`/v1/personas/${enc(p.name)}`));
     });
     return h("section", { class: "card" },
       h("h2", null, "Knowledge"),
       h("p", { class: "muted" }, "Documents the persona answers from (.txt .md .html .pdf). Each upload is chunked and indexed with the persona's model; answers cite their sources."),
-      h("table", { class: "docs", "data-testid": "documents" }, h("thead", null, h("tr", null, ["Document", "Size", "Added", ""].map((t) => h("th", null, t)))),
-        h("tbody", null, rows.length ? rows : h("tr", null, h("td", { colspan: 4, class: "muted" }, "No documents yet.")))),
+      h("table", { class: "docs", "data-testid": "documents" }, h("thead", null, h("tr", null, ["Document", "Size", "Added", ""].map((t) => h("th", null, t)))), tbody),
       h("label", { class: "button" }, "Upload documents…", files),
       progress);
   }
@@ -262,11 +266,11 @@ export function personasPage(arg: string): Page {
     }
   }
 
-  async function removeDoc(p: PersonaEntry, file: string): Promise<void> {
+  async function removeDoc(p: PersonaEntry, file: string, render: (p: PersonaEntry) => void): Promise<void> {
     if (!confirm(`Remove ${file} from ${p.name}?`)) return;
     try {
       await api(`/v1/personas/${enc(p.name)}/knowledge/${enc(file)}`, { method: "DELETE" });
-      showEditor(await api<PersonaEntry>(`/v1/personas/${enc(p.name)}`));
+      render(await api<PersonaEntry>(`/v1/personas/${enc(p.name)}`));
     } catch (e) {
       toast(e instanceof Error ? e.message : String(e), "error");
     }

@@ -35,13 +35,14 @@ export function tunePage(arg: string): Page {
   const data = h("input", { type: "file", accept: ".jsonl,application/jsonl,application/x-ndjson", required: true, "data-testid": "tune-data" });
   const numbers: Record<string, HTMLInputElement> = {
     epochs: h("input", { type: "number", min: 0.01, step: "any", value: 3 }),
-    max_steps: h("input", { type: "number", min: 0, step: 1, placeholder: "0 = by epochs", "data-testid": "tune-max-steps" }),
+    max_steps: h("input", { type: "number", min: 0, step: 1, placeholder: "0 = by epochs" }),
     lr: h("input", { type: "number", min: 0, step: "any", value: 0.0002 }),
     rank: h("input", { type: "number", min: 1, step: 1, value: 8 }),
     batch_size: h("input", { type: "number", min: 1, step: 1, value: 4 }),
     seq_len: h("input", { type: "number", min: 8, step: 1, value: 1024 }),
     save_every: h("input", { type: "number", min: 1, step: 1, value: 100 }),
   };
+  for (const [k, inp] of Object.entries(numbers)) inp.dataset.testid = `tune-${k.replace("_", "-")}`;
   const overwrite = h("input", { type: "checkbox", name: "overwrite" });
   const uploadBar = h("progress", { max: 1, value: 0, hidden: true });
   const tuneBtn = h("button", { class: "primary", type: "submit", "data-testid": "tune-start" }, "Start fine-tune");
@@ -110,13 +111,13 @@ export function tunePage(arg: string): Page {
     h("div", { class: "grid2" }, field("Task", task), field("Limit", limit), field("Model A (base)", modelA), field("Model B (tuned, optional)", modelB)),
     h("div", { class: "row end" }, evalBtn));
 
-  const el = h("div", { class: "page tune-page" },
-    h("h1", null, "Tune & evaluate"),
-    h("div", { class: "grid2 top" }, tuneForm, evalForm),
-    h("section", { class: "card" }, h("h2", null, "Jobs"),
-      h("table", { class: "jobs", "data-testid": "jobs" },
-        h("thead", null, h("tr", null, ["Job", "Kind", "What", "Status", "Progress", "Started", ""].map((t) => h("th", null, t)))), jobsBody)),
-    detail);
+  const forms = h("div", { class: "grid2 top" }, tuneForm, evalForm);
+  const jobsCard = h("section", { class: "card" }, h("h2", null, "Jobs"),
+    h("table", { class: "jobs", "data-testid": "jobs" },
+      h("thead", null, h("tr", null, ["Job", "Kind", "What", "Status", "Progress", "Started", ""].map((t) => h("th", null, t)))), jobsBody));
+  // Watching a job: its live view comes first; otherwise the forms to start one.
+  const el = h("div", { class: "page tune-page" }, h("h1", null, "Tune & evaluate"),
+    arg ? [detail, jobsCard, forms] : [forms, jobsCard, detail]);
 
   function what(job: Job): string {
     return job.kind === "tune" ? `${job.params.base} → ${job.params.out}` : `${job.params.task}: ${(job.params.models ?? []).join(" vs ")}`;

@@ -1,0 +1,106 @@
+"""openherd.tune.lora: the LoRA maths, trainable flags, state dicts and merging."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from openherd.errors import InvalidRequest  # noqa: E402
+from openherd.model import ModelArgs, Transformer  # noqa: E402
+from openherd.tune.lora import (  # noqa: E402
+    LoRAConfig,
+    LoRALinear,
+    apply_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_lora_weights,
+)
+
+
+def tiny_model(seed: int = 0) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, vocab_size=50, max_seq_len=64)
+    return Transformer(args).eval()
+
+
+def randomize_b(model, std: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.copy_(torch.randn(m.lora_b.shape, generator=g) * std)
+
+
+def test_lora_linear_is_the_formula():
+    base = torch.nn.Linear(6, 5)
+    m = LoRALinear(base, rank=3, alpha=6.0, dropout=0.0)
+    with torch.no_grad():
+        m.lora_b.normal_()
+    x = torch.randn(2, 4, 6)
+    expected = x @ base.weight.T + base.bias + (x @ m.lora_a.T @ m.lora_b.T) * (6.0 / 3)
+    torch.testing.assert_close(m(x), expected)
+    torch.testing.assert_close(m.delta_weight(), m.lora_b @ m.lora_a * 2.0)
+
+
+def test_fresh_adapter_leaves_the_model_unchanged():
+    model = tiny_model()
+    ids = torch.randint(0, 50, (2, 9))
+    before = model(ids)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    torch.testing.assert_close(model(ids), before)  # B = 0 at init (Hu et al. 2021, sec. 4.1)
+
+
+def test_all_seven_projections_are_adapted_and_only_lora_trains():
+    model = tiny_model()
+    apply_lora(model, LoRAConfig())
+    mark_only_lora_as_trainable(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == 2 * 7 * 2  # (A, B) x 7 projections x 2 layers
+    assert all(n.endswith((".lora_a", ".lora_b")) for n in trainable)
+    adapted = {n.split(".")[-2] for n in trainable}
+    assert adapted == {"wq", "wk", "wv", "wo", "w1", "w2", "w3"}
+    # The base state dict keeps its names: loaders and exporters see the same keys.
+    assert "layers.0.attention.wq.weight" in model.state_dict()
+
+
+def test_merge_matches_the_unmerged_forward():
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    randomize_b(model)
+    ids = torch.randint(0, 50, (1, 12))
+    unmerged = model(ids)
+    merge_lora_weights(model)
+    assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_seeded_init_is_reproducible_and_state_dict_round_trips():
+    a, b = tiny_model(), tiny_model()
+    apply_lora(a, LoRAConfig(), generator=torch.Generator().manual_seed(5))
+    apply_lora(b, LoRAConfig(), generator=torch.Generator().manual_seed(5))
+    for k, v in lora_state_dict(a).items():
+        torch.testing.assert_close(v, lora_state_dict(b)[k], rtol=0, atol=0)
+    randomize_b(a)
+    load_lora_state_dict(b, lora_state_dict(a))
+    ids = torch.randint(0, 50, (1, 7))
+    torch.testing.assert_close(a(ids), b(ids))
+
+
+def test_bad_configs_and_mismatched_adapters_are_clear_errors():
+    with pytest.raises(InvalidRequest, match="--rank"):
+        LoRAConfig(rank=0)
+    with pytest.raises(InvalidRequest, match="--dropout"):
+        LoRAConfig(dropout=1.0)
+    with pytest.raises(InvalidRequest, match="targets"):
+        LoRAConfig(targets=("lm_head",))
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(rank=4))
+    sd = lora_state_dict(model)
+    sd["layers.0.attention.wq.lora_a"] = torch.zeros(2, 32)
+    with pytest.raises(InvalidRequest, match="does not fit"):
+        load_lora_state_dict(model, sd)
+    del sd["layers.0.attention.wq.lora_a"]
+    with pytest.raises(InvalidRequest, match="missing"):
+        load_lora_state_dict(model, sd)
