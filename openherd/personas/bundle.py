@@ -808,7 +808,18 @@ class PersonaStore:
             dropped = {s.file for s in current.knowledge.sources} - {s.file for s in persona.knowledge.sources}
             # Sources keep the digests of the files on disk: the yaml cannot claim another content.
             actual = {s.file: s for s in current.knowledge.sources}
-            persona.knowledge.sources = [actual.get(s.file, s) for s in persona.knowledge.sources]
+            sources = []
+            for src in persona.knowledge.sources:
+                if src.file in actual:  # the title is the user's to edit, the digest is not
+                    old = actual[src.file]
+                    sources.append(KnowledgeSource(file=old.file, sha256=old.sha256, size=old.size,
+                                                   title=src.title, added_at=old.added_at))
+                    continue
+                data = (kdir / src.file).read_bytes()  # listed by hand: describe what is really there
+                _check_document(src.file, data)
+                sources.append(KnowledgeSource(file=src.file, sha256=_sha256(data), size=len(data),
+                                               title=src.title, added_at=utcnow()))
+            persona.knowledge.sources = sources
             self._check_persona(persona)
             self._write_yaml(persona, self.dir(name))
             for file in dropped:

@@ -41,12 +41,12 @@ from .ollama import router as ollama_router
 from .openai import router as openai_router
 from .protocol import KEEP_FOREVER
 from .serving import ClientGone, ServerState
+from ..web import check_csrf, is_public_path, mount_web, session_auth
 
 log = logging.getLogger("openherd.server")
 
 MAX_HEADER_BYTES = 32 * 1024  # request line + headers (uvicorn's h11_max_incomplete_event_size)
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-PUBLIC_PATHS = ("/health",)  # reachable without an API key (load balancers, `herd` itself)
 
 
 # ----------------------------------------------------------------------------
@@ -260,7 +260,7 @@ class AuthMiddleware:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in PUBLIC_PATHS:
+        if scope["type"] != "http" or not self.keys or is_public_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.cors and scope["method"] == "OPTIONS" and _header(scope, b"access-control-request-method"):
@@ -268,8 +268,20 @@ class AuthMiddleware:
             return
         auth = _header(scope, b"authorization")
         if not auth:
+            # The web app logs in once with a key and then sends a session cookie;
+            # cookies ride along cross-site, so those requests also need a CSRF token.
+            request = Request(scope)
+            if session_auth(request):
+                try:
+                    check_csrf(request)
+                except HerdError as e:
+                    await send_error(scope, send, e)
+                    return
+                await self.app(scope, receive, send)
+                return
             await send_error(
-                scope, send, AuthError("missing API key: send the header 'Authorization: Bearer KEY'")
+                scope, send,
+                AuthError("missing API key: send the header 'Authorization: Bearer KEY' (or log in at /)"),
             )
             return
         scheme, _, token = auth.partition(" ")
@@ -418,6 +430,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
 
     app.include_router(openai_router)
     app.include_router(ollama_router)
+    mount_web(app, settings)  # the browser app at / (its GET / precedes Ollama's banner)
 
     # add_middleware wraps what is already there: add innermost first.
     app.add_middleware(SizeLimitMiddleware, max_body=settings.max_body)
