@@ -116,8 +116,10 @@ def main() -> int:
             base_t = res["one request per choice"][0]
             ref = res["one request per choice"][1]
             for name, (t, out) in res.items():
-                rows.append(f"| {label} ({n_docs} docs, {len(reqs)} choices) | {name} | {len(reqs) / t:.1f} | "
-                            f"{base_t / t:.2f}x |")
+                rows.append(
+                    f"| {label} ({n_docs} docs, {len(reqs)} choices) | {name} | {len(reqs) / t:.1f} | "
+                    f"{base_t / t:.2f}x |"
+                )
                 checks.append(max(abs(a[0] - b[0]) for a, b in zip(out, ref, strict=True)))
             print("\n".join(rows[-3:]), flush=True)
         he = None
@@ -138,7 +140,11 @@ def main() -> int:
     ]
     if he is not None:
         metrics, counts, seconds = he
-        scope = "all 164 problems" if args.humaneval_limit is None else f"the first {counts['problems']} problems (--limit)"
+        scope = (
+            "all 164 problems"
+            if args.humaneval_limit is None
+            else f"the first {counts['problems']} problems (--limit)"
+        )
         lines += [
             "",
             f"HumanEval (greedy, max_tokens {args.max_tokens}, Codex stop sequences, sandboxed), {scope}: "

@@ -18,7 +18,7 @@ import pytest
 from openherd import cli
 from openherd.evals import scoring
 from openherd.evals.gate import GateFailed, check_gate
-from openherd.evals.lm import EngineLM, EvalModelConfig, open_model, rolling_windows
+from openherd.evals.lm import EvalModelConfig, open_model, rolling_windows
 from openherd.evals.runner import run_task
 from openherd.evals.tasks import load_task
 
@@ -47,12 +47,21 @@ def _write_task(tmp_path: Path, spec: dict, rows: list[dict], name: str = "task"
 MC_ROWS = [
     {"q": "What do llamas eat?", "choices": ["grass", "stones", "the wind", "small fish"], "gold": 0},
     {"q": "How many legs has a llama?", "choices": ["two", "four", "six"], "gold": 1},
-    {"q": "Where does the herd rest?", "choices": ["in the shade of the old stone wall", "at sea"], "gold": 0},
+    {
+        "q": "Where does the herd rest?",
+        "choices": ["in the shade of the old stone wall", "at sea"],
+        "gold": 0,
+    },
     {"q": "Who counts the herd?", "choices": ["the keeper", "nobody", "a llama", "the wind"], "gold": 0},
     {"q": "What is two plus two?", "choices": ["three", "four", "five"], "gold": 1},
     {"q": "What is the capital of France?", "choices": ["Paris", "Rome", "Berlin", "Madrid"], "gold": 0},
 ]
-MC_SPEC = {"type": "multiple_choice", "prompt": "Question: {{ q }}\nAnswer:", "choices": "choices", "gold": "gold"}
+MC_SPEC = {
+    "type": "multiple_choice",
+    "prompt": "Question: {{ q }}\nAnswer:",
+    "choices": "choices",
+    "gold": "gold",
+}
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -80,12 +89,54 @@ def test_multiple_choice_is_batched_prefill_only_and_equals_one_request_per_choi
             whole = engine.tokenize(ctx + " " + choice, add_special=True, parse_special=True)
             c = engine.tokenize(ctx, add_special=True, parse_special=True)
             single, _ = engine.loglikelihood(c, whole[len(c) :])
-            assert ll == pytest.approx(single, abs=2e-2)  # batch shapes change llama.cpp's float sums slightly
+            assert ll == single  # split KV cache: batching changes no arithmetic
         pred, pred_norm = scoring.mc_predictions(rec["loglikelihoods"], task.choices(doc))
         assert (rec["pred"], rec["pred_norm"]) == (pred, pred_norm)
         assert rec["acc"] == float(pred == rec["gold"]) and rec["acc_norm"] == float(pred_norm == rec["gold"])
     assert res.summary.metrics["acc"] == pytest.approx(np.mean(res.scores["acc"]))
     assert res.summary.counts == {"items": len(MC_ROWS), "requests": n_choices}
+
+
+def test_a_shared_prefix_is_reused_across_blocks(lm, tmp_path):
+    # A long description shared by every document (like few-shot examples shared by a
+    # subject). Sorted contexts let each block of n_parallel documents find it in the slots
+    # the previous block left, so beyond the first block it is not evaluated again; and a
+    # document's later choices cost one context token plus the choice (waves keep each
+    # context in its slot).
+    description = (
+        "The following questions are about llamas, their herd and the keeper "
+        "who counts them every morning before the gate opens.\n\n"
+    )
+    rows = [dict(r, q=f"{r['q']} (variant {i})") for i in range(4) for r in MC_ROWS]  # 24 documents, 3 blocks
+    task = load_task(str(_write_task(tmp_path, {**MC_SPEC, "description": description}, rows)))
+    reqs = [(task.context(d), " " + c) for d in task.docs for c in task.choices(d)]
+    engine = lm.engine
+
+    def computed(fn) -> int:
+        _flush_slots(engine)
+        s0 = engine.stats()
+        fn()
+        s1 = engine.stats()
+        return (s1.prompt_tokens - s0.prompt_tokens) - (s1.cached_tokens - s0.cached_tokens)
+
+    pairs = [lm.encode_pair(c, x) for c, x in reqs]
+    batched = computed(lambda: lm.loglikelihood(reqs))
+    prefix = len(engine.tokenize(description, add_special=True)) - 1  # its last token may merge on
+    n_slots = engine.config.n_parallel
+    assert len(rows) > 2 * n_slots
+    by_ctx: dict[tuple, list] = {}
+    for c, x in pairs:
+        by_ctx.setdefault(tuple(c), []).append(x)
+    bound = sum(len(c) + len(xs[0]) + sum(1 + len(x) for x in xs[1:]) for c, xs in by_ctx.items())
+    assert batched <= bound - (len(rows) - n_slots) * prefix
+    assert batched < sum(len(c) + len(x) for c, x in pairs) / 2  # versus evaluating every pair whole
+
+
+def _flush_slots(engine) -> None:
+    """Fill every slot with an unrelated one-token prompt, so nothing is cached from before."""
+    from openherd.evals.lm import score_wave
+
+    score_wave(engine, [([engine.info.bos, 300 + i], [301]) for i in range(engine.config.n_parallel)])
 
 
 def test_gold_from_the_models_own_choice_scores_one(lm, tmp_path):
@@ -95,8 +146,14 @@ def test_gold_from_the_models_own_choice_scores_one(lm, tmp_path):
     lls = [r["loglikelihoods"] for r in run_task(lm, task).records]
     best = [dict(r, gold=int(np.argmax(x))) for r, x in zip(MC_ROWS, lls, strict=True)]
     worst = [dict(r, gold=int(np.argmin(x))) for r, x in zip(MC_ROWS, lls, strict=True)]
-    assert run_task(lm, load_task(str(_write_task(tmp_path, MC_SPEC, best, "best")))).summary.metrics["acc"] == 1.0
-    assert run_task(lm, load_task(str(_write_task(tmp_path, MC_SPEC, worst, "worst")))).summary.metrics["acc"] == 0.0
+    assert (
+        run_task(lm, load_task(str(_write_task(tmp_path, MC_SPEC, best, "best")))).summary.metrics["acc"]
+        == 1.0
+    )
+    assert (
+        run_task(lm, load_task(str(_write_task(tmp_path, MC_SPEC, worst, "worst")))).summary.metrics["acc"]
+        == 0.0
+    )
 
 
 def test_encoding_follows_lm_eval(lm):
@@ -114,7 +171,7 @@ def test_encoding_follows_lm_eval(lm):
 def test_long_contexts_are_left_truncated(tiny_gguf):
     with open_model(str(tiny_gguf), replace(CFG, n_ctx=32, n_parallel=2)) as small:
         long_ctx = "The herd moved slowly across the high plain. " * 20
-        (ll, _), = small.loglikelihood([(long_ctx, " and the wind")])
+        ((ll, _),) = small.loglikelihood([(long_ctx, " and the wind")])
         ctx, cont = small.encode_pair(long_ctx, " and the wind")
         ref, _ = small.engine.loglikelihood(ctx[-(31 - len(cont)) :], cont)
         assert ll == pytest.approx(ref, abs=1e-4)
@@ -125,12 +182,20 @@ def test_long_contexts_are_left_truncated(tiny_gguf):
 
 def test_generation_exact_match_regex_f1_and_stop(lm, tmp_path):
     rows = [{"country": c, "answer": "x"} for c in ("France", "Peru", "Chile", "Japan", "Kenya", "Nepal")]
-    spec = {"type": "generation", "prompt": "Q: capital of {{ country }}?\nA:", "target": "answer", "max_tokens": 8}
+    spec = {
+        "type": "generation",
+        "prompt": "Q: capital of {{ country }}?\nA:",
+        "target": "answer",
+        "max_tokens": 8,
+    }
     first = run_task(lm, load_task(str(_write_task(tmp_path, spec, rows, "free"))))
     outputs = [r["output"] for r in first.records]
     assert lm.engine.stats().generated_tokens > 0 and all(outputs)
     # Targets taken from the model's own greedy outputs: exact match is 1 where they were kept.
-    gold = [dict(r, answer=o if i % 2 == 0 else "definitely not this") for i, (r, o) in enumerate(zip(rows, outputs, strict=True))]
+    gold = [
+        dict(r, answer=o if i % 2 == 0 else "definitely not this")
+        for i, (r, o) in enumerate(zip(rows, outputs, strict=True))
+    ]
     em = run_task(lm, load_task(str(_write_task(tmp_path, spec, gold, "em"))))
     assert [r["output"] for r in em.records] == outputs
     assert em.scores["exact_match"] == [1.0, 0.0] * 3 and em.summary.metrics == {"exact_match": 0.5}
@@ -139,11 +204,18 @@ def test_generation_exact_match_regex_f1_and_stop(lm, tmp_path):
     assert f1.scores["f1"] == [scoring.f1(o, g["answer"]) for o, g in zip(outputs, gold, strict=True)]
     # Regex: the pattern pulls out the first three characters, which must equal the reference.
     rx = [dict(r, answer=o.strip()[:3]) for r, o in zip(rows, outputs, strict=True)]
-    regex = run_task(lm, load_task(str(_write_task(tmp_path, {**spec, "metric": "regex", "regex": r"^\s*(.{3})"}, rx, "rx"))))
+    regex = run_task(
+        lm,
+        load_task(str(_write_task(tmp_path, {**spec, "metric": "regex", "regex": r"^\s*(.{3})"}, rx, "rx"))),
+    )
     assert regex.summary.metrics == {"regex": 1.0}
     # A stop sequence taken from inside the first output ends the generation just before it.
     text = outputs[0]
-    stop = next(text[i : i + 2] for i in range(2, len(text) - 1) if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i)
+    stop = next(
+        text[i : i + 2]
+        for i in range(2, len(text) - 1)
+        if text[i : i + 2].strip() and text.find(text[i : i + 2]) == i
+    )
     stopped = run_task(lm, load_task(str(_write_task(tmp_path, {**spec, "stop": [stop]}, rows, "stopped"))))
     assert stopped.records[0]["output"] == text[: text.index(stop)]
 
@@ -167,14 +239,18 @@ def test_rolling_windows_match_lm_eval():
     lm_eval_utils = pytest.importorskip("lm_eval.utils")
     tokens = list(range(100, 137))
     for max_len in (1, 5, 8, 36, 37, 50):
-        ref = [lm_eval_utils.make_disjoint_window(w)
-               for w in lm_eval_utils.get_rolling_token_windows(tokens, 1, max_len, 1)]
+        ref = [
+            lm_eval_utils.make_disjoint_window(w)
+            for w in lm_eval_utils.get_rolling_token_windows(tokens, 1, max_len, 1)
+        ]
         assert rolling_windows(tokens, 1, max_len) == [(list(a), list(b)) for a, b in ref]
         assert [t for _, c in rolling_windows(tokens, 1, max_len) for t in c] == tokens
 
 
 def test_perplexity_of_a_text_file(tiny_gguf, tmp_path, herd_home, capsys):
-    text = ("The herd moved slowly across the high plain, and the llamas kept close to one another. " * 6).strip()
+    text = (
+        "The herd moved slowly across the high plain, and the llamas kept close to one another. " * 6
+    ).strip()
     path = tmp_path / "notes.txt"
     path.write_text(text)
     with open_model(str(tiny_gguf), replace(CFG, n_ctx=48)) as small:  # 46-token windows: several of them
@@ -192,7 +268,9 @@ def test_perplexity_of_a_text_file(tiny_gguf, tmp_path, herd_home, capsys):
     assert m["word_perplexity"] == pytest.approx(math.exp(-ll / len(text.split())))
     assert m["bits_per_byte"] == pytest.approx(-ll / len(text.encode()) / math.log(2))
     # The CLI takes the text file as the task.
-    rc = cli.main(["eval", str(tiny_gguf), "--task", str(path), "--ctx", "48", "--json", "--out", str(tmp_path / "out")])
+    rc = cli.main(
+        ["eval", str(tiny_gguf), "--task", str(path), "--ctx", "48", "--json", "--out", str(tmp_path / "out")]
+    )
     out = capsys.readouterr().out
     assert rc == 0 and set(json.loads(out)) == set(m)
 
@@ -245,7 +323,9 @@ def test_persona_is_scored_through_its_prompt(tiny_gguf, herd_home, tmp_path):
         from openherd.evals.runner import GenRequest
 
         (answer,) = plm.generate([GenRequest("Who counts the herd?", ["\n"], 8)])
-        prep = rt.prepare_sync([{"role": "user", "content": "Who counts the herd?"}], {"temperature": 0, "max_tokens": 8})
+        prep = rt.prepare_sync(
+            [{"role": "user", "content": "Who counts the herd?"}], {"temperature": 0, "max_tokens": 8}
+        )
         from openherd.engine.types import GenerationRequest, SamplingParams
 
         params = SamplingParams(temperature=0, top_p=1.0, top_k=0, min_p=0.0, max_tokens=8, stop=["\n"])
@@ -264,8 +344,14 @@ def _write_adapter(path: Path, seed: int = 7, scale: float = 3.0) -> Path:
     r, d, ff = 4, 64, 128
     for layer in range(2):
         for name, n_in, n_out in (("attn_output", d, d), ("ffn_down", ff, d), ("ffn_up", d, ff)):
-            w.add_tensor(f"blk.{layer}.{name}.weight.lora_a", (rng.standard_normal((r, n_in)) / np.sqrt(n_in)).astype(np.float32))
-            w.add_tensor(f"blk.{layer}.{name}.weight.lora_b", (scale * rng.standard_normal((n_out, r))).astype(np.float32))
+            w.add_tensor(
+                f"blk.{layer}.{name}.weight.lora_a",
+                (rng.standard_normal((r, n_in)) / np.sqrt(n_in)).astype(np.float32),
+            )
+            w.add_tensor(
+                f"blk.{layer}.{name}.weight.lora_b",
+                (scale * rng.standard_normal((n_out, r))).astype(np.float32),
+            )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -279,14 +365,30 @@ def _register_tuned(tiny_gguf, tmp_path) -> None:
     store = Store()
     base = store.pull(str(tiny_gguf), name="tiny")
     blob = store.add_blob(_write_adapter(tmp_path / "adapter.gguf"))
-    store.register(Manifest(name="tiny-tuned", source="tune:tiny", sha256=base.sha256, size=base.size, path="",
-                            architecture=base.architecture, base="tiny", adapter=str(blob.path)))
+    store.register(
+        Manifest(
+            name="tiny-tuned",
+            source="tune:tiny",
+            sha256=base.sha256,
+            size=base.size,
+            path="",
+            architecture=base.architecture,
+            base="tiny",
+            adapter=str(blob.path),
+        )
+    )
 
 
 def _self_gold_task(tmp_path, tiny_gguf) -> Path:
     """20 items whose gold answers are the base model's own picks: the base scores acc = 1."""
-    rows = [{"q": f"Item {i}: which word follows the herd?", "choices": ["grass", "water", "stone", "sky"], "gold": 0}
-            for i in range(20)]
+    rows = [
+        {
+            "q": f"Item {i}: which word follows the herd?",
+            "choices": ["grass", "water", "stone", "sky"],
+            "gold": 0,
+        }
+        for i in range(20)
+    ]
     path = _write_task(tmp_path, MC_SPEC, rows, "selfgold")
     with open_model(str(tiny_gguf), CFG) as base:
         lls = [r["loglikelihoods"] for r in run_task(base, load_task(str(path))).records]
@@ -315,7 +417,9 @@ def test_tuned_store_model_applies_its_adapter_and_the_gate_refuses_it(tiny_gguf
     assert e.value.message == gate.message
 
     # The same adapter as a file on top of the base (a candidate not yet registered) fails the same way.
-    unregistered = check_gate("tiny", "tiny", [str(task)], candidate_adapter=str(tmp_path / "adapter.gguf"), config=CFG)
+    unregistered = check_gate(
+        "tiny", "tiny", [str(task)], candidate_adapter=str(tmp_path / "adapter.gguf"), config=CFG
+    )
     assert not unregistered.passed and unregistered.per_task["selfgold"][0].delta == acc.delta
     # The base against itself passes, with no change at all; a huge threshold lets the tuned model through.
     same = check_gate("tiny", "tiny", [str(task)], config=CFG)
@@ -336,12 +440,31 @@ def test_gate_checks_every_task_before_loading_a_model(herd_home):
 
 def test_cli_evaluates_a_gguf_and_writes_every_output(tiny_gguf, herd_home, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = cli.main(["eval", str(tiny_gguf), "--task", "basics-mc", "--limit", "5", "--json", "--out", str(out), "--parallel", "4"])
+    rc = cli.main(
+        [
+            "eval",
+            str(tiny_gguf),
+            "--task",
+            "basics-mc",
+            "--limit",
+            "5",
+            "--json",
+            "--out",
+            str(out),
+            "--parallel",
+            "4",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert rc == 0
     metrics = json.loads(stdout)  # stdout is exactly one JSON object
     assert set(metrics) == {"acc", "acc_norm"}
-    assert sorted(p.name for p in out.iterdir()) == ["chart.png", "records.jsonl", "report.md", "results.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "chart.png",
+        "records.jsonl",
+        "report.md",
+        "results.json",
+    ]
     assert (out / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert len(records) == 5 and all(len(r["loglikelihoods"]) == 4 for r in records)
@@ -364,7 +487,13 @@ def test_cli_compare_gives_a_paired_bootstrap_interval(tiny_gguf, herd_home, tmp
     b = [json.loads(x)["acc"] for x in (tmp_path / "c1" / "b" / "records.jsonl").read_text().splitlines()]
     ref = scoring.paired_bootstrap(b, a, n_resamples=1000, seed=0)
     assert (acc["low"], acc["high"], acc["p_value"]) == (ref.low, ref.high, ref.p_value)
-    assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == ["a", "b", "chart.png", "comparison.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == [
+        "a",
+        "b",
+        "chart.png",
+        "comparison.json",
+        "report.md",
+    ]
     # The table form.
     assert cli.main(["eval", *args, "--out", str(tmp_path / "c2")]) == 0
     table = capsys.readouterr().out
@@ -374,21 +503,32 @@ def test_cli_compare_gives_a_paired_bootstrap_interval(tiny_gguf, herd_home, tmp
 
 def test_cli_bad_input_is_one_line(tiny_gguf, herd_home, tmp_path):
     def herd(*args):
-        return subprocess.run([sys.executable, "-m", "openherd", "eval", *args], capture_output=True, text=True,
-                              timeout=120, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "openherd", "eval", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(MC_ROWS[0]) + "\n{not json\n")
-    (tmp_path / "bad.yaml").write_text("name: bad\ntype: multiple_choice\ndata: bad.jsonl\nprompt: '{{ q }}'\n"
-                                       "choices: choices\ngold: gold\n")
+    (tmp_path / "bad.yaml").write_text(
+        "name: bad\ntype: multiple_choice\ndata: bad.jsonl\nprompt: '{{ q }}'\nchoices: choices\ngold: gold\n"
+    )
     samples = tmp_path / "s.jsonl"
-    samples.write_text('{"task_id": "HumanEval/0", "completion": "    pass\\n"}\n{"task_id": "HumanEval/999", "completion": ""}\n')
+    samples.write_text(
+        '{"task_id": "HumanEval/0", "completion": "    pass\\n"}\n{"task_id": "HumanEval/999", "completion": ""}\n'
+    )
     cases = [
         ((str(tiny_gguf), "--task", str(tmp_path / "bad.yaml")), f"{bad}:2: invalid JSON"),
         ((str(tiny_gguf), "--task", "nosuch"), "unknown task 'nosuch'"),
         (("no-such-model", "--task", "basics-mc"), "model 'no-such-model' not found"),
         (("--task", "humaneval", "--samples", str(samples)), f"{samples}:2: unknown task_id 'HumanEval/999'"),
-        ((str(tiny_gguf), "--task", "basics-mc", "--num-samples", "3"), "--num-samples and --temperature apply to humaneval"),
+        (
+            (str(tiny_gguf), "--task", "basics-mc", "--num-samples", "3"),
+            "--num-samples and --temperature apply to humaneval",
+        ),
         ((str(tiny_gguf), "--task", str(tmp_path / "empty.txt")), "does not exist"),
     ]
     for args, expected in cases:

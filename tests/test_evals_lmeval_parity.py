@@ -57,7 +57,13 @@ def _rows() -> list[dict]:
     rows = []
     for i in range(N_ITEMS):
         choices = CHOICES[i % len(CHOICES)]
-        rows.append({"q": f"Item {i}: what does the herd find near the wall?", "choices": choices, "gold": (i * 7) % len(choices)})
+        rows.append(
+            {
+                "q": f"Item {i}: what does the herd find near the wall?",
+                "choices": choices,
+                "gold": (i * 7) % len(choices),
+            }
+        )
     return rows
 
 
@@ -73,26 +79,66 @@ def _write_tasks(tmp_path: Path) -> tuple[Path, Path, Path]:
 
     lm_eval_dir = tmp_path / "lm_eval_tasks"
     lm_eval_dir.mkdir()
-    (lm_eval_dir / "herd_mc.yaml").write_text(yaml.safe_dump({
-        "task": "herd_mc", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc_data)}},
-        "test_split": "test", "output_type": "multiple_choice", "description": description,
-        "doc_to_text": prompt, "doc_to_choice": "{{ choices }}", "doc_to_target": "{{ gold }}", "target_delimiter": " ",
-        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
-    }))
-    (lm_eval_dir / "herd_ppl.yaml").write_text(yaml.safe_dump({
-        "task": "herd_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(ppl_data)}},
-        "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{ text }}",
-        "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in
-                        (("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
-                         ("bits_per_byte", "bits_per_byte"))],
-    }))
+    (lm_eval_dir / "herd_mc.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "herd_mc",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(mc_data)}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "description": description,
+                "doc_to_text": prompt,
+                "doc_to_choice": "{{ choices }}",
+                "doc_to_target": "{{ gold }}",
+                "target_delimiter": " ",
+                "metric_list": [
+                    {"metric": m, "aggregation": "mean", "higher_is_better": True}
+                    for m in ("acc", "acc_norm")
+                ],
+            }
+        )
+    )
+    (lm_eval_dir / "herd_ppl.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": "herd_ppl",
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(ppl_data)}},
+                "test_split": "test",
+                "output_type": "loglikelihood_rolling",
+                "doc_to_text": "",
+                "doc_to_target": "{{ text }}",
+                "metric_list": [
+                    {"metric": m, "aggregation": agg, "higher_is_better": False}
+                    for m, agg in (
+                        ("word_perplexity", "weighted_perplexity"),
+                        ("byte_perplexity", "weighted_perplexity"),
+                        ("bits_per_byte", "bits_per_byte"),
+                    )
+                ],
+            }
+        )
+    )
     ours_mc = tmp_path / "herd_mc.yaml"
-    ours_mc.write_text(yaml.safe_dump({
-        "name": "herd_mc", "type": "multiple_choice", "data": mc_data.name, "description": description,
-        "prompt": prompt, "choices": "choices", "gold": "gold", "target_delimiter": " ",
-    }))
+    ours_mc.write_text(
+        yaml.safe_dump(
+            {
+                "name": "herd_mc",
+                "type": "multiple_choice",
+                "data": mc_data.name,
+                "description": description,
+                "prompt": prompt,
+                "choices": "choices",
+                "gold": "gold",
+                "target_delimiter": " ",
+            }
+        )
+    )
     ours_ppl = tmp_path / "herd_ppl.yaml"
-    ours_ppl.write_text(yaml.safe_dump({"name": "herd_ppl", "type": "perplexity", "data": ppl_data.name, "text": "text"}))
+    ours_ppl.write_text(
+        yaml.safe_dump({"name": "herd_ppl", "type": "perplexity", "data": ppl_data.name, "text": "text"})
+    )
     return lm_eval_dir, ours_mc, ours_ppl
 
 
@@ -110,8 +156,14 @@ def _run_lm_eval(task_dir: Path, model_dir: Path, tmp_path: Path) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",
     }
-    r = subprocess.run([sys.executable, str(script), str(task_dir), str(model_dir), str(out)],
-                       capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    r = subprocess.run(
+        [sys.executable, str(script), str(task_dir), str(model_dir), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -141,7 +193,12 @@ def test_multiple_choice_and_perplexity_match_lm_eval(tiny_gguf, tiny_hf_dir, he
     assert 0 < ours["acc"] < 1
     assert any(r["pred"] != r["pred_norm"] for r in records)
 
-    assert cli.main(["eval", str(tiny_gguf), "--task", str(ours_ppl), "--json", "--out", str(tmp_path / "ours-ppl")]) == 0
+    assert (
+        cli.main(
+            ["eval", str(tiny_gguf), "--task", str(ours_ppl), "--json", "--out", str(tmp_path / "ours-ppl")]
+        )
+        == 0
+    )
     ppl = json.loads(capsys.readouterr().out)
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert ppl[metric] == pytest.approx(ref["results"]["herd_ppl"][f"{metric},none"], rel=1e-2), metric

@@ -401,3 +401,96 @@ def test_cli_reports_task_errors_in_one_line(tmp_path):
     r = _herd("eval", "--task", "basics-mc", "--model", "no-such-model", home=tmp_path)
     assert r.returncode != 0 and r.stderr.startswith("herd: error: ") and r.stderr.count("\n") == 1
     assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- text files, perplexity tasks, comparisons
+
+
+def test_a_text_file_is_a_perplexity_task(tmp_path):
+    path = tmp_path / "My Notes.txt"
+    path.write_text("line one\nline two\n")
+    task = load_task(str(path))
+    assert (task.type, task.name, len(task.docs)) == ("perplexity", "ppl-My-Notes", 1)
+    assert task.text(task.docs[0]) == "line one\nline two\n"
+    # A perplexity YAML may point at a text file (no `text` field needed) ...
+    (tmp_path / "t.yaml").write_text("name: t\ntype: perplexity\ndata: My Notes.txt\n")
+    assert load_task(str(tmp_path / "t.yaml")).docs[0].fields == {"text": "line one\nline two\n"}
+    # ... but a JSONL one must say which field holds the text.
+    (tmp_path / "j.yaml").write_text("name: j\ntype: perplexity\ndata: d.jsonl\n")
+    with pytest.raises(TaskError, match="j.yaml: a perplexity task needs the field 'text'"):
+        load_task(str(tmp_path / "j.yaml"))
+
+
+def test_text_file_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"fine\nstill fine\n\xff\xfe broken\n")
+    with pytest.raises(TaskError) as e:
+        load_task(str(bad))
+    assert e.value.message == f"{bad}:3: not UTF-8 text"
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(TaskError, match="empty.txt: the text file is empty"):
+        load_task(str(empty))
+    with pytest.raises(NotFound, match="does not exist"):
+        load_task(str(tmp_path / "missing.txt"))
+
+
+def test_description_is_prepended_verbatim_like_lm_eval(tmp_path):
+    task = load_task(str(_task_dir(tmp_path, MC_YAML + 'description: "Answer briefly. "\n', MC_ROWS)))
+    assert task.context(task.docs[0]) == "Answer briefly. Q: 2+2?\nA:"
+
+
+def test_many_samples_at_temperature_zero_is_an_error(tmp_path):
+    path = _task_dir(tmp_path, "name: he\ntype: humaneval\nsamples: 5\n")
+    with pytest.raises(TaskError) as e:
+        load_task(str(path))
+    assert e.value.message.startswith(f"{path}:3: 5 samples per problem at temperature 0")
+
+
+def test_weighted_paired_bootstrap_is_the_corpus_statistic():
+    rng = np.random.default_rng(3)
+    a, b = rng.random(50), rng.random(50)
+    w = rng.integers(1, 100, 50).astype(float)
+    cmp = scoring.paired_bootstrap(a, b, weights=w, n_resamples=500, seed=1)
+    assert cmp.diff == pytest.approx(((a - b) * w).sum() / w.sum())
+    assert cmp.low < cmp.diff < cmp.high
+    unweighted = scoring.paired_bootstrap(a, b, n_resamples=500, seed=1)
+    assert unweighted.diff == pytest.approx((a - b).mean())
+    assert scoring.paired_bootstrap(a, b, weights=np.ones(50), n_resamples=500, seed=1) == unweighted
+    with pytest.raises(ValueError, match="weights"):
+        scoring.paired_bootstrap(a, b, weights=np.zeros(50))
+
+
+def test_compare_results_is_b_minus_a_with_direction(tmp_path):
+    from openherd.evals.compare import compare_results, comparison_table
+
+    task = load_task(str(_task_dir(tmp_path, MC_YAML, MC_ROWS * 4)))
+    # A always prefers the first choice, B the gold one.
+    first = ScriptedLM(ll=lambda ctx, cont: -1.0 if cont.strip() in ("3", "blue", "ant") else -5.0)
+    gold = ScriptedLM(ll=lambda ctx, cont: -1.0 if cont.strip() in ("4", "blue", "elephant") else -5.0)
+    first.name, gold.name = "first", "gold"
+    cmp = compare_results(run_task(first, task), run_task(gold, task))
+    acc = cmp.metrics[0]
+    assert (acc.metric, acc.a, acc.b, acc.n) == ("acc", pytest.approx(1 / 3), 1.0, 12)
+    assert acc.diff == pytest.approx(2 / 3) and acc.improvement == acc.diff and acc.low > 0
+    assert "| acc | 0.3333 | 1.0000 | +0.6667 ↑ |" in comparison_table(cmp)
+    # Perplexity: lower is better, so a lower bits-per-byte is an improvement.
+    (tmp_path / "ppl").mkdir()
+    ppl = load_task(
+        str(
+            _task_dir(
+                tmp_path / "ppl",
+                "name: p\ntype: perplexity\ndata: p.jsonl\ntext: t\n",
+                [{"t": "hello world"}, {"t": "good morning all"}],
+                "p.jsonl",
+            )
+        )
+    )
+    worse = ScriptedLM(rolling=lambda t: (-2.0 * len(t), len(t)))
+    better = ScriptedLM(rolling=lambda t: (-1.0 * len(t), len(t)))
+    (bpb,) = compare_results(run_task(worse, ppl), run_task(better, ppl)).metrics
+    assert bpb.metric == "bits_per_byte" and bpb.diff < 0 and bpb.improvement > 0
+    with pytest.raises(ValueError, match="same --limit"):
+        compare_results(
+            run_task(first, task), run_task(gold, load_task(str(tmp_path / "task.yaml"), limit=3))
+        )

@@ -356,14 +356,14 @@ def test_edit_in_editor(store, monkeypatch):
     from openherd.commands.persona import _edit_in_editor
 
     _make(store)
-    monkeypatch.setenv("EDITOR", "sed -i -e s/^system:.*/system:\\ Edited./ -e s/^version:.*/version:\\ '7'/")
+    monkeypatch.setenv("EDITOR", "sed -i -e 's/^system:.*/system: Edited./' -e \"s/^version:.*/version: '7'/\"")
     monkeypatch.delenv("VISUAL", raising=False)
     p = _edit_in_editor(store, store.get("glim"))
     assert p.system == "Edited." and p.version == "7"
     assert store.get("glim").system == "Edited." and len(p.knowledge.sources) == 2
 
     # An edit that breaks the schema is refused; answering "n" abandons it and nothing changes.
-    monkeypatch.setenv("EDITOR", "sed -i s/^model:.*/model:\\ ..\\/etc/")
+    monkeypatch.setenv("EDITOR", "sed -i 's|^model:.*|model: ../etc|'")
     monkeypatch.setattr("builtins.input", lambda prompt="": "n")
     with pytest.raises(InvalidRequest, match="abandoned"):
         _edit_in_editor(store, store.get("glim"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -333,7 +334,11 @@ def test_stream_hold_is_bounded():
 def test_large_text():
     # Sanity at scale (no timing assertion): 1 MB with planted values, all found.
     rng = random.Random(0)
-    filler = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8").split()
+    # Plain words from the docs as filler: no digits (they would join a planted card
+    # number into a longer, Luhn-failing run) and no word that marks a following
+    # dotted quad as a version number (by design those stay unredacted).
+    filler = [w for w in (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8").split()
+              if re.fullmatch(r"[A-Za-z]+[.,;:]?", w) and w.lower().rstrip(".,;:") not in ("v", "ver", "version", "release")]
     planted = [
         "ann@example.com",
         "+44 20 7946 0958",

@@ -26,22 +26,37 @@ def register(subparsers) -> None:
         "Model-written code runs in a sandbox: own namespaces, no network, read-only filesystem, rlimits.",
     )
     p.add_argument("model", nargs="?", metavar="MODEL", help="store name, .gguf path or persona to evaluate")
-    p.add_argument("--task", "-t", help="built-in task name (see --list), a task .yaml file, or a .txt file (perplexity)")
+    p.add_argument(
+        "--task", "-t", help="built-in task name (see --list), a task .yaml file, or a .txt file (perplexity)"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--samples", metavar="FILE", help="JSONL of {task_id, completion} to score (humaneval tasks)"
     )
     src.add_argument("--model", "-m", dest="model_opt", metavar="MODEL", help="same as the MODEL argument")
     src.add_argument(
-        "--compare", nargs=2, metavar=("A", "B"), help="evaluate two models on the task and compare them (B - A)"
+        "--compare",
+        nargs=2,
+        metavar=("A", "B"),
+        help="evaluate two models on the task and compare them (B - A)",
     )
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N items (problems)")
     p.add_argument("--fewshot", type=int, metavar="N", help="override the task's number of few-shot examples")
     p.add_argument(
         "--k", metavar="K[,K...]", help="pass@k values for humaneval (default: the task's, 1,10,100)"
     )
-    p.add_argument("--num-samples", type=int, metavar="N", help="humaneval: completions per problem (default: the task's, 1)")
-    p.add_argument("--temperature", type=float, metavar="T", help="humaneval: sampling temperature (default: the task's, 0)")
+    p.add_argument(
+        "--num-samples",
+        type=int,
+        metavar="N",
+        help="humaneval: completions per problem (default: the task's, 1)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        metavar="T",
+        help="humaneval: sampling temperature (default: the task's, 0)",
+    )
     p.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="per-program time limit (default: the task's)"
     )
@@ -56,11 +71,15 @@ def register(subparsers) -> None:
     )
     p.add_argument("--adapter", metavar="FILE", help="a LoRA adapter GGUF to apply on top of MODEL")
     p.add_argument("--ctx", type=int, metavar="N", help="context per sequence in tokens (default 2048)")
-    p.add_argument("--parallel", type=int, metavar="N", help="sequences scored or decoded together (default 16)")
+    p.add_argument(
+        "--parallel", type=int, metavar="N", help="sequences scored or decoded together (default 16)"
+    )
     p.add_argument(
         "--out", metavar="DIR", help="output directory (default: $HERD_HOME/evals/<timestamp>-<task>)"
     )
-    p.add_argument("--json", action="store_true", help="print the metrics (or the comparison) as one JSON object")
+    p.add_argument(
+        "--json", action="store_true", help="print the metrics (or the comparison) as one JSON object"
+    )
     p.add_argument("--list", action="store_true", help="list the built-in tasks and exit")
     p.set_defaults(func=cmd_eval)
 
@@ -121,7 +140,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _check_numbers(args) -> None:
     from ..errors import InvalidRequest
 
-    for flag, low in (("limit", 1), ("fewshot", 0), ("workers", 1), ("num_samples", 1), ("ctx", 16), ("parallel", 1)):
+    for flag, low in (
+        ("limit", 1),
+        ("fewshot", 0),
+        ("workers", 1),
+        ("num_samples", 1),
+        ("ctx", 16),
+        ("parallel", 1),
+    ):
         value = getattr(args, flag)
         if value is not None and value < low:
             raise InvalidRequest(f"--{flag.replace('_', '-')} must be >= {low}")

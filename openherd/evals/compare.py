@@ -91,7 +91,9 @@ def compare_results(
         )
         va, vb = a.summary.metrics[metric], b.summary.metrics[metric]
         out.append(
-            MetricComparison(metric, va, vb, vb - va, p.low, p.high, p.p_value, p.n, metric not in LOWER_IS_BETTER)
+            MetricComparison(
+                metric, va, vb, vb - va, p.low, p.high, p.p_value, p.n, metric not in LOWER_IS_BETTER
+            )
         )
     return Comparison(
         a.summary.task,

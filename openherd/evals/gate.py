@@ -134,8 +134,18 @@ def check_gate(
         cmp = compare_results(results[("base", task.name)], results[("candidate", task.name)])
         comparisons.append(cmp)
         per_task[task.name] = [
-            TaskDelta(task.name, m.metric, m.a, m.b, m.diff, m.improvement, m.low, m.high, m.n,
-                      regressed=m.improvement < -threshold)
+            TaskDelta(
+                task.name,
+                m.metric,
+                m.a,
+                m.b,
+                m.diff,
+                m.improvement,
+                m.low,
+                m.high,
+                m.n,
+                regressed=m.improvement < -threshold,
+            )
             for m in cmp.metrics
         ]
     result = GateResult(True, per_task, "", threshold, base_name, cand_name, comparisons)
@@ -147,14 +157,20 @@ def check_gate(
 def gate_message(result: GateResult) -> str:
     """One line: what regressed and by how much, or that every task held up."""
     if result.passed:
-        worst = min((d for ds in result.per_task.values() for d in ds), key=lambda d: d.improvement, default=None)
+        worst = min(
+            (d for ds in result.per_task.values() for d in ds), key=lambda d: d.improvement, default=None
+        )
         tail = f"; smallest change {worst.task} {worst.metric} {worst.delta:+.4f}" if worst else ""
-        return (f"gate passed: '{result.candidate}' stays within {result.threshold:g} of '{result.base}' "
-                f"on {', '.join(result.per_task)}{tail}")
+        return (
+            f"gate passed: '{result.candidate}' stays within {result.threshold:g} of '{result.base}' "
+            f"on {', '.join(result.per_task)}{tail}"
+        )
     parts = [
         f"{d.task} {d.metric} {d.base:.4f} -> {d.candidate:.4f} ({d.delta:+.4f}, "
         f"95% CI {d.low:+.4f}..{d.high:+.4f}, n={d.n})"
         for d in result.regressions
     ]
-    return (f"gate failed: '{result.candidate}' regresses by more than {result.threshold:g} against "
-            f"'{result.base}': " + "; ".join(parts))
+    return (
+        f"gate failed: '{result.candidate}' regresses by more than {result.threshold:g} against "
+        f"'{result.base}': " + "; ".join(parts)
+    )

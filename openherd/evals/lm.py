@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ContextOverflow, InvalidRequest, Unavailable
@@ -40,10 +40,6 @@ class EvalModelConfig:
     n_batch: int = 512  # tokens per llama_decode
     n_threads: int = 0  # 0 = HERD_THREADS, else the physical cores
     adapter: str | None = None  # a LoRA GGUF applied on top (a tuned candidate not yet in the store)
-    # Scoring shares a block's common prompt prefix across slots by copying KV cells, which
-    # needs llama.cpp's unified KV cache; split KV decodes ~15% faster, so generation-only
-    # runs (HumanEval, generation tasks) turn it off (see config_for()).
-    kv_unified: bool = True
 
     def __post_init__(self):
         if self.n_ctx < 16:
@@ -73,19 +69,21 @@ def fit_pair(context: list[int], continuation: list[int], n_ctx: int) -> tuple[l
     return context[-(room - len(continuation)) :], continuation
 
 
-MIN_SHARED_PREFIX = 8  # tokens: below this, priming a block's shared prefix costs more than it saves
-
-
-def score_pairs(engine, pairs: Sequence[tuple[list[int], list[int]]], width: int | None = None) -> list[tuple[float, bool]]:
+def score_pairs(
+    engine, pairs: Sequence[tuple[list[int], list[int]]], width: int | None = None
+) -> list[tuple[float, bool]]:
     """(sum log P(continuation | context), is_greedy) for every pair, prefill-only and batched.
 
     Identical pairs are scored once. Contexts are sorted by their tokens, so
     contexts that share a prefix (the description, the same few-shot examples)
-    land in the same block. With a unified KV cache the block's shared prefix is
-    evaluated once: one priming request leaves it in a slot, and every first-wave
-    request either takes that slot or copies its cells (``llama_memory_seq_cp``)
-    instead of evaluating the prefix again, which is what a one-request-per-choice
-    loop gets from the prefix cache for free.
+    are neighbours: a block's first wave then finds that prefix in the slots the
+    previous block left behind and evaluates only the rest.
+
+    The numbers are exactly those of scoring each pair alone: the engine's split
+    (per-sequence) KV cache makes a sequence's arithmetic independent of what
+    else is in the batch. (A unified KV cache could share one block's prefix
+    between slots too, but on llama.cpp's CPU kernels its batched results drift
+    from the single-request ones, by up to 0.5 nats per choice on a Q4 model.)
     """
     width = width or _n_parallel(engine)
     by_ctx: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
@@ -94,13 +92,9 @@ def score_pairs(engine, pairs: Sequence[tuple[list[int], list[int]]], width: int
         if tuple(cont) not in conts:
             conts.append(tuple(cont))
     contexts = sorted(by_ctx)
-    unified = bool(getattr(getattr(engine, "config", None), "kv_unified", False))
     scored: dict[tuple[tuple[int, ...], tuple[int, ...]], tuple[float, bool]] = {}
     for start in range(0, len(contexts), width):
         block = contexts[start : start + width]
-        shared = _common_prefix(block[0], block[-1])  # sorted: the first and last share least
-        if unified and len(block) > 1 and shared >= MIN_SHARED_PREFIX:
-            score_wave(engine, [(list(block[0][: shared - 1]), [block[0][shared - 1]])])
         depth = max(len(by_ctx[c]) for c in block)
         for k in range(depth):
             wave = [(c, by_ctx[c][k]) for c in block if k < len(by_ctx[c])]
@@ -128,8 +122,13 @@ def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tup
     for ctx, cont in pairs:
         if not ctx or not cont:
             raise InvalidRequest("context and continuation must both be non-empty")
-        requests.append(GenerationRequest(prompt=list(ctx) + list(cont), params=SamplingParams(temperature=0, max_tokens=0),
-                                          prompt_logprobs_from=len(ctx)))
+        requests.append(
+            GenerationRequest(
+                prompt=list(ctx) + list(cont),
+                params=SamplingParams(temperature=0, max_tokens=0),
+                prompt_logprobs_from=len(ctx),
+            )
+        )
     with getattr(engine, "_cond", None) or contextlib.nullcontext():
         handles = [engine.submit(r) for r in requests]
     out = []
@@ -154,7 +153,9 @@ def generate_all(engine, prompts: Sequence[list[int]], params: Sequence[Any]) ->
     try:
         for i in range(len(prompts)):
             while submitted < len(prompts) and submitted - i < window:
-                handles[submitted] = engine.submit(GenerationRequest(prompt=prompts[submitted], params=params[submitted]))
+                handles[submitted] = engine.submit(
+                    GenerationRequest(prompt=prompts[submitted], params=params[submitted])
+                )
                 submitted += 1
             text, fin = handles.pop(i).result()
             if fin.reason == "error":
@@ -183,15 +184,6 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[
         out.append((tokens[end - max_len - 1 : predicted], tokens[predicted:end]))
         predicted = end
     return out
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _n_parallel(engine) -> int:
@@ -285,7 +277,9 @@ class EngineLM:
             prompt = self.encode(req.prompt) or [_prefix_token(self.engine)]
             keep = self.n_ctx - req.max_tokens - 1  # lm-eval: left-truncate to leave room for the answer
             if keep < 1:
-                raise ContextOverflow(f"max_tokens={req.max_tokens} leaves no room for the prompt in the {self.n_ctx}-token context; raise --ctx")
+                raise ContextOverflow(
+                    f"max_tokens={req.max_tokens} leaves no room for the prompt in the {self.n_ctx}-token context; raise --ctx"
+                )
             prompts.append(prompt[-keep:])
             params.append(_sampling(req))
         return generate_all(self.engine, prompts, params)
@@ -324,7 +318,9 @@ class PersonaLM:
         for i, (context, continuation) in enumerate(requests):
             if context not in prompts:
                 # Reserve room for the continuation: the runtime trims history/passages to fit.
-                prompts[context] = self._prompt(context, {"max_tokens": min(longest + 8, self.raw.n_ctx // 2)}).prompt
+                prompts[context] = self._prompt(
+                    context, {"max_tokens": min(longest + 8, self.raw.n_ctx // 2)}
+                ).prompt
             cont = self.raw.encode(continuation, special=False)
             if not cont:
                 empty.add(i)
@@ -376,14 +372,6 @@ class OpenModel:
         self.close()
 
 
-SCORING_TYPES = ("multiple_choice", "perplexity")
-
-
-def config_for(config: EvalModelConfig, task_types: Sequence[str]) -> EvalModelConfig:
-    """`config` with the KV layout that suits the tasks: unified when any of them is scored."""
-    return replace(config, kv_unified=any(t in SCORING_TYPES for t in task_types))
-
-
 def engine_config(config: EvalModelConfig, lora: str | None):
     from ..engine.engine import EngineConfig
     from ..settings import get_settings
@@ -396,7 +384,7 @@ def engine_config(config: EvalModelConfig, lora: str | None):
         # Generation keeps the queue this deep; scoring submits one wave (<= n_parallel) at a time.
         max_queue=4 * config.n_parallel,
         lora=lora,
-        kv_unified=config.kv_unified,
+        kv_unified=False,  # split KV: batched scores equal single-request ones (see score_pairs)
     )
 
 

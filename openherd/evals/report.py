@@ -138,7 +138,9 @@ def _atomic_write(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- comparisons
 
 
-def write_comparison(out_dir: Path, comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]) -> dict[str, Path]:
+def write_comparison(
+    out_dir: Path, comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]
+) -> dict[str, Path]:
     """A comparison's directory: comparison.json, report.md, chart.png, and each run's own files in a/ and b/."""
     from .compare import comparison_table
 
@@ -168,8 +170,20 @@ def write_comparison_chart(path: Path, comparison) -> None:
     ax = fig.add_subplot(1, 1, 1)
     xs = list(range(len(metrics)))
     width = 0.38
-    ax.bar([x - width / 2 for x in xs], [m.a for m in metrics], width, label=f"A: {comparison.a}", color="#4C72B0")
-    ax.bar([x + width / 2 for x in xs], [m.b for m in metrics], width, label=f"B: {comparison.b}", color="#DD8452")
+    ax.bar(
+        [x - width / 2 for x in xs],
+        [m.a for m in metrics],
+        width,
+        label=f"A: {comparison.a}",
+        color="#4C72B0",
+    )
+    ax.bar(
+        [x + width / 2 for x in xs],
+        [m.b for m in metrics],
+        width,
+        label=f"B: {comparison.b}",
+        color="#DD8452",
+    )
     top = max([m.a for m in metrics] + [m.b for m in metrics] + [0.0])
     for x, m in zip(xs, metrics, strict=True):
         ax.annotate(
@@ -184,7 +198,10 @@ def write_comparison_chart(path: Path, comparison) -> None:
     ax.set_xticks(xs)
     ax.set_xticklabels([m.metric for m in metrics])
     ax.set_ylim(0, (1.25 if top <= 1.0 else top * 1.3))
-    ax.set_title(f"{comparison.task}: B − A with {round(comparison.confidence * 100)}% paired bootstrap CI", fontsize=10)
+    ax.set_title(
+        f"{comparison.task}: B − A with {round(comparison.confidence * 100)}% paired bootstrap CI",
+        fontsize=10,
+    )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -225,7 +225,9 @@ def _run_perplexity(model: LanguageModel, task: Task) -> TaskResult:
     # Per-document bits per byte with the byte counts as weights: their weighted mean is the
     # corpus bits_per_byte, which is what a paired comparison resamples (compare.py).
     bpb = [-ll / b / math.log(2) for ll, b in zip(lls, nbytes, strict=True)]
-    return TaskResult(summary, records, {"bits_per_byte": bpb}, weights={"bits_per_byte": [float(b) for b in nbytes]})
+    return TaskResult(
+        summary, records, {"bits_per_byte": bpb}, weights={"bits_per_byte": [float(b) for b in nbytes]}
+    )
 
 
 def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolation, progress) -> TaskResult:

@@ -319,6 +319,8 @@ def parse_spec(path: Path) -> TaskSpec:
         )
 
     spec = TaskSpec(**raw)
+    if spec.type == "perplexity" and spec.text is None:
+        spec.text = "text"  # a plain text file: its one document's field
     _check_values(spec, at)
     return spec
 

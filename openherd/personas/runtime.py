@@ -261,7 +261,7 @@ class PersonaRuntime:
             if embedder is not None and self.retrieval != "bm25":
                 self.index().embed_missing(_embedder(embedder), model_key(embedder))
         for file, i, reasons in report.flagged:
-            log.warning("persona %s: chunk %d of %s looks like a prompt injection (%s); injection policy: %s",
+            log.info("persona %s: chunk %d of %s looks like a prompt injection (%s); injection policy: %s",
                         self.persona.name, i, file, "; ".join(reasons[:2]), self.injection_mode())
         return report
 

@@ -197,8 +197,12 @@ def read_done(out: Path) -> dict[str, set[str]]:
 # --------------------------------------------------------------------------- teachers
 
 
-class _Fatal(HerdError):
-    """A failure every other request would hit too: stop the run."""
+class _Fatal(Exception):
+    """Carries a failure every other request would hit too (bad key, unknown model): stop the run."""
+
+    def __init__(self, error: HerdError):
+        super().__init__(error.message)
+        self.error = error
 
 
 class HTTPTeacher:
@@ -249,9 +253,9 @@ class HTTPTeacher:
                     return _parse_choice(r)
                 problem = f"HTTP {r.status_code}: {_error_message(r)}"
                 if r.status_code in (401, 403):
-                    raise _Fatal(f"the teacher rejected the request ({problem}); check --api-key-env")
+                    raise _Fatal(AuthError(f"the teacher rejected the request ({problem}); check --api-key-env"))
                 if r.status_code == 404:
-                    raise _Fatal(f"the teacher has no model {self.model!r} ({problem}); check --model")
+                    raise _Fatal(InvalidRequest(f"the teacher has no model {self.model!r} ({problem}); check --model"))
                 if r.status_code != 429 and r.status_code < 500:
                     raise InvalidRequest(problem)
                 retry_after = _retry_after(r)
@@ -398,7 +402,7 @@ async def _work(cfg: DistillConfig, teacher: Any, jobs: list[Prompt], done: dict
                 try:
                     answer, finish = await teacher.complete(p.messages)
                 except _Fatal as e:
-                    fatal.append(e)
+                    fatal.append(e.error)
                     return
                 except HerdError as e:
                     stats.failed += 1
