@@ -114,6 +114,7 @@ def main() -> int:
     ap.add_argument("--no-served-embeddings", action="store_true",
                     help="skip dense retrieval with the served model's vectors (slow to index on a CPU)")
     ap.add_argument("--k", type=int, default=5, help="recall@k (default 5)")
+    ap.add_argument("--top-k", type=int, default=None, help="passages in the prompt (default: the persona default)")
     ap.add_argument("--no-answers", action="store_true", help="retrieval only")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0)
@@ -143,7 +144,7 @@ def main() -> int:
     home = Path(args.workdir or tmp.name)
     store = PersonaStore(Settings(home=home))
     docs = corpus(paths)
-    knowledge = KnowledgeConfig(top_k=4)
+    knowledge = KnowledgeConfig(top_k=args.top_k) if args.top_k else KnowledgeConfig()
     system = ("You answer questions about the openherd project from its documentation. "
               "Answer in one short sentence, quoting the exact name or value.")
     if store.exists("repo-docs"):  # a kept workdir: same documents? then the index is reused
@@ -231,7 +232,7 @@ def main() -> int:
         "| --- | --- |",
     ] + [f"| {label} | {recall[label]:.1%} |" for label in labels]
     if accuracy is not None:
-        lines += ["", f"Answers of the persona ({answer_setup[0]}, top 4 passages in the prompt, greedy, "
+        lines += ["", f"Answers of the persona ({answer_setup[0]}, top {base.knowledge.top_k} passages in the prompt, greedy, "
                       f"{args.max_tokens} tokens) that contain the expected fact: **{accuracy:.1%}** "
                       f"({sum(bool(r.correct) for r in rows)}/{n}); generation took {gen_s:.0f} s."]
     lines += ["", "Mean-pooled vectors of a 135M chat model are poor retrieval embeddings and pull the fusion "

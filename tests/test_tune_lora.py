@@ -16,6 +16,7 @@ from openherd.tune.lora import (  # noqa: E402
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
+    unwrap_lora,
 )
 
 
@@ -74,6 +75,19 @@ def test_merge_matches_the_unmerged_forward():
     merge_lora_weights(model)
     assert all(m.merged for m in model.modules() if isinstance(m, LoRALinear))
     torch.testing.assert_close(model(ids), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_unwrap_leaves_a_plain_model_with_the_merged_weights():
+    model = tiny_model()
+    base_keys = set(model.state_dict())
+    apply_lora(model, LoRAConfig(rank=4, alpha=8))
+    randomize_b(model)
+    ids = torch.randint(0, 50, (1, 12))
+    adapted = model(ids)
+    unwrap_lora(model)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert set(model.state_dict()) == base_keys
+    torch.testing.assert_close(model(ids), adapted, atol=1e-5, rtol=1e-5)
 
 
 def test_seeded_init_is_reproducible_and_state_dict_round_trips():

@@ -345,5 +345,65 @@ def test_cli_reports_a_bad_line_with_its_number(tmp_path, tiny_gguf, herd_home, 
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith(f"herd: error: {bad}:2: invalid JSON") and err.count("\n") == 1
+    assert not (herd_home / "runs").exists()  # nothing was started
     assert cli.main(["tune", str(tiny_gguf), "--data", str(bad), "--out", "../evil"]) == 1
     assert "invalid model name" in capsys.readouterr().err
+
+
+def test_herd_serve_serves_the_tuned_model_by_name(tmp_path, tiny_gguf, monkeypatch):
+    import httpx
+    from server_helpers import live_server
+
+    from openherd.model import generate
+    from openherd.tune.export import load_tuned, write_adapter_gguf
+
+    home = tmp_path / "srv" / "home"
+    for name in list(os.environ):
+        if name.startswith("HERD_") and not name.startswith("HERD_TEST_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("HERD_HOME", str(home))
+    model, tok = load_torch_model(tiny_gguf, dtype=torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    sft.register_tuned("tiny-tuned", str(tiny_gguf), tiny_gguf, write_adapter_gguf(model, LoRAConfig(rank=4, alpha=8),
+                       tmp_path / "a.gguf"), {})  # fmt: skip
+    ours, tok, _ = load_tuned("tiny-tuned")
+    with live_server(tmp_path / "srv", tiny_gguf) as srv:
+        models = httpx.get(f"{srv.url}/v1/models", timeout=30).json()
+        assert "tiny-tuned" in {m["id"] for m in models["data"]}
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "model": "tiny-tuned", "messages": [{"role": "user", "content": "What is 3 plus 3?"}],
+            "temperature": 0, "max_tokens": 6})  # fmt: skip
+    assert r.status_code == 200, r.text
+    prompt = tok.encode("<|im_start|>user\nWhat is 3 plus 3?<|im_end|>\n<|im_start|>assistant\n", add_special=False)
+    assert r.json()["choices"][0]["message"]["content"] == tok.decode(generate(ours, prompt, 6))
+
+
+def test_a_hugging_face_directory_base_is_converted_for_llama_cpp(tmp_path, tiny_hf_dir, herd_home):
+    from openherd.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
+    from openherd.store import Store
+    from openherd.tune.export import load_tuned
+
+    data = write_data(tmp_path / "data.jsonl")
+    run, manifest = sft.tune(TuneConfig(base=str(tiny_hf_dir), data=str(data), out="from-hf", max_steps=4,
+                                        lr=5e-3, seq_len=64, progress=False))  # fmt: skip
+    m = Store().resolve("from-hf")
+    assert m.base == str(tiny_hf_dir) and m.details["base_source"] == f"hf-dir:{tiny_hf_dir}"
+    assert m.architecture == "llama" and Path(m.path).is_file() and Path(m.adapter).is_file()
+    model, tok, _ = load_tuned("from-hf")  # the converted GGUF + the adapter, back in torch
+    for k, v in lora_state_dict(run.model).items():
+        torch.testing.assert_close(lora_state_dict(model)[k], v.float(), rtol=0, atol=0)
+    e = Engine.load(m.path, EngineConfig(n_ctx=128, n_parallel=1, n_threads=1, lora=m.adapter))
+    try:
+        prompt = e.encode_chat([{"role": "user", "content": "What is 3 plus 3?"}])
+        events = list(e.submit(GenerationRequest(prompt, SamplingParams(temperature=0, max_tokens=4))))
+    finally:
+        e.close()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + [ev.token for ev in events[:-1]]]))[0]
+    for i, ev in enumerate(events[:-1]):
+        row = logits[len(prompt) + i - 1]
+        assert int(row.argmax()) == ev.token or float(row.max() - row[ev.token]) < 2e-2

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import inspect
 import json
 import re
 import shutil
@@ -25,7 +24,6 @@ import httpx
 import pytest
 from server_helpers import MODEL, free_port, register_model, serve_gguf  # noqa: F401  (fixture)
 
-from openherd.errors import HerdError
 from openherd.settings import Settings
 from openherd.web.routes import CSP, STATIC_DIR, load_assets
 
@@ -51,38 +49,6 @@ class WebServer:
         return httpx.Client(base_url=self.url, timeout=60, **kw)
 
 
-def _session_aware_auth():
-    """The auth hook docs/web.md asks build_app's AuthMiddleware for, applied here until
-    it is there: a request without a bearer key passes with a live session cookie (and,
-    for state-changing methods, a valid CSRF token), and the app shell and login stay
-    public. Returns None once app.py has the hook itself."""
-    import openherd.server.app as app_module
-
-    if "session_auth" in inspect.getsource(app_module):
-        return None
-    from starlette.requests import Request
-
-    from openherd.web.session import check_csrf, is_public_path, session_auth
-
-    class SessionAwareAuth(app_module.AuthMiddleware):
-        async def __call__(self, scope, receive, send):
-            if scope["type"] == "http" and self.keys and not app_module._header(scope, b"authorization"):
-                if is_public_path(scope["path"]):
-                    await self.app(scope, receive, send)
-                    return
-                request = Request(scope)
-                if session_auth(request):
-                    try:
-                        check_csrf(request)
-                    except HerdError as e:
-                        await app_module.send_error(scope, send, e)
-                        return
-                    await self.app(scope, receive, send)
-                    return
-            await super().__call__(scope, receive, send)
-
-    return SessionAwareAuth
-
 
 @contextlib.contextmanager
 def web_server(
@@ -94,13 +60,12 @@ def web_server(
     pypi_index: str = "",
     models: dict[str, Path] | None = None,
 ) -> Iterator[WebServer]:
-    """build_app + mount_web under uvicorn on 127.0.0.1, with `gguf` registered as MODEL."""
+    """build_app (which mounts the web app) under uvicorn on 127.0.0.1, with `gguf` registered as MODEL."""
     import uvicorn
 
     import openherd.server.app as app_module
     from openherd.engine.manager import ModelManager
     from openherd.store import Store
-    from openherd.web.routes import mount_web
 
     home.mkdir(parents=True, exist_ok=True)
     if gguf is not None and not (home / "models").is_dir():
@@ -117,20 +82,7 @@ def web_server(
     )
     store = Store(settings, catalog=catalog) if catalog is not None else None
     manager = ModelManager(settings, store=store) if store is not None else ModelManager(settings)
-    patched = _session_aware_auth() if api_key else None
-    original = app_module.AuthMiddleware
-    if patched is not None:
-        app_module.AuthMiddleware = patched
-    try:
-        app = app_module.build_app(settings, manager=manager)
-    finally:
-        app_module.AuthMiddleware = original
-    if "/v1/personas" not in {getattr(r, "path", None) for r in app.router.routes}:
-        # The personas router is not in build_app yet (the lead wires it); the app needs it.
-        from openherd.personas.api import router as personas_router
-
-        app.include_router(personas_router)
-    mount_web(app, settings)
+    app = app_module.build_app(settings, manager=manager)
     port = free_port()
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

@@ -322,9 +322,11 @@ class KnowledgeConfig:
     """The persona's documents and how they are chunked and retrieved."""
 
     sources: list[KnowledgeSource] = field(default_factory=list)
-    top_k: int = 4  # passages placed in the prompt
-    chunk_tokens: int = 192  # target tokens per chunk (of the base model's tokenizer)
-    chunk_overlap: int = 32  # tokens shared by neighbouring chunks, so a fact on a boundary survives
+    # Small chunks, few of them: the default 135M model answers best from one or two short
+    # passages (bench/knowledge.py); raise these for bigger models and longer documents.
+    top_k: int = 3  # passages placed in the prompt
+    chunk_tokens: int = 64  # target tokens per chunk (of the base model's tokenizer)
+    chunk_overlap: int = 16  # tokens shared by neighbouring chunks, so a fact on a boundary survives
     max_context_tokens: int = 1024  # budget for all passages together in the prompt
     embedding_model: str | None = None  # store name of a dedicated embedding model; None = the served model
     min_score: float = 0.0  # drop fused results below this RRF score (0 keeps top_k)

@@ -46,6 +46,7 @@ from .knowledge import (
     chunker_id,
     cited_indices,
     render_context,
+    with_context,
 )
 
 __all__ = ["PersonaAnswer", "PersonaRuntime", "PreparedChat", "model_key"]
@@ -313,10 +314,10 @@ class PersonaRuntime:
                                                            {"role": "assistant", "content": e.assistant})]
         passage_budget = persona.knowledge.max_context_tokens
         dropped = 0
+        system = "\n\n".join(s for s in [persona.system.strip(), *[c.strip() for c in client_system]] if s)
         while True:
             context, placed = render_context(result.passages, passage_budget, count)
-            system = "\n\n".join(s for s in [persona.system.strip(), *[c.strip() for c in client_system], context] if s)
-            final = ([{"role": "system", "content": system}] if system else []) + examples + history
+            final = ([{"role": "system", "content": system}] if system else []) + examples + _ask_with(history, context)
             prompt = engine.encode_chat(final, tools=tools) if tools else engine.encode_chat(final)
             if len(prompt) <= budget:
                 break
@@ -360,6 +361,20 @@ class PersonaRuntime:
                     out.append(Decision("input", "injection", "flag", tuple(p.chunk.codes),
                                         dict(Counter(p.chunk.codes))))
         return out or [Decision("input", "injection", "allow")]
+
+
+def _ask_with(history: list[dict[str, Any]], context: str) -> list[dict[str, Any]]:
+    """History with the passages put into its last user message (a copy; memory keeps the original)."""
+    if not context:
+        return history
+    last = max(i for i, m in enumerate(history) if m.get("role") == "user")
+    msg = dict(history[last])
+    content = msg.get("content")
+    if isinstance(content, list):  # content parts: the passages go into a text part of their own
+        msg["content"] = [{"type": "text", "text": with_context("", context).rstrip()}, *content]
+    else:
+        msg["content"] = with_context(_text(content), context)
+    return history[:last] + [msg] + history[last + 1:]
 
 
 def attribute(answer: str, passages: Sequence[Passage], share: float = 0.6) -> list[Passage]:

@@ -6,6 +6,9 @@
     ollama.py     /api: chat, generate, tags, show, ps, pull, delete, embed, version
     tools.py      tool calls: prompt injection, forced-call grammars, output parsing
     metrics.py    Prometheus text format
+    personas.py   personas as model ids: persona lookup, input/output shields around a turn
+    moderation.py the global safety policy (HERD_SAFETY), Llama Guard on the server's engines,
+                  audit log, /v1/moderations
     app.py        build_app(settings): guards, error handlers, lifespan
 
 ``build_app`` is re-exported lazily so importing the schemas stays cheap.

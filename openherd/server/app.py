@@ -8,7 +8,7 @@ The request path, outermost first::
     CORS           only when HERD_ORIGINS lists browser origins (off by default)
     auth           Bearer API key on every route but /health, when keys are set
     size limits    headers (431); Content-Length checked up front, streamed bodies counted (413)
-    routes         /v1 (openai.py), /api (ollama.py), /health, /metrics
+    routes         /v1 (openai.py, moderation.py, personas.api), /api (ollama.py), /health, /metrics
 
 Every error leaves through ``error_response``: OpenAI's ``{"error": {message,
 type, param, code}}`` everywhere except under ``/api/``, where Ollama clients
@@ -35,13 +35,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..errors import AuthError, Forbidden, HerdError, InvalidRequest, NotFound, PayloadTooLarge
+from ..personas.api import router as personas_router
 from ..settings import Settings
+from ..web import check_csrf, is_public_path, mount_web, session_auth
 from . import metrics as _metrics
+from .moderation import Shields
+from .moderation import router as moderation_router
 from .ollama import router as ollama_router
 from .openai import router as openai_router
 from .protocol import KEEP_FOREVER
 from .serving import ClientGone, ServerState
-from ..web import check_csrf, is_public_path, mount_web, session_auth
 
 log = logging.getLogger("openherd.server")
 
@@ -385,7 +388,9 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
         from ..engine.manager import ModelManager
 
         manager = ModelManager(settings)
-    state = ServerState(settings=settings, manager=manager)
+    # A bad HERD_SAFETY policy stops the server here, with the reason, rather than
+    # serving without the shields the operator asked for.
+    state = ServerState(settings=settings, manager=manager, shields=Shields.from_settings(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -404,6 +409,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
             yield
         finally:
             await manager.close()
+            state.shields.close()
 
     app = FastAPI(
         title="openherd",
@@ -429,6 +435,8 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
         return Response(state.metrics.render(state.engine_stats()), media_type=_metrics.CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(moderation_router)
+    app.include_router(personas_router)  # /v1/personas: CRUD (personas are served as model ids above)
     app.include_router(ollama_router)
     mount_web(app, settings)  # the browser app at / (its GET / precedes Ollama's banner)
 

@@ -26,10 +26,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from .. import __version__
-from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
+from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent, Usage
 from ..errors import HerdError, InvalidRequest, ModelNotFound
 from ..store.manifest import validate_name
 from . import protocol as p
+from .personas import Turn, begin_turn, list_personas
 from .serving import (
     EventStream,
     Generation,
@@ -206,6 +207,26 @@ def _ollama_calls(calls: list[ParsedCall]) -> list[dict]:
     return [{"id": c.id, "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
+def persona_overrides(opts: p.OllamaOptions, fmt, logprobs: int | None) -> dict:
+    """The options the request set, over the persona's sampling defaults."""
+    params = sampling_params(opts, fmt, logprobs, None)
+    sent = {k for k, v in opts.model_dump().items() if v is not None and v != []}
+    keys = {
+        "temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+        "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+        "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
+        "seed": "seed", "num_predict": "max_tokens", "stop": "stop",
+    }  # fmt: skip
+    out = {dst: getattr(params, dst) for src, dst in keys.items() if src in sent}
+    if "num_predict" in sent and params.max_tokens is None:
+        out.pop("max_tokens")  # -1: no limit, so the persona's default stands
+    if "seed" in sent and params.seed is None:
+        out.pop("seed")  # -1: random
+    out["logprobs"] = logprobs
+    out["grammar"] = params.grammar
+    return out
+
+
 @router.post("/api/chat")
 async def chat(request: Request) -> Response:
     t0 = time.perf_counter()
@@ -219,22 +240,34 @@ async def chat(request: Request) -> Response:
             )
         )
     opts = req.options or p.OllamaOptions()
-    engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+    rid = request_id("chat")
+    turn = await begin_turn(state, req.model, _chat_messages(req), rid)  # persona, input shields
+    if turn.refusal is not None:
+        return _refused(req, turn, t0)
+    engine, load_s = await state.engine(turn.served_model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
     fmt = detect_format(engine.template.source)
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] or None
     names = {t["function"]["name"] for t in tools or []}
+    if turn.persona is None:
 
-    def build() -> list[int]:
-        messages, template_tools = prepare_messages(_chat_messages(req), tools, fmt)
-        return _fit_messages(engine, messages, template_tools, engine.info.n_ctx)
+        def build() -> list[int]:
+            messages, template_tools = prepare_messages(turn.messages, tools, fmt)
+            return _fit_messages(engine, messages, template_tools, engine.info.n_ctx)
 
-    prompt = await run_in_threadpool(build)
-    params = sampling_params(opts, req.format, _logprobs(req), engine)
-    gen = await start_generation(state, engine, [(prompt, params)], t0, request_id("chat"))
+        prompt = await run_in_threadpool(build)
+        params = sampling_params(opts, req.format, _logprobs(req), engine)
+    else:
+        messages, template_tools = prepare_messages(turn.messages, tools, fmt)
+        prep = await turn.prepare(
+            state, persona_overrides(opts, req.format, _logprobs(req)), template_tools,
+            messages=messages, keep_alive=keep_alive, num_ctx=opts.num_ctx,
+        )  # fmt: skip
+        engine, prompt, params = prep.engine, prep.prompt, prep.params
+    gen = await start_generation(state, engine, [(prompt, params)], t0, rid)
     new_parser = (lambda: ToolCallParser(fmt, names)) if tools else (lambda: None)
 
     if req.stream is not False:
-        return EventStream(_chat_stream(gen, req, new_parser(), t0, load_s), media_type=NDJSON)
+        return EventStream(_chat_stream(state, gen, req, new_parser(), turn, t0, load_s), media_type=NDJSON)
 
     async def collect() -> dict:
         parser = new_parser()
@@ -253,28 +286,71 @@ async def chat(request: Request) -> Response:
                     calls += k
                 fin = ev
         raise_for_finish(fin)
-        message: dict = {
-            "role": "assistant",
-            "content": "".join(content).strip() if calls else "".join(content),
-        }
+        text = "".join(content).strip() if calls else "".join(content)
+        done_reason = _done_reason(fin)
+        screen = turn.output()
+        if text and screen.guard is not None:
+            text = screen.feed(text) + screen.finish()
+            if screen.blocked:
+                text, calls, done_reason = screen.refusal, [], "content_filter"
+        await turn.finish(state, screen.decisions())
+        answer = text
+        if text and not calls and done_reason != "content_filter":
+            text += turn.footer(text)
+        message: dict = {"role": "assistant", "content": text}
         if calls:
             message["tool_calls"] = _ollama_calls(calls)
         out = {
             "model": req.model,
             "created_at": now_iso(),
             "message": message,
-            "done_reason": _done_reason(fin),
+            "done_reason": done_reason,
             "done": True,
         }
         if req.logprobs:
             out["logprobs"] = lps
-        return {**out, **_stats(t0, load_s, fin)}
+        herd = turn.herd(answer)
+        return {**out, **_stats(t0, load_s, fin), **({"herd": herd} if herd is not None else {})}
 
     return JSONResponse(await run_unless_disconnected(request, collect()))
 
 
+def _refused(req: p.OllamaChatRequest, turn: Turn, t0: float) -> Response:
+    """An input shield blocked the request: the refusal as the answer, done_reason "content_filter"."""
+    herd = turn.herd()
+    final = {
+        "model": req.model,
+        "created_at": now_iso(),
+        "message": {"role": "assistant", "content": turn.refusal or ""},
+        "done_reason": "content_filter",
+        "done": True,
+        "total_duration": _ns(time.perf_counter() - t0),
+        "load_duration": 0,
+        "prompt_eval_count": 0,
+        "prompt_eval_duration": 0,
+        "eval_count": 0,
+        "eval_duration": 0,
+        **({"herd": herd} if herd is not None else {}),
+    }
+    if req.stream is False:
+        return JSONResponse(final)
+
+    async def stream() -> AsyncIterator[str]:
+        first = {"model": req.model, "created_at": final["created_at"], "message": final["message"], "done": False}
+        yield _line(first)
+        yield _line({**final, "message": {"role": "assistant", "content": ""}})
+
+    return EventStream(stream(), media_type=NDJSON)
+
+
 async def _chat_stream(
-    gen: Generation, req: p.OllamaChatRequest, parser, t0: float, load_s: float
+    state: ServerState,
+    gen: Generation,
+    req: p.OllamaChatRequest,
+    parser,
+    turn: Turn,
+    t0: float,
+    load_s: float,
 ) -> AsyncIterator[str]:
     def line(content: str, calls: list[ParsedCall] | None = None, lps: list | None = None) -> str:
         message: dict = {"role": "assistant", "content": content}
@@ -285,29 +361,52 @@ async def _chat_stream(
             obj["logprobs"] = lps
         return _line(obj)
 
+    def final(done_reason: str, ev: FinishEvent, answer: str) -> str:
+        herd = turn.herd(answer)
+        obj = {
+            "model": req.model,
+            "created_at": now_iso(),
+            "message": {"role": "assistant", "content": ""},
+            "done_reason": done_reason,
+            "done": True,
+            **_stats(t0, load_s, ev),
+        }
+        return _line({**obj, "herd": herd} if herd is not None else obj)
+
+    screen = turn.output()
+    n_calls = 0
     try:
         async for _, ev in gen.events():
             content, calls = parser.feed(ev.text) if parser else (ev.text, [])
+            if isinstance(ev, FinishEvent):
+                if parser:
+                    c, k = parser.finish()
+                    content, calls = content + c, calls + k
+                raise_for_finish(ev)
+            content = screen.feed(content) if content else ""
+            if isinstance(ev, FinishEvent):
+                content += screen.finish()
+            if screen.blocked:  # cancel the sequence and end with the refusal
+                gen.cancel()
+                if not screen.text().strip():
+                    yield line(screen.refusal)
+                await turn.finish(state, screen.decisions())
+                fin = ev if isinstance(ev, FinishEvent) else FinishEvent(reason="abort", usage=Usage())
+                yield final("content_filter", fin, screen.text())
+                return
+            n_calls += len(calls)
             if isinstance(ev, TokenEvent):
                 lps = _lp_entries(ev) if req.logprobs else None
                 if content or calls or lps:
                     yield line(content, calls, lps)
                 continue
-            if parser:
-                c, k = parser.finish()
-                content, calls = content + c, calls + k
-            raise_for_finish(ev)
+            answer = screen.text()
+            if not n_calls:
+                content += turn.footer(answer)
             if content or calls:
                 yield line(content, calls)
-            final = {
-                "model": req.model,
-                "created_at": now_iso(),
-                "message": {"role": "assistant", "content": ""},
-                "done_reason": _done_reason(ev),
-                "done": True,
-                **_stats(t0, load_s, ev),
-            }
-            yield _line(final)
+            await turn.finish(state, screen.decisions())
+            yield final(_done_reason(ev), ev, answer)
     except Exception as e:
         yield _line({"error": error_in_stream(e).message})
     finally:
@@ -448,6 +547,20 @@ async def tags(request: Request) -> Response:
         }
         for m in manifests
     ]
+    for persona in await list_personas(_state(request)):
+        card = persona.model_card()
+        models.append(
+            {
+                "name": persona.name,
+                "model": persona.name,
+                "modified_at": persona.updated_at or now_iso(),
+                "size": 0,
+                "digest": "",
+                "details": {"parent_model": persona.served_model, "format": "persona", "family": "persona",
+                            "families": None, "parameter_size": "", "quantization_level": ""},
+                "herd": card["herd"],
+            }
+        )
     return JSONResponse({"models": models})
 
 

@@ -15,6 +15,7 @@ then ``data: [DONE]``.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,8 @@ from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
 from ..errors import InvalidRequest, ModelNotFound
 from ..store.manifest import is_valid_name
 from . import protocol as p
+from .moderation import check_answer
+from .personas import Turn, begin_turn, find_persona, list_personas
 from .serving import (
     ChoiceResult,
     EventStream,
@@ -85,6 +88,7 @@ async def list_models(request: Request) -> Response:
     state = _state(request)
     manifests = await run_in_threadpool(state.store.list)
     cards = [p.ModelCard(id=m.name, created=_created(m)) for m in manifests]
+    cards += [p.ModelCard(**c) for c in (x.model_card() for x in await list_personas(state))]
     return json_response(p.ModelList(data=cards))
 
 
@@ -95,7 +99,10 @@ async def retrieve_model(model_id: str, request: Request) -> Response:
         raise ModelNotFound(model_id, f"model '{model_id[:80]}' not found")
     manifest = await run_in_threadpool(state.store.get, model_id)
     if manifest is None:
-        raise ModelNotFound(model_id)
+        persona = await find_persona(state, model_id)
+        if persona is None:
+            raise ModelNotFound(model_id)
+        return json_response(p.ModelCard(**persona.model_card()))
     return json_response(p.ModelCard(id=manifest.name, created=_created(manifest)))
 
 
@@ -210,13 +217,27 @@ def _message_dict(m: p.ChatMessage) -> dict:
     return d
 
 
-def chat_prompt(engine, req: p.ChatCompletionRequest) -> tuple[list[int], ToolPlan]:
+def chat_prompt(
+    engine, req: p.ChatCompletionRequest, messages: list[dict] | None = None
+) -> tuple[list[int], ToolPlan]:
+    """The prompt of a chat request on a store model; `messages` (the client's, after the
+    input shields) default to the request's own."""
+    messages, template_tools, plan = tool_setup(engine, req, messages)
+    return engine.encode_chat(messages, tools=template_tools), plan
+
+
+def tool_setup(
+    engine, req: p.ChatCompletionRequest, messages: list[dict] | None = None
+) -> tuple[list[dict], list[dict] | None, ToolPlan]:
+    """Messages with the tools folded in as this model's format needs, the tools for its
+    template, and the plan for reading (or forcing) calls in the output."""
     fmt = detect_format(engine.template.source)
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice or ("auto" if tools else "none")
     offered = tools if tools and choice != "none" else None
-    messages, template_tools = prepare_messages([_message_dict(m) for m in req.messages], offered, fmt)
-    prompt = engine.encode_chat(messages, tools=template_tools)
+    if messages is None:
+        messages = [_message_dict(m) for m in req.messages]
+    messages, template_tools = prepare_messages(messages, offered, fmt)
     parallel = req.parallel_tool_calls is not False
     grammar = None
     if choice == "required":
@@ -224,7 +245,43 @@ def chat_prompt(engine, req: p.ChatCompletionRequest) -> tuple[list[int], ToolPl
     elif isinstance(choice, p.NamedToolChoice):
         grammar = forced_call_grammar(tools, fmt, choice.function.name, parallel)
     names = {t["function"]["name"] for t in tools}
-    return prompt, ToolPlan(fmt, names, parallel, parse=offered is not None, grammar=grammar)
+    return messages, template_tools, ToolPlan(fmt, names, parallel, parse=offered is not None, grammar=grammar)
+
+
+# A persona's sampling: OpenAI's own defaults where the persona sets nothing, the persona's
+# defaults, then whatever the request set explicitly (pydantic's defaults do not count).
+OPENAI_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0}
+_OVERRIDES = (
+    ("temperature", "temperature"),
+    ("top_p", "top_p"),
+    ("top_k", "top_k"),
+    ("min_p", "min_p"),
+    ("repetition_penalty", "repeat_penalty"),
+    ("frequency_penalty", "frequency_penalty"),
+    ("presence_penalty", "presence_penalty"),
+    ("seed", "seed"),
+)
+
+
+def persona_overrides(
+    req: p.ChatCompletionRequest, persona, grammar: GrammarSpec | None, logprobs: int | None
+) -> dict:
+    sent = req.model_fields_set
+    out: dict = {k: v for k, v in OPENAI_SAMPLING.items() if k not in persona.sampling.values()}
+    for name, key in _OVERRIDES:
+        if name in sent and getattr(req, name) is not None:
+            out[key] = getattr(req, name)
+    if out.get("top_p") == 0.0:  # "only the most likely token", as sampling_params()
+        out["temperature"], out["top_p"] = 0.0, 1.0
+    if req.completion_limit is not None:
+        out["max_tokens"] = req.completion_limit
+    if req.stop:
+        out["stop"] = list(req.stop)
+    if req.logit_bias:
+        out["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+    out["logprobs"] = logprobs
+    out["grammar"] = grammar
+    return out
 
 
 @router.post("/v1/chat/completions")
@@ -232,25 +289,42 @@ async def chat_completions(request: Request) -> Response:
     t0 = time.perf_counter()
     state = _state(request)
     req = p.parse_request(p.ChatCompletionRequest, await request.body())
-    engine, _ = await state.engine(req.model)
-    prompt, plan = await run_in_threadpool(chat_prompt, engine, req)
-    n = req.n or 1
-    grammar = plan.grammar or _grammar(req.response_format)
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = [
-        sampling_params(req, engine, req.completion_limit, grammar, logprobs, s) for s in seeds(req.seed, n)
-    ]
     rid = request_id("chatcmpl")
-    gen = await start_generation(state, engine, [(prompt, sp) for sp in params], t0, rid)
     created = int(time.time())
+    # Persona lookup and input shields come first: nothing the client sent is templated,
+    # logged or shown to a model before PII is redacted and blocked topics are refused.
+    turn = await begin_turn(state, req.model, [_message_dict(m) for m in req.messages], rid)
+    if turn.refusal is not None:
+        return _refused(req, turn, created)
+    n = req.n or 1
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if turn.persona is None:
+        engine, _ = await state.engine(req.model)
+        prompt, plan = await run_in_threadpool(chat_prompt, engine, req, turn.messages)
+        grammar = plan.grammar or _grammar(req.response_format)
+        params = [
+            sampling_params(req, engine, req.completion_limit, grammar, logprobs, s) for s in seeds(req.seed, n)
+        ]
+    else:
+        engine, _ = await state.engine(turn.persona.served_model)
+        messages, template_tools, plan = await run_in_threadpool(tool_setup, engine, req, turn.messages)
+        grammar = plan.grammar or _grammar(req.response_format)
+        overrides = persona_overrides(req, turn.persona, grammar, logprobs)
+        prep = await turn.prepare(state, overrides, template_tools, messages=messages)
+        engine, prompt = prep.engine, prep.prompt
+        check_token_ids(engine, list(prep.params.logit_bias), "logit_bias")
+        params = [dataclasses.replace(prep.params, seed=s) for s in seeds(prep.params.seed, n)]
+    gen = await start_generation(state, engine, [(prompt, sp) for sp in params], t0, rid)
     if req.stream:
         return EventStream(
-            _chat_stream(gen, req, plan, rid, created, len(prompt)),
+            _chat_stream(state, gen, req, plan, turn, created, len(prompt)),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
     results: list[ChoiceResult] = await run_unless_disconnected(request, gen.collect())
     choices = []
+    answers: list[str] = []
+    decisions = []
     for i, r in enumerate(results):
         content, calls = r.text, []
         parser = plan.parser()
@@ -260,8 +334,25 @@ async def chat_completions(request: Request) -> Response:
             content, calls = c1 + c2, k1 + k2
             if calls:
                 content = content.strip()
+        finish = _finish_reason(r.finish, len(calls))
+        screen = turn.output()
+        if content and screen.guard is not None:
+            content = screen.feed(content) + screen.finish()
+            decisions += screen.decisions()
+            if screen.blocked:
+                content, calls, finish = screen.refusal, [], "content_filter"
+        if content and finish != "content_filter" and turn.policy is not None and turn.policy.llama_guard:
+            verdict = await check_answer(state, turn.policy, turn.messages, content)
+            if verdict is not None:
+                decisions.append(verdict)
+                if verdict.action == "block":
+                    content, calls, finish = turn.policy.refusal_message, [], "content_filter"
+        answers.append(content or "")
+        if content and not calls and finish != "content_filter":
+            content += turn.footer(content)
         message = p.ResponseMessage(
             content=content if (content or not calls) else None,
+            refusal=content if finish == "content_filter" else None,
             tool_calls=[
                 p.ResponseToolCall(
                     id=c.id, function=p.ResponseFunctionCall(name=c.name, arguments=c.arguments_json)
@@ -271,11 +362,8 @@ async def chat_completions(request: Request) -> Response:
             or None,
         )
         lp = p.ChoiceLogprobs(content=[_logprob_entry(ev) for ev in r.events]) if req.logprobs else None
-        choices.append(
-            p.ChatChoice(
-                index=i, message=message, logprobs=lp, finish_reason=_finish_reason(r.finish, len(calls))
-            )
-        )
+        choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish))
+    await turn.finish(state, decisions)
     body = p.ChatCompletion(
         id=rid,
         choices=choices,
@@ -283,8 +371,55 @@ async def chat_completions(request: Request) -> Response:
         model=req.model,
         system_fingerprint=FINGERPRINT,
         usage=_usage(len(prompt), [r.finish for r in results]),
+        herd=turn.herd(answers[0] if answers else None),
     )
     return json_response(body)
+
+
+def _refused(req: p.ChatCompletionRequest, turn: Turn, created: int) -> Response:
+    """An input shield blocked the request: the policy's refusal as the answer of every
+    choice, finish_reason "content_filter", and no tokens spent."""
+    text = turn.refusal or ""
+    n = req.n or 1
+    usage = p.UsageInfo(
+        prompt_tokens=0, completion_tokens=0, total_tokens=0, prompt_tokens_details=p.PromptTokensDetails()
+    )
+    herd = turn.herd()
+    if not req.stream:
+        choices = [
+            p.ChatChoice(
+                index=i, message=p.ResponseMessage(content=text, refusal=text), finish_reason="content_filter"
+            )
+            for i in range(n)
+        ]
+        return json_response(
+            p.ChatCompletion(
+                id=turn.rid,
+                choices=choices,
+                created=created,
+                model=req.model,
+                system_fingerprint=FINGERPRINT,
+                usage=usage,
+                herd=herd,
+            )
+        )
+
+    def chunk(choices: list[p.ChunkChoice], **kw) -> str:
+        c = p.ChatCompletionChunk(
+            id=turn.rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT, **kw
+        )
+        return _sse(c.model_dump_json(exclude=None if req.include_usage else {"usage"}))
+
+    async def stream() -> AsyncIterator[str]:
+        for i in range(n):
+            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
+            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(content=text))])
+            yield chunk([p.ChunkChoice(index=i, delta=p.Delta(), finish_reason="content_filter")], herd=herd)
+        if req.include_usage:
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    return EventStream(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def _sse(obj) -> str:
@@ -292,14 +427,26 @@ def _sse(obj) -> str:
 
 
 async def _chat_stream(
-    gen: Generation, req: p.ChatCompletionRequest, plan: ToolPlan, rid: str, created: int, prompt_tokens: int
+    state: ServerState,
+    gen: Generation,
+    req: p.ChatCompletionRequest,
+    plan: ToolPlan,
+    turn: Turn,
+    created: int,
+    prompt_tokens: int,
 ) -> AsyncIterator[str]:
+    """OpenAI's SSE chunks. Each choice's text passes its output shield as it streams
+    (holding back only what could still become a blocked topic or a PII value); on a
+    block the sequence is cancelled and the choice ends with finish_reason
+    "content_filter". A persona's sources footer and `herd` field ride on the last
+    chunks of each choice."""
+    rid = turn.rid
     include_usage = req.include_usage
     exclude = None if include_usage else {"usage"}
 
-    def chunk(choices: list[p.ChunkChoice]) -> str:
+    def chunk(choices: list[p.ChunkChoice], herd: dict | None = None) -> str:
         c = p.ChatCompletionChunk(
-            id=rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT
+            id=rid, choices=choices, created=created, model=req.model, system_fingerprint=FINGERPRINT, herd=herd
         )
         return _sse(c.model_dump_json(exclude=exclude))
 
@@ -316,12 +463,19 @@ async def _chat_stream(
 
     n = len(gen.handles)
     parsers = [plan.parser() for _ in range(n)]
+    screens = [turn.output() for _ in range(n)]
+    stopped = [False] * n  # an output shield ended this choice
     n_calls = [0] * n
     finishes: list[FinishEvent] = []
+    decisions = []
     try:
         for i in range(n):
             yield chunk([p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))])
         async for i, ev in gen.events():
+            if stopped[i]:  # the abort of a sequence its shield cancelled
+                if isinstance(ev, FinishEvent):
+                    finishes.append(ev)
+                continue
             parser = parsers[i]
             text = ev.text
             if parser is not None:
@@ -331,6 +485,26 @@ async def _chat_stream(
                     content, calls = content + c2, calls + k2
             else:
                 content, calls = text, []
+            screen = screens[i]
+            if isinstance(ev, FinishEvent):
+                raise_for_finish(ev)
+            content = screen.feed(content) if content else ""
+            if isinstance(ev, FinishEvent):
+                content += screen.finish()
+            if screen.blocked:
+                stopped[i] = True
+                if isinstance(ev, FinishEvent):
+                    finishes.append(ev)
+                else:
+                    gen.cancel_one(i)
+                if not screen.text().strip():  # nothing (but whitespace) went out yet: answer with the refusal
+                    yield chunk([p.ChunkChoice(index=i, delta=p.Delta(content=screen.refusal))])
+                yield chunk(
+                    [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason="content_filter")],
+                    herd=turn.herd(screen.text()),
+                )
+                await turn.finish(state, screen.decisions())
+                continue
             if isinstance(ev, TokenEvent):
                 lp = p.ChoiceLogprobs(content=[_logprob_entry(ev)]) if req.logprobs else None
                 if content or calls or lp is not None:
@@ -341,15 +515,20 @@ async def _chat_stream(
                     yield chunk([p.ChunkChoice(index=i, delta=delta, logprobs=lp)])
                 n_calls[i] += len(calls)
                 continue
-            raise_for_finish(ev)
-            if content or calls:
-                delta = p.Delta(content=content or None, tool_calls=tool_deltas(calls, n_calls[i]) or None)
-                yield chunk([p.ChunkChoice(index=i, delta=delta)])
             n_calls[i] += len(calls)
+            answer = screen.text()
+            if not n_calls[i]:
+                content += turn.footer(answer)
+            if content or calls:
+                delta = p.Delta(content=content or None, tool_calls=tool_deltas(calls, n_calls[i] - len(calls)) or None)
+                yield chunk([p.ChunkChoice(index=i, delta=delta)])
             finishes.append(ev)
+            decisions += screen.decisions()
             yield chunk(
-                [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))]
+                [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))],
+                herd=turn.herd(answer),
             )
+        await turn.finish(state, decisions)
         if include_usage:
             c = p.ChatCompletionChunk(
                 id=rid,

@@ -374,6 +374,12 @@ class UsageInfo(_Response):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+def _drop_absent_herd(d: dict) -> dict:
+    if d.get("herd") is None:
+        d.pop("herd", None)
+    return d
+
+
 class ChatCompletion(_Response):
     id: str
     choices: list[ChatChoice]
@@ -382,6 +388,12 @@ class ChatCompletion(_Response):
     object: Literal["chat.completion"] = "chat.completion"
     system_fingerprint: str | None = None
     usage: UsageInfo
+    # extension: persona and knowledge sources of the answer (left out when not a persona)
+    herd: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_herd(self, handler):
+        return _drop_absent_herd(handler(self))
 
 
 class DeltaFunctionCall(_Response):
@@ -424,6 +436,12 @@ class ChatCompletionChunk(_Response):
     # With stream_options.include_usage every chunk carries "usage": null and the last
     # one (choices: []) the totals; without it the key is left out (exclude={"usage"}).
     usage: UsageInfo | None = None
+    # extension: on a persona's finish chunks, its persona and knowledge sources
+    herd: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_herd(self, handler):
+        return _drop_absent_herd(handler(self))
 
 
 # ============================================================================
@@ -593,12 +611,42 @@ class ModelCard(_Response):
     id: str
     created: int
     object: Literal["model"] = "model"
-    owned_by: str = "openherd"
+    owned_by: str = "openherd"  # "persona" for personas
+    herd: dict[str, Any] | None = None  # extension: what a persona is built on
+
+    @model_serializer(mode="wrap")
+    def _omit_herd(self, handler):
+        return _drop_absent_herd(handler(self))
 
 
 class ModelList(_Response):
     data: list[ModelCard]
     object: Literal["list"] = "list"
+
+
+# ============================================================================
+# OpenAI: moderations  (POST /v1/moderations)
+# ============================================================================
+
+MAX_MODERATION_INPUTS = 32  # each input may cost a Llama Guard generation
+
+
+class ModerationRequest(_Request):
+    input: str | list[str]
+    model: str | None = Field(default=None, min_length=1, max_length=300)  # a persona: its policy
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("must not be empty")
+            if len(v) > MAX_MODERATION_INPUTS:
+                raise ValueError(f"at most {MAX_MODERATION_INPUTS} inputs per request")
+        return v
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
 
 
 # ============================================================================

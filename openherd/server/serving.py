@@ -52,7 +52,14 @@ class ServerState:
     manager: Any  # openherd.engine.manager.ModelManager
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
+    shields: Any = None  # openherd.server.moderation.Shields: the global safety policy and audit log
     _store: Any = None
+
+    def __post_init__(self):
+        if self.shields is None:
+            from .moderation import Shields
+
+            self.shields = Shields(self.settings)
 
     @property
     def store(self):
@@ -146,6 +153,12 @@ class Generation:
                 self._finished[i] = True
                 h.cancel()
                 self.state.metrics.sequences.inc(self.model, "cancelled")
+
+    def cancel_one(self, i: int) -> None:
+        """Cancel sequence i alone (an output shield stopped that choice); its abort
+        FinishEvent still arrives and ends its part of ``events()``."""
+        if not self._finished[i]:
+            self.handles[i].cancel()
 
     def _observe(self, i: int, ev: TokenEvent | FinishEvent) -> None:
         m = self.state.metrics

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ..errors import InvalidModelFile, InvalidRequest
 from ..model import ModelArgs, Transformer, load_torch_model, permute_qk, save_hf_dir, unpermute_qk
-from .lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_modules, merge_lora_weights
+from .lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_modules, unwrap_lora
 
 log = logging.getLogger("openherd.tune")
 
@@ -233,8 +233,6 @@ def _gguf_tensors(model: Transformer) -> list[tuple[str, Tensor]]:
     args = model.args
     out: list[tuple[str, Tensor]] = []
     for name, t in model.state_dict().items():
-        if ".lora_" in name:
-            continue
         stem, _, kind = name.rpartition(".")
         if stem in _GGUF_TOP:
             if stem == "output" and args.tie_embeddings:
@@ -284,12 +282,13 @@ def _base_tensor(path: Path, name: str) -> np.ndarray | None:
 
 
 def export_gguf(model: Transformer, base_gguf: str | Path, out: str | Path, *, quant: str = "f16", name: str = "") -> Path:
-    """A standalone GGUF of the (merged) model: tokenizer and chat template copied from the base."""
+    """A standalone GGUF of the model with its adapters merged (in place): tokenizer, chat
+    template and hyperparameters copied from the base GGUF."""
     import gguf
 
     if quant not in GGUF_QUANTS:
         raise InvalidRequest(f"unknown --quant {quant!r}; choose one of {', '.join(GGUF_QUANTS)}", param="quant")
-    merge_lora_weights(model)
+    unwrap_lora(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
@@ -369,13 +368,14 @@ def write_hf_tokenizer(tok: Any, out: Path, max_len: int) -> dict[str, Any]:
 
 
 def export_safetensors(model: Transformer, tok: Any, out: str | Path, *, dtype: str = "float32") -> Path:
-    """A merged Hugging Face directory: config.json, model.safetensors and tokenizer files."""
+    """A merged Hugging Face directory: config.json, model.safetensors and tokenizer files.
+    Merges `model`'s adapters in place."""
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise InvalidRequest(f"unknown --dtype {dtype!r}; choose float32, bfloat16 or float16", param="dtype")
-    merge_lora_weights(model)
     out = Path(out)
     _fresh_dir(out)
+    unwrap_lora(model)
     extra = write_hf_tokenizer(tok, out, model.args.max_seq_len) if tok is not None else {}
     save_hf_dir(model, out, dtype=dtypes[dtype], **extra)
     return out

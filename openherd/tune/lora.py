@@ -46,6 +46,7 @@ __all__ = [
     "lora_state_dict",
     "mark_only_lora_as_trainable",
     "merge_lora_weights",
+    "unwrap_lora",
 ]
 
 
@@ -98,7 +99,9 @@ class LoRALinear(nn.Module):
         # update starts at exactly zero and the first steps only move B.
         bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5)) reduces to this
         with torch.no_grad():
-            self.lora_a.uniform_(-bound, bound, generator=generator)
+            # Drawn on the CPU and copied: the same seed gives the same start on any device.
+            a = torch.empty(self.lora_a.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            self.lora_a.copy_(a)
             self.lora_b.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -203,3 +206,17 @@ def merge_lora_weights(model: nn.Module) -> None:
     """Fold every LoRA update into its base weight (litgpt's ``merge_lora_weights``)."""
     for _, m in lora_modules(model):
         m.merge()
+
+
+def unwrap_lora(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put plain ``nn.Linear`` modules back, in place: the state dict
+    is then exactly the base model's names (what exporters write)."""
+    for _, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                child.merge()
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight, linear.bias = child.weight, child.bias
+                linear.train(child.training)
+                setattr(parent, child_name, linear)
+    return model

@@ -1,0 +1,306 @@
+"""Safety shields as a step in serving, and ``POST /v1/moderations``.
+
+The shields themselves live in ``openherd.safety``; this module binds them to
+the server:
+
+* **Which policy.** A persona's own ``safety:`` policy when it has one, else
+  the server's global policy (``HERD_SAFETY``: a YAML or JSON file with the
+  ``SafetyPolicy`` fields), else none. The persona's replaces the global one
+  rather than merging with it, as docs/personas.md says ("null = the server's
+  policy"): two refusal messages and two PII modes have no sensible union.
+* **Llama Guard.** ``LlamaGuardShield.complete`` is bound to greedy decoding
+  on the guard model's engine, acquired through the ModelManager like any
+  model (so it loads on demand, is shared, and is evicted under the budget).
+* **Input.** ``screen_input`` runs topics, PII and Llama Guard on the client's
+  messages before they are templated, logged or sent anywhere; a block becomes
+  the policy's refusal with ``finish_reason: "content_filter"``.
+* **Output.** The front ends wrap each choice's text in ``OutputGuard``; on a
+  block they cancel that sequence. A non-streaming answer is also judged by
+  Llama Guard as a whole (``check_answer``); streams are not, since a verdict
+  on a whole answer cannot stop tokens already sent.
+* **Audit.** Every decision goes to ``AuditLog`` ($HERD_HOME/audit.db): kinds,
+  categories and counts, never what was said.
+
+``/v1/moderations`` answers in OpenAI's shape from the same shields (see
+``moderate``), with what OpenAI has no field for in the ``herd`` extension.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from ..engine.types import SamplingParams
+from ..errors import HerdError, InvalidRequest
+from ..safety import injection as _injection
+from ..safety.llama_guard import LlamaGuardShield, Verdict
+from ..safety.pii import find_pii
+from ..safety.policy import Decision, SafetyPolicy, TopicMatcher, aapply_input, refusal
+from ..settings import Settings
+from . import protocol as p
+
+log = logging.getLogger("openherd.server")
+
+router = APIRouter()
+
+MAX_POLICY_BYTES = 1024 * 1024
+GUARD_MAX_TOKENS = 32  # 'unsafe' and a line of codes; more is rambling
+
+# OpenAI's moderation categories (omni-moderation), in the order of its API reference.
+OPENAI_CATEGORIES = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/intent",
+    "self-harm/instructions",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
+
+# Llama Guard 3 hazard codes -> the OpenAI categories that cover them. S6 (specialized
+# advice), S7 (privacy), S8 (intellectual property), S13 (elections), S14 (code
+# interpreter abuse) and custom categories have no OpenAI counterpart: they appear only
+# in the `herd` extension (and still flag the input).
+S_CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
+    "S1": ("violence", "illicit/violent"),
+    "S2": ("illicit",),
+    "S3": ("sexual", "illicit"),
+    "S4": ("sexual/minors",),
+    "S5": ("harassment",),
+    "S9": ("violence", "illicit/violent"),
+    "S10": ("hate",),
+    "S11": ("self-harm",),
+    "S12": ("sexual",),
+}
+
+
+# ----------------------------------------------------------------------------
+# The global policy
+# ----------------------------------------------------------------------------
+
+
+def load_policy_file(path: str | Path) -> SafetyPolicy:
+    """A SafetyPolicy from a YAML or JSON file (JSON is YAML). YAML aliases are refused:
+    a policy never needs them and an alias bomb is tiny on disk, exponential in memory."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
+    except OSError as e:
+        raise InvalidRequest(f"HERD_SAFETY: cannot read the safety policy file ({e.strerror or e})") from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise InvalidRequest(f"HERD_SAFETY: the safety policy file is larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        text = raw.decode("utf-8")
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise InvalidRequest("HERD_SAFETY: the safety policy uses YAML aliases (*name); write it out")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise InvalidRequest("HERD_SAFETY: the safety policy file is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise InvalidRequest(f"HERD_SAFETY: the safety policy is not valid YAML/JSON{at}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidRequest("HERD_SAFETY: the safety policy must be a mapping of SafetyPolicy fields")
+    try:
+        return SafetyPolicy.from_dict(data)
+    except HerdError as e:
+        raise InvalidRequest(f"HERD_SAFETY: {e.message}") from None
+
+
+@dataclass
+class Shields:
+    """The server's safety state, on ``ServerState.shields``."""
+
+    settings: Settings
+    policy: SafetyPolicy | None = None  # the global policy (HERD_SAFETY), None = none
+    _audit: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Shields:
+        policy = load_policy_file(settings.safety_policy) if settings.safety_policy else None
+        if policy is not None and policy.llama_guard:
+            # Fails now, naming what to pull, rather than at the first request.
+            LlamaGuardShield(policy.llama_guard, categories=policy.llama_guard_categories or None,
+                             custom=policy.llama_guard_custom, store=_store(settings))
+        return cls(settings=settings, policy=policy)
+
+    def policy_for(self, persona) -> SafetyPolicy | None:
+        """The policy a request runs under: the persona's, else the global one; None when
+        neither asks for anything (the request then takes the plain path)."""
+        policy = persona.safety if persona is not None and persona.safety is not None else self.policy
+        return policy if policy is not None and policy.active else None
+
+    def audit(self):
+        if self._audit is None:
+            from ..safety.audit import AuditLog
+
+            self._audit = AuditLog(self.settings.audit_db_path)
+        return self._audit
+
+    async def record(self, decisions: Sequence[Decision], *, persona: str | None, model: str | None,
+                     request_id: str) -> None:
+        """Append decisions to the audit log. A failing audit log is logged, not fatal:
+        the shields have already acted, and refusing every request over it helps nobody."""
+        if not decisions:
+            return
+        try:
+            await run_in_threadpool(
+                self.audit().record_many, list(decisions), persona=persona, model=model, request_id=request_id
+            )
+        except HerdError as e:
+            log.error("safety audit log: %s", e.message)
+
+    def close(self) -> None:
+        if self._audit is not None:
+            self._audit.close()
+            self._audit = None
+
+
+def _store(settings: Settings):
+    from ..store import Store
+
+    return Store(settings)
+
+
+# ----------------------------------------------------------------------------
+# Llama Guard on the server's engines
+# ----------------------------------------------------------------------------
+
+
+async def guard_complete(state, model: str, prompt: str, max_tokens: int) -> str:
+    """Greedy decoding of `prompt` (special tokens parsed: it carries <|begin_of_text|> and
+    the header tokens itself) on the guard model's engine."""
+    from .serving import request_id, start_generation
+
+    t0 = time.perf_counter()
+    engine, _ = await state.engine(model)
+    tokens = await run_in_threadpool(engine.tokenize, prompt, False, True)
+    params = SamplingParams(temperature=0.0, top_k=0, min_p=0.0, top_p=1.0, max_tokens=max_tokens)
+    gen = await start_generation(state, engine, [(tokens, params)], t0, request_id("guard"))
+    [result] = await gen.collect()
+    return result.text
+
+
+async def guard_for(state, policy: SafetyPolicy) -> LlamaGuardShield | None:
+    """The policy's Llama Guard shield, bound to the server's engines; None without one."""
+    if not policy.llama_guard:
+        return None
+
+    def build() -> LlamaGuardShield:
+        return policy.shield(store=state.store)
+
+    shield = await run_in_threadpool(build)
+    model = shield.model
+
+    async def complete(prompt: str, max_tokens: int) -> str:
+        return await guard_complete(state, model, prompt, max_tokens)
+
+    shield.complete = complete
+    return shield
+
+
+async def screen_input(
+    state, policy: SafetyPolicy, messages: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[Decision], str | None]:
+    """Input shields on the client's messages: (messages to use, decisions, refusal or None)."""
+    guard = await guard_for(state, policy)
+    messages, decisions = await aapply_input(policy, messages, guard)
+    return messages, decisions, refusal(decisions)
+
+
+async def check_answer(state, policy: SafetyPolicy, messages: list[dict[str, Any]], answer: str) -> Decision | None:
+    """Llama Guard on a finished answer (the Agent turn); None when the policy has no guard."""
+    guard = await guard_for(state, policy)
+    if guard is None:
+        return None
+    verdict = await guard.acheck([*messages, {"role": "assistant", "content": answer}], "Agent")
+    return _guard_decision(policy, guard, verdict, "output")
+
+
+def _guard_decision(policy: SafetyPolicy, guard: LlamaGuardShield, verdict: Verdict, direction: str) -> Decision:
+    cats = tuple(verdict.categories) if verdict.safe is not None else ("unparsed",)
+    counts = {c: 1 for c in cats}
+    if guard.blocks(verdict):
+        return Decision(direction, "llama_guard", "block", cats, counts, policy.refusal_message)
+    if verdict.safe is None:
+        return Decision(direction, "llama_guard", "flag", cats, counts)
+    return Decision(direction, "llama_guard", "allow")
+
+
+# ----------------------------------------------------------------------------
+# /v1/moderations
+# ----------------------------------------------------------------------------
+
+
+async def moderate(state, policy: SafetyPolicy, text: str) -> dict[str, Any]:
+    """One result of OpenAI's shape for `text`. Every shield runs: PII (the policy's kinds),
+    the policy's blocked topics, the injection scan, and Llama Guard when the policy names
+    one. `flagged` is true when any of them found something; scores are 1.0 or 0.0 (the
+    shields decide, they do not estimate probabilities)."""
+    pii = Counter(f.kind for f in await run_in_threadpool(find_pii, text, policy.pii_kinds or None))
+    topics = TopicMatcher(policy.blocked_topics).find(text) if policy.blocked_topics else Counter()
+    report = await run_in_threadpool(_injection.scan, text)
+    guard = await guard_for(state, policy)
+    verdict: Verdict | None = None
+    if guard is not None:
+        verdict = await guard.acheck([{"role": "user", "content": text}], "User")
+    categories = dict.fromkeys(OPENAI_CATEGORIES, False)
+    for code in verdict.categories if verdict is not None else ():
+        for name in S_CODE_TO_OPENAI.get(code, ()):
+            categories[name] = True
+    guard_flag = verdict is not None and guard is not None and guard.blocks(verdict)
+    flagged = any(categories.values()) or bool(pii) or bool(topics) or report.flagged or guard_flag
+    herd: dict[str, Any] = {
+        "pii": dict(sorted(pii.items())),
+        "topics": sorted(topics),
+        "injection": {"flagged": report.flagged, "score": report.score, "codes": report.codes},
+        "llama_guard": None
+        if verdict is None
+        else {"model": guard.model, "safe": verdict.safe, "categories": list(verdict.categories)},
+    }
+    return {
+        "flagged": flagged,
+        "categories": categories,
+        "category_scores": {k: 1.0 if v else 0.0 for k, v in categories.items()},
+        "category_applied_input_types": {k: ["text"] for k in categories},
+        "herd": herd,
+    }
+
+
+@router.post("/v1/moderations")
+async def moderations(request: Request) -> Response:
+    from .personas import find_persona
+    from .serving import request_id
+
+    state = request.app.state.herd
+    req = p.parse_request(p.ModerationRequest, await request.body())
+    persona = await find_persona(state, req.model) if req.model else None
+    # The persona's policy, else the global one; with neither, the shields still run
+    # with their defaults (all PII kinds, the injection scan).
+    policy = (persona.safety if persona is not None and persona.safety is not None else None) \
+        or state.shields.policy or SafetyPolicy()
+    results = [await moderate(state, policy, text) for text in req.inputs()]
+    model = req.model or policy.llama_guard or "openherd-shields"
+    return JSONResponse({"id": request_id("modr"), "model": model, "results": results})
