@@ -115,6 +115,8 @@ def main() -> int:
                     help="skip dense retrieval with the served model's vectors (slow to index on a CPU)")
     ap.add_argument("--k", type=int, default=5, help="recall@k (default 5)")
     ap.add_argument("--top-k", type=int, default=None, help="passages in the prompt (default: the persona default)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="chunk size (default: the persona default)")
+    ap.add_argument("--chunk-overlap", type=int, default=None, help="chunk overlap (default: the persona default)")
     ap.add_argument("--no-answers", action="store_true", help="retrieval only")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=0)
@@ -144,7 +146,10 @@ def main() -> int:
     home = Path(args.workdir or tmp.name)
     store = PersonaStore(Settings(home=home))
     docs = corpus(paths)
-    knowledge = KnowledgeConfig(top_k=args.top_k) if args.top_k else KnowledgeConfig()
+    knowledge = KnowledgeConfig()
+    for key in ("top_k", "chunk_tokens", "chunk_overlap"):
+        if getattr(args, key) is not None:
+            knowledge = replace(knowledge, **{key: getattr(args, key)})
     system = ("You answer questions about the openherd project from its documentation. "
               "Answer in one short sentence, quoting the exact name or value.")
     if store.exists("repo-docs"):  # a kept workdir: same documents? then the index is reused

@@ -352,7 +352,8 @@ def test_run_humaneval_through_the_sandbox():
     from openherd.evals.humaneval import load_problems
 
     problems = load_problems()
-    by_prompt = {p["prompt"]: p["canonical_solution"] for p in problems.values()}
+    # The model sees the prompt without trailing whitespace; the program is prompt + completion.
+    by_prompt = {p["prompt"].rstrip(): "\n" + p["canonical_solution"] for p in problems.values()}
     task = load_task("humaneval", limit=3)
     task.spec.samples = 2
     task.spec.k = [1, 2]

@@ -106,6 +106,10 @@ def check_gate(
     if not threshold >= 0:
         raise InvalidRequest("the gate threshold must be >= 0")
     loaded = [load_task(t, limit=limit) for t in tasks]  # every task file checked before any model work
+    names = [t.name for t in loaded]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise InvalidRequest(f"two gate tasks are both named '{dup}'; give each task file its own name")
     if any(t.type == "humaneval" for t in loaded):
         from .sandbox import SandboxUnavailable, sandbox_status
 
@@ -113,11 +117,12 @@ def check_gate(
         if why:
             raise SandboxUnavailable(why)
     config = config or EvalModelConfig()
+    base_config = EvalModelConfig(**{**asdict(config), "adapter": None})
     cand_config = EvalModelConfig(**{**asdict(config), "adapter": candidate_adapter})
 
     results = {}
     base_name = cand_name = ""
-    for role, name, cfg in (("base", base, config), ("candidate", candidate, cand_config)):
+    for role, name, cfg in (("base", base, base_config), ("candidate", candidate, cand_config)):
         with open_model(name, cfg) as lm:
             for task in loaded:
                 if progress:

@@ -129,15 +129,21 @@ def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tup
                 prompt_logprobs_from=len(ctx),
             )
         )
-    with getattr(engine, "_cond", None) or contextlib.nullcontext():
-        handles = [engine.submit(r) for r in requests]
+    handles = []
     out = []
-    for h in handles:
-        _, fin = h.result()
-        if fin.reason == "error":
-            raise Unavailable(f"scoring failed: {fin.error}")
-        lps = fin.prompt_logprobs
-        out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
+    try:
+        with getattr(engine, "_cond", None) or contextlib.nullcontext():
+            for r in requests:
+                handles.append(engine.submit(r))
+        for h in handles:
+            _, fin = h.result()
+            if fin.reason == "error":
+                raise Unavailable(f"scoring failed: {fin.error}")
+            lps = fin.prompt_logprobs
+            out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
+    finally:
+        for h in handles[len(out) :]:  # an error: free whatever is still queued or running
+            h.cancel()
     return out
 
 

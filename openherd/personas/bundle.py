@@ -330,6 +330,7 @@ class KnowledgeConfig:
     max_context_tokens: int = 1024  # budget for all passages together in the prompt
     embedding_model: str | None = None  # store name of a dedicated embedding model; None = the served model
     min_score: float = 0.0  # drop fused results below this RRF score (0 keeps top_k)
+    relative_score: float = 0.25  # drop BM25 matches scoring under this fraction of the best one
     # hybrid | bm25 | dense | auto. auto = hybrid with a dedicated embedding model, else BM25 alone:
     # mean-pooled vectors of a small chat model rank worse than BM25 and drag the fusion below it
     # (bench/knowledge.py measures both; see docs/personas.md).
@@ -357,6 +358,8 @@ class KnowledgeConfig:
                 raise _invalid("knowledge.embedding_model", f"{display(self.embedding_model)} is not a model name")
         if self.min_score < 0:
             raise _invalid("knowledge.min_score", "must be >= 0")
+        if not 0 <= self.relative_score < 1:
+            raise _invalid("knowledge.relative_score", "must be in [0, 1)")
         if self.retrieval not in RETRIEVAL_MODES:
             raise _invalid("knowledge.retrieval", f"must be one of {', '.join(RETRIEVAL_MODES)}")
 
@@ -393,6 +396,7 @@ class KnowledgeConfig:
             max_context_tokens=num("max_context_tokens", int),
             embedding_model=embedding if embedding is None else _str(d, "embedding_model", where, limit=300),
             min_score=num("min_score", float),
+            relative_score=num("relative_score", float),
             retrieval=_str(d, "retrieval", where, default="auto", limit=16),
         )
 

@@ -718,9 +718,13 @@ class KnowledgeIndex:
         mode: str = "hybrid",
         min_score: float = 0.0,
         include_flagged: bool = False,
+        relative: float = 0.0,
     ) -> SearchResult:
         """The `k` best clean passages for `query`, and the flagged ones that ranked above them
         (``include_flagged``: flagged chunks compete for the `k` places like any other).
+        ``relative`` drops BM25 matches scoring below that fraction of the best BM25 score: a
+        passage sharing one common word with the question ("named") is noise that small models
+        happily copy from (the persona asking about a cat answered with a dog's name).
 
         mode: "hybrid" (BM25 + dense, fused by RRF), "bm25" or "dense". Dense needs
         `query_vector` and `model_key` (the vectors must be computed: embed_missing).
@@ -746,7 +750,9 @@ class KnowledgeIndex:
                 terms = lexical_terms(query)
                 if terms:
                     scores = np.asarray(model.get_scores(terms))  # (n_chunks,)
-                    order = [i for i in np.argsort(-scores, kind="stable")[:CANDIDATES] if scores[i] > 0]
+                    floor = max(float(scores.max()) * relative, 0.0)
+                    order = [i for i in np.argsort(-scores, kind="stable")[:CANDIDATES]
+                             if scores[i] > 0 and scores[i] >= floor]
                     ranked = [ids[i] for i in order]
                     rankings.append(ranked)
                     bm25_ranks = {cid: r + 1 for r, cid in enumerate(ranked)}

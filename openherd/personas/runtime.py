@@ -286,7 +286,8 @@ class PersonaRuntime:
         return self.index().search(query, persona.knowledge.sources, self.chunker(engine),
                                    k=k or persona.knowledge.top_k, query_vector=vector, model_key=key,
                                    mode=self.retrieval, min_score=persona.knowledge.min_score,
-                                   include_flagged=self.injection_mode() != "quarantine")
+                                   include_flagged=self.injection_mode() != "quarantine",
+                                   relative=persona.knowledge.relative_score)
 
     # ------------------------------------------------------------------ the prompt
 
