@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import re
 import sys
 
@@ -68,7 +69,7 @@ def make_persona(store, name="glim", **kw) -> Persona:
 def test_prompt_layout_and_sampling(store, engine):
     persona = make_persona(store, examples=[ExampleDialogue("Hi", "Ahoy, traveller.")],
                            sampling=SamplingDefaults(temperature=0.2, top_k=10, max_tokens=32),
-                           knowledge=KnowledgeConfig(top_k=1))  # the tiny model has 512 tokens of context
+                           knowledge=KnowledgeConfig(top_k=1, chunk_tokens=192, chunk_overlap=32))  # tiny: 512-token context
     rt = PersonaRuntime(persona, lambda name: engine, store=store)
     prep = rt.prepare_sync(
         [{"role": "system", "content": "Answer in English."},
@@ -236,6 +237,17 @@ def test_chat_resumes_and_new_starts_fresh(store, monkeypatch, capsys):
     convs = mem.list()
     assert len(convs) == 2 and convs[0].id != conv.id and convs[0].turns == 3
     mem.close()
+
+    from openherd.cli import main
+
+    assert main(["persona", "conversations", "glim"]) == 0
+    listing = capsys.readouterr().out
+    assert conv.id in listing and convs[0].id in listing
+    assert main(["persona", "conversations", "glim", "--export", conv.id[:-1], "--format", "json"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["id"] == conv.id and [t["role"] for t in exported["turns"]][:3] == ["assistant", "user", "assistant"]
+    assert main(["persona", "conversations", "glim", "--export", "last"]) == 0
+    assert "**glim:**" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- the real model

@@ -40,7 +40,8 @@ def register(sub) -> None:
         description='Interactive chat. Commands: /system TEXT, /clear, /exit. Start and end a multi-line '
         'message with """. Ctrl-C stops the current answer; Ctrl-D exits.',
     )
-    c.add_argument("model", nargs="?", default=None, help="model name or .gguf path (default smollm2)")
+    c.add_argument("model", nargs="?", default=None, help="model name, persona or .gguf path (default smollm2)")
+    c.add_argument("--new", action="store_true", help="start a new conversation (personas resume the last one)")
     _add_sampling_flags(c)
     c.set_defaults(func=cmd_chat)
 
@@ -208,6 +209,12 @@ def _save_history(readline, path) -> None:
 
 
 def cmd_chat(args) -> int:
+    if args.model:
+        from ..personas.chat import find_persona, run_persona_chat
+
+        # Store models win over a persona of the same name, as on the server.
+        if find_persona(args.model) is not None:
+            return run_persona_chat(args)
     engine, settings = load_engine(args.model, args)
     interactive = sys.stdin.isatty()
     if interactive:

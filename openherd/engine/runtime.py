@@ -208,7 +208,9 @@ class LlamaContext:
         p = ll.llama_context_default_params()
         p.n_ctx = cfg.n_ctx
         p.n_batch = cfg.n_batch
-        p.n_ubatch = min(cfg.n_batch, 512)
+        # Pooled embeddings need each sequence whole in one micro-batch (llama.cpp
+        # asserts otherwise), so the embedding context's micro-batch is its batch.
+        p.n_ubatch = cfg.n_batch if cfg.embeddings else min(cfg.n_batch, 512)
         p.n_seq_max = cfg.n_seq_max
         p.n_threads = cfg.n_threads
         p.n_threads_batch = cfg.n_threads

@@ -79,11 +79,16 @@ def score_pairs(
     are neighbours: a block's first wave then finds that prefix in the slots the
     previous block left behind and evaluates only the rest.
 
-    The numbers are exactly those of scoring each pair alone: the engine's split
-    (per-sequence) KV cache makes a sequence's arithmetic independent of what
-    else is in the batch. (A unified KV cache could share one block's prefix
-    between slots too, but on llama.cpp's CPU kernels its batched results drift
-    from the single-request ones, by up to 0.5 nats per choice on a Q4 model.)
+    Numerics: the same settings give the same numbers, run after run. Against
+    scoring each pair alone they can differ in float rounding where a batch
+    changes how llama.cpp splits the work (which matmul kernel, which ubatch a
+    long prompt's tokens land in); GGUFs with quantized weights re-quantize the
+    activations of every layer, which turns such rounding into differences of
+    up to a few tenths of a nat on a single choice (1 changed answer of 20 on
+    basics-mc 3-shot with the Q4_1 default model; none at 0-shot, where every
+    wave fits one llama_decode; ~1e-3 nats with f32 weights). The engine's split
+    (per-sequence) KV cache is kept: llama.cpp's unified cache could share a
+    block's prefix between slots, but drifts further, also at 0-shot.
     """
     width = width or _n_parallel(engine)
     by_ctx: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
@@ -390,7 +395,7 @@ def engine_config(config: EvalModelConfig, lora: str | None):
         # Generation keeps the queue this deep; scoring submits one wave (<= n_parallel) at a time.
         max_queue=4 * config.n_parallel,
         lora=lora,
-        kv_unified=False,  # split KV: batched scores equal single-request ones (see score_pairs)
+        kv_unified=False,  # split KV: batching perturbs scores least (see score_pairs)
     )
 
 

@@ -5,7 +5,7 @@
     KnowledgeIndex(db).sync(...)    ingest what changed (keyed by content hash), drop what left
     .embed_missing(embed, key)      dense vectors for chunks that have none for this model
     .search(query, ...)             BM25 and dense rankings fused by reciprocal rank fusion
-    render_context(passages)        the numbered passages [1], [2] for the system prompt
+    render_context(passages)        the numbered passages [1], [2], placed before the user's question
 
 Storage is SQLite in WAL mode (``knowledge.db`` beside persona.yaml). A document
 row is keyed by (sha256 of its bytes, chunker) where the chunker names the

@@ -10,10 +10,11 @@ inside the engine)::
     tail = prep.footer(answer)                       # "\\n\\nSources: [1] lighthouse.md", or ""
     extension = prep.herd(answer)                    # the marked `herd` field: persona, sources, quarantined
 
-``prepare`` builds one system message (persona prompt, then any system text the
-client sent, then the retrieved passages numbered [1], [2], ...), the example
-dialogues, and the client's history, trimmed oldest-first to fit the context;
-and the SamplingParams: the persona's defaults under whatever the request set.
+``prepare`` builds one system message (the persona's prompt, then any system text
+the client sent), the example dialogues, and the client's history, trimmed
+oldest-first to fit the context, with the retrieved passages, numbered [1], [2],
+..., put before the question in the last user message; and the SamplingParams:
+the persona's defaults under whatever the request set.
 
 Retrieval runs on the last user message. Before it, the knowledge index is
 brought up to date (new or changed documents are ingested, keyed by content
