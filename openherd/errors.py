@@ -17,6 +17,7 @@ any ``HerdError`` into one line on stderr and a non-zero exit code
     ├── ModelNotFound           404  unknown model; suggests `herd pull`
     ├── NotFound                404  any other unknown resource
     ├── PayloadTooLarge         413
+    ├── GateFailed              422  a tuned model regressed beyond the eval gate; not registered
     ├── QueueFull               429  carries retry_after seconds
     ├── Unavailable             503  server shutting down / model failed to load
     │   └── SandboxUnavailable  503  no way to isolate model-written code on this host
@@ -99,6 +100,14 @@ class PayloadTooLarge(HerdError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class GateFailed(HerdError):
+    """A tuned model regressed beyond the gate's threshold; it was not registered."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "regression_gate_failed"
 
 
 class QueueFull(HerdError):

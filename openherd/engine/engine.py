@@ -335,20 +335,26 @@ class Engine:
 
     def score_many(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """Prefill-only scoring of many (context, continuation) pairs, batched by the scheduler."""
-        handles = []
         for ctx_toks, cont in pairs:
             if not ctx_toks or not cont:
                 raise InvalidRequest("context and continuation must both be non-empty")
-            req = GenerationRequest(prompt=ctx_toks + cont, params=SamplingParams(temperature=0, max_tokens=0),
-                                    prompt_logprobs_from=len(ctx_toks))
-            handles.append(self.submit(req))
-        out = []
-        for h in handles:
-            _, fin = h.result()
-            if fin.reason == "error":
-                raise Unavailable(fin.error or "scoring failed")
-            lps = fin.prompt_logprobs
-            out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
+        out: list[tuple[float, bool]] = []
+        wave = max(1, self.config.n_parallel + self.config.max_queue)  # what the queue bound admits
+        for start in range(0, len(pairs), wave):
+            handles = []
+            # Admit the whole wave at once (the lock is re-entrant): otherwise a finished
+            # request's slot goes to the next arrival before its siblings can reuse its prefix.
+            with self._cond:
+                for ctx_toks, cont in pairs[start : start + wave]:
+                    req = GenerationRequest(prompt=ctx_toks + cont, params=SamplingParams(temperature=0, max_tokens=0),
+                                            prompt_logprobs_from=len(ctx_toks))
+                    handles.append(self.submit(req))
+            for h in handles:
+                _, fin = h.result()
+                if fin.reason == "error":
+                    raise Unavailable(fin.error or "scoring failed")
+                lps = fin.prompt_logprobs
+                out.append((float(sum(lp for lp, _ in lps)), all(g for _, g in lps)))
         return out
 
     def stats(self) -> EngineStats:

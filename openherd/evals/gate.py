@@ -22,17 +22,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..errors import HerdError, InvalidRequest
+from ..errors import GateFailed, InvalidRequest
 from .compare import Comparison, compare_results
 from .lm import EvalModelConfig, open_model
-
-
-class GateFailed(HerdError):
-    """A tuned model regressed beyond the gate's threshold; it was not registered."""
-
-    status = 422
-    type = "invalid_request_error"
-    code = "regression_gate_failed"
 
 
 @dataclass
