@@ -103,7 +103,12 @@ def test_llama_cpp_with_the_adapter_matches_our_lora_model(tiny, tmp_path):
         row = seq_logits[len(prompt) + i - 1]
         assert int(row.argmax()) == t or float(row.max() - row[t]) < 2e-2, f"token {i}"
     if len(prompt) + 16 <= 256:
-        assert gen[:4] == generate(model, prompt, 4)
+        # Free-running, the two may part only at a near-tie (then the paths differ after it).
+        for i, (a, b) in enumerate(zip(gen[:4], generate(model, prompt, 4))):
+            if a != b:
+                row = seq_logits[len(prompt) + i - 1]
+                assert float(row.max() - row[a]) < 2e-2, f"free-running divergence at token {i} is not a near-tie"
+                break
     with torch.no_grad():
         ours = model(torch.tensor([prompt]))[0].numpy()
     theirs = llama_logits(tiny, prompt, lora=adapter)
