@@ -115,6 +115,78 @@ async def run_level(base: str, model: str, concurrency: int, per_client: int, ma
     return st, wall
 
 
+def raw_batched(path: str, threads: int, n_seqs: int, max_tokens: int) -> float:
+    """The hardware ceiling at this concurrency: the same chat prompts, all prefilled
+    and then decoded together with llama.cpp's C API (one llama_decode per step, one
+    token per sequence, native samplers, no EOS), no HTTP and no scheduler. Returns
+    aggregate tok/s over prefill + decode, as the servers' numbers are."""
+    import ctypes  # noqa: F401  (llama_cpp's batch fields are ctypes arrays)
+    import threading
+
+    import llama_cpp as ll
+
+    from openherd.engine.runtime import LlamaModel
+    from openherd.chat_template import ChatTemplate
+
+    m = LlamaModel(path)
+    info = m.info("bench", 1024)
+    tmpl = ChatTemplate(info.chat_template, info.bos_text, info.eos_text)
+    prompts = [m.tokenize(tmpl.render([{"role": "user", "content": f"Write a short story about {TOPICS[i % len(TOPICS)]}."}],
+                                      add_generation_prompt=True), add_special=False, parse_special=True)
+               for i in range(n_seqs)]
+    box: list[float] = []
+
+    def run() -> None:
+        cp = ll.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = 1024 * n_seqs, 512, 512, n_seqs
+        cp.n_threads = cp.n_threads_batch = threads
+        cp.no_perf = True
+        ctx = ll.llama_init_from_model(m.ptr, cp)
+        batch = ll.llama_batch_init(512, 0, 1)
+        samplers = []
+        for i in range(n_seqs):
+            ch = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+            for s in (ll.llama_sampler_init_top_k(40), ll.llama_sampler_init_top_p(0.95, 1),
+                      ll.llama_sampler_init_temp(0.7), ll.llama_sampler_init_dist(i)):
+                ll.llama_sampler_chain_add(ch, s)
+            samplers.append(ch)
+
+        def add(j: int, tok: int, pos: int, seq: int, want: bool) -> None:
+            batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.seq_id[j][0], batch.logits[j] = tok, pos, 1, seq, want
+
+        t0 = time.perf_counter()
+        n = 0
+        for i, p in enumerate(prompts):  # all prompts in one prefill batch (they fit in 512)
+            for k, tok in enumerate(p):
+                add(n, tok, k, i, k == len(p) - 1)
+                n += 1
+        batch.n_tokens = n
+        assert ll.llama_decode(ctx, batch) == 0
+        out = [sum(len(q) for q in prompts[: i + 1]) - 1 for i in range(n_seqs)]
+        pos = [len(p) for p in prompts]
+        produced = 0
+        for _ in range(max_tokens):
+            toks = [ll.llama_sampler_sample(samplers[i], ctx, out[i]) for i in range(n_seqs)]
+            produced += n_seqs
+            for i, tok in enumerate(toks):
+                add(i, tok, pos[i], i, True)
+                pos[i] += 1
+            batch.n_tokens = n_seqs
+            out = list(range(n_seqs))
+            assert ll.llama_decode(ctx, batch) == 0
+        box.append(produced / (time.perf_counter() - t0))
+        for ch in samplers:
+            ll.llama_sampler_free(ch)
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+
+    t = threading.Thread(target=run)  # llama_decode off the main thread, as bench/decode.py explains
+    t.start()
+    t.join()
+    m.close()
+    return box[0]
+
+
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -191,6 +263,9 @@ def main() -> int:
                           flush=True)
             finally:
                 stop(proc)
+    # The ceiling: what llama.cpp itself does with c sequences decoded together and
+    # nothing else running (same prompts, max_tokens, sampler settings, threads).
+    ceiling = {c: raw_batched(path, args.threads, c, args.max_tokens) for c in levels if 1 < c <= args.parallel}
     lines = [
         f"Date {date.today()}, {platform.node() or 'host'} ({os.cpu_count()} CPUs, {platform.machine()}), "
         f"model {os.path.basename(path)}, {args.threads} threads, max_tokens {args.max_tokens}, "
@@ -209,7 +284,11 @@ def main() -> int:
     for c in levels:
         h = herd[c][0].tokens / herd[c][1]
         p = peer[c][0].tokens / peer[c][1]
-        lines.append(f"- concurrency {c}: openherd / peer aggregate tok/s = **{h / p:.2f}x**")
+        line = f"- concurrency {c}: openherd / peer aggregate tok/s = **{h / p:.2f}x**"
+        if c in ceiling:
+            line += (f"; raw batched llama.cpp ceiling {ceiling[c]:.1f} tok/s ({ceiling[c] / p:.2f}x the peer), "
+                     f"openherd reaches {h / ceiling[c]:.0%} of it")
+        lines.append(line)
     text = "\n".join(lines)
     print(text)
     if not args.no_write:

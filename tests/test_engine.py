@@ -42,6 +42,16 @@ def test_greedy_is_deterministic(engine):
     assert s1 == engine.detokenize(t1)  # streamed text is the exact detokenisation
 
 
+def test_ignore_eos_wins_over_a_bias_towards_eos(engine):
+    eog = sorted(engine.info.eog_tokens)
+    bias = {t: 100.0 for t in eog}
+    # Without ignore_eos the bias makes end-of-generation the first token.
+    toks, _, fin = run(engine, prompt(engine), temperature=0, max_tokens=12, logit_bias=bias)
+    assert toks == [] and fin.reason == "stop"
+    toks, _, fin = run(engine, prompt(engine), temperature=0.8, seed=3, max_tokens=12, logit_bias=bias, ignore_eos=True)
+    assert len(toks) == 12 and fin.reason == "length" and not set(toks) & set(eog)
+
+
 def test_seed_reproduces_and_differs(engine):
     a = run(engine, prompt(engine), temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7, max_tokens=20, ignore_eos=True)[0]
     b = run(engine, prompt(engine), temperature=1.0, top_k=0, top_p=1.0, min_p=0, seed=7, max_tokens=20, ignore_eos=True)[0]

@@ -234,7 +234,6 @@ class Engine:
             self._lora = load_lora(model, config.lora)
             self.ctx.set_adapters([self._lora], [config.lora_scale])
         self.info: ModelInfo = model.info(name or os.path.basename(model.path), self.n_ctx_seq)
-        self._eog_array = np.fromiter(self.info.eog_tokens, dtype=np.int64)
         self.template = ChatTemplate(self.info.chat_template, self.info.bos_text, self.info.eos_text)
         self._slots = [_Slot(i) for i in range(config.n_parallel)]
         self._waiting: collections.deque[_Seq] = collections.deque()
@@ -312,7 +311,7 @@ class Engine:
             handle=handle,
             prompt=list(req.prompt),
             params=p,
-            sampler=Sampler(p, self.info.n_vocab),
+            sampler=Sampler(p, self.info.n_vocab, tuple(self.info.eog_tokens) if p.ignore_eos else ()),
             decoder=StreamDecoder(p.stop),
             constraint=constraint,
             lp_from=lp_from,
@@ -566,13 +565,11 @@ class Engine:
             self._finish(s, "length")
             return
         raw = None
-        if s.constraint is not None or p.ignore_eos or p.logprobs is not None:
+        if s.constraint is not None or p.logprobs is not None:
             logits = self.ctx.logits(idx)  # zero-copy: edits here are what the sampler sees
             raw = logits.copy() if p.logprobs is not None else None
             if s.constraint is not None:
                 s.constraint.apply(logits)
-            if p.ignore_eos:
-                logits[self._eog_array] = -np.inf
         tok = s.sampler.sample(self.ctx.ptr, idx)
         lp = top = None
         if raw is not None:

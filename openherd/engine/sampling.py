@@ -26,13 +26,16 @@ def _llama():
 
 
 class Sampler:
-    def __init__(self, params: SamplingParams, n_vocab: int):
+    def __init__(self, params: SamplingParams, n_vocab: int, suppress: tuple[int, ...] = ()):
+        """``suppress``: tokens never to sample (end-of-generation under ``ignore_eos``);
+        done in C as a -inf logit bias, so it costs nothing per token in Python."""
         ll = _llama()
         self.params = params
         self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda s: ll.llama_sampler_chain_add(chain, s)  # noqa: E731
         bias = {t: b for t, b in params.logit_bias.items() if 0 <= t < n_vocab}
+        bias.update({t: float("-inf") for t in suppress if 0 <= t < n_vocab})
         if bias:
             arr = (ll.llama_logit_bias * len(bias))(*[ll.llama_logit_bias(t, b) for t, b in bias.items()])
             add(ll.llama_sampler_init_logit_bias(n_vocab, len(bias), arr))
