@@ -98,7 +98,7 @@ def main() -> int:
             # Both drive llama_decode from a non-main thread, as the engine's scheduler
             # does: on this VM the same loop on Python's main thread measured ~2x slower.
             box: list = []
-            t = threading.Thread(target=lambda fn=fn: box.append(fn(path, prompt, args.decode_tokens, args.threads, n_ctx)))
+            t = threading.Thread(target=lambda fn=fn, box=box: box.append(fn(path, prompt, args.decode_tokens, args.threads, n_ctx)))
             t.start()
             t.join()
             p, d = box[0]

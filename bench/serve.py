@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import time
@@ -125,8 +124,8 @@ def raw_batched(path: str, threads: int, n_seqs: int, max_tokens: int) -> float:
 
     import llama_cpp as ll
 
-    from openherd.engine.runtime import LlamaModel
     from openherd.chat_template import ChatTemplate
+    from openherd.engine.runtime import LlamaModel
 
     m = LlamaModel(path)
     info = m.info("bench", 1024)

@@ -28,9 +28,8 @@ def _tokenizer_for(model) -> object:
     with _tok_lock:
         tok = _tokenizers.get(key)
         if tok is None:
-            from llguidance.llamacpp import lltokenizer_from_vocab
-
             import llama_cpp
+            from llguidance.llamacpp import lltokenizer_from_vocab
 
             eos = llama_cpp.llama_vocab_eot(model.vocab)
             if eos < 0:
