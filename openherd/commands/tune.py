@@ -18,7 +18,8 @@ def register(sub) -> None:
         "directory; DATA is JSONL with {\"messages\": [...]} or {\"prompt\": ..., \"completion\": ...} per line. "
         "The loss covers assistant tokens only, rendered with BASE's own chat template. The result is "
         "registered as NAME (BASE + adapter): `herd run NAME`, `herd serve` and `herd export NAME` use it. "
-        "Checkpoints, loss.png and history.json go to $HERD_HOME/runs/NAME.",
+        "Checkpoints, loss.png and history.json go to $HERD_HOME/runs/NAME. With --gate, NAME is registered "
+        "only if it does not score worse than BASE on the named eval tasks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("base", metavar="BASE", help="base model: store name, .gguf path or Hugging Face directory")
@@ -49,6 +50,21 @@ def register(sub) -> None:
     r.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
     r.add_argument("--overwrite", action="store_true", help="discard an earlier run's checkpoints")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--progress-json", action="store_true",
+                   help="print one JSON object per line on stdout for every optimizer step ({step, total, epoch, "
+                        "loss, lr, tok_s, ...}), every validation ({step, total, eval_loss}), the gate ({step, total, "
+                        "gate}) and the end ({step, total, done, registered, model, ...}); the summary goes to "
+                        "stderr and the progress bar is off")  # fmt: skip
+    q = t.add_argument_group("regression gate")
+    q.add_argument("--gate", action="append", metavar="TASK[,TASK...]",
+                   help="after training, evaluate BASE and BASE + adapter on these eval tasks (built-in names or "
+                        "task files, as `herd eval --task` takes) and refuse to register NAME if any headline "
+                        "metric drops by more than --gate-threshold; the run directory and adapter stay")  # fmt: skip
+    q.add_argument("--gate-threshold", type=float, default=argparse.SUPPRESS, metavar="DELTA",
+                   help="largest allowed drop, in each metric's own units: 0.02 = two accuracy points, or "
+                        "0.02 bits per byte (default: 0.02)")  # fmt: skip
+    q.add_argument("--gate-limit", type=int, default=argparse.SUPPRESS, metavar="N",
+                   help="evaluate only the first N items of every gate task (default: all)")  # fmt: skip
     t.set_defaults(func=cmd_tune)
 
     e = sub.add_parser(
@@ -118,30 +134,107 @@ def _torch_threads() -> None:
         torch.set_num_threads(threads)
 
 
+def _gate_args(args) -> tuple[tuple[str, ...], dict]:
+    """--gate a,b --gate c -> ("a", "b", "c") and the TuneConfig gate settings given."""
+    from ..errors import InvalidRequest
+
+    tasks = tuple(t.strip() for group in args.gate or () for t in group.split(","))
+    extra = {}
+    for flag, key in (("--gate-threshold", "gate_threshold"), ("--gate-limit", "gate_limit")):
+        if hasattr(args, key):  # SUPPRESSed default: present only when given
+            if not tasks:
+                raise InvalidRequest(f"{flag} applies to the regression gate: add --gate TASKS", param=key)
+            extra[key] = getattr(args, key)
+    if args.gate is not None and not all(tasks):
+        raise InvalidRequest("--gate takes task names separated by commas, e.g. --gate basics-mc,capitals",
+                             param="gate")  # fmt: skip
+    return tasks, extra
+
+
+class _ProgressJSON:
+    """`--progress-json`: one JSON object per line on stdout, each with an int "step" (and
+    "total"), which is what openherd.web.jobs.parse_progress_json reads."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.total = 0
+
+    def emit(self, obj: dict) -> None:
+        import json
+
+        # Flushed per line: a reader follows the run live through a pipe. Non-finite floats
+        # (a diverged loss) come out as NaN/Infinity, as Python's json (and the web UI) reads them.
+        print(json.dumps({"step": self.step, "total": self.total, **obj}), flush=True)
+
+    def at(self, run) -> None:
+        self.step, self.total = run.state.step, run.total_steps
+
+    def on_step(self, run, rec: dict) -> None:
+        self.at(run)
+        st = run.state
+        self.emit({"epoch": round(run.epochs_at(rec["step"]), 4), "loss": rec["loss"], "lr": rec["lr"],
+                   "tok_s": rec["tok_s"], "tokens": st.tokens, "elapsed_s": round(st.train_seconds, 3)})  # fmt: skip
+
+    def on_eval(self, run, rec: dict) -> None:
+        self.at(run)
+        self.emit({"eval_loss": rec["eval_loss"]})
+
+    def on_gate(self, run, result) -> None:
+        self.at(run)
+        self.emit({"gate": result.to_dict()})
+
+
 def cmd_tune(args) -> int:
     _log_to_stderr()
     _torch_threads()
+    from ..errors import GateFailed
     from ..tune.sft import TuneConfig, tune
 
+    gate, gate_extra = _gate_args(args)
     cfg = TuneConfig(
         base=args.base, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
         epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
         grad_accum=args.grad_accum, seq_len=args.seq_len, pack=args.pack, weight_decay=args.weight_decay,
         grad_clip=args.grad_clip, eval_split=args.eval_split, eval_every=args.eval_every,
         save_every=args.save_every, seed=args.seed, device=args.device, run_dir=args.run_dir,
-        resume=args.resume, overwrite=args.overwrite, progress=not args.quiet,
+        resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.progress_json),
+        gate=gate, **gate_extra,
     )  # fmt: skip
-    run, manifest = tune(cfg)
+    # With --progress-json, stdout carries JSON lines only; everything for people goes to stderr.
+    say_out = sys.stderr if args.progress_json else sys.stdout
+    pj = _ProgressJSON() if args.progress_json else None
+
+    def gate_progress(line: str) -> None:
+        if not args.quiet:
+            print(f"herd: {line}", file=sys.stderr, flush=True)
+
+    hooks = {"on_step": pj.on_step, "on_eval": pj.on_eval, "on_gate": pj.on_gate} if pj is not None else {}
+    try:
+        run, manifest = tune(cfg, gate_progress=gate_progress, **hooks)
+    except GateFailed as e:
+        if pj is not None:
+            pj.emit({"done": True, "registered": False, "model": cfg.out,
+                     "error": {"code": e.code, "message": e.message}})  # fmt: skip
+        raise
     st = run.state
     eval_loss = st.last("eval_loss")
     tok_s = st.tokens / st.train_seconds if st.train_seconds else 0.0
+    if run.gate is not None:
+        print(run.gate.message, file=say_out)
     print(
         f"tuned {manifest.name}: {st.step} steps, train loss {st.last('loss'):.4f}"
         + (f", eval loss {eval_loss:.4f}" if eval_loss is not None else "")
-        + f", {tok_s:.0f} tok/s"
+        + f", {tok_s:.0f} tok/s",
+        file=say_out,
     )
-    print(f"loss curve: {run.run_dir / 'loss.png'}")
-    print(f'try it: herd run {manifest.name} "..."   export it: herd export {manifest.name} --format gguf --out FILE.gguf')
+    print(f"loss curve: {run.run_dir / 'loss.png'}", file=say_out)
+    print(f'try it: herd run {manifest.name} "..."   export it: herd export {manifest.name} --format gguf --out FILE.gguf',
+          file=say_out)  # fmt: skip
+    if pj is not None:
+        pj.at(run)
+        # final_*: not "loss"/"eval_loss", which a reader takes for one more step or validation.
+        pj.emit({"done": True, "registered": True, "model": manifest.name, "final_loss": st.last("loss"),
+                 "final_eval_loss": eval_loss, "tok_s": round(tok_s, 1), "run_dir": str(run.run_dir)})  # fmt: skip
     return 0
 
 

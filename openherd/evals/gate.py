@@ -21,10 +21,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from ..errors import GateFailed, InvalidRequest
 from .compare import Comparison, compare_results
 from .lm import EvalModelConfig, open_model
+
+if TYPE_CHECKING:
+    from .tasks import Task
 
 
 @dataclass
@@ -81,6 +85,7 @@ def check_gate(
     config: EvalModelConfig | None = None,
     fewshot: int | None = None,
     progress: Callable[[str], None] | None = None,
+    names: tuple[str, str] | None = None,
 ) -> GateResult:
     """Evaluate `base` and `candidate` on every task and fail on any regression > `threshold`.
 
@@ -88,42 +93,33 @@ def check_gate(
     model carries its adapter). candidate_adapter: a LoRA GGUF applied on top of
     `candidate`, to gate a tuned model before it is registered. limit: first N
     items of every task (the same N for both). progress: called with a line of
-    text before each run.
+    text before each run. names: what to call base and candidate in progress lines
+    and the result (default: the loaded models' own names); `herd tune --gate` passes
+    the base as the user named it and the name the tuned model is to get.
     """
     from .runner import run_task
-    from .tasks import load_task
 
-    if not tasks:
-        raise InvalidRequest("the gate needs at least one task (e.g. --gate basics-mc)")
     if not threshold >= 0:
         raise InvalidRequest("the gate threshold must be >= 0")
-    loaded = [load_task(t, limit=limit) for t in tasks]  # every task file checked before any model work
-    names = [t.name for t in loaded]
-    dup = next((n for n in names if names.count(n) > 1), None)
-    if dup:
-        raise InvalidRequest(f"two gate tasks are both named '{dup}'; give each task file its own name")
-    if any(t.type == "humaneval" for t in loaded):
-        from .sandbox import SandboxUnavailable, sandbox_status
-
-        why = sandbox_status("namespaces")
-        if why:
-            raise SandboxUnavailable(why)
+    loaded = load_gate_tasks(tasks, limit)  # every task file checked before any model work
     config = config or EvalModelConfig()
     base_config = EvalModelConfig(**{**asdict(config), "adapter": None})
     cand_config = EvalModelConfig(**{**asdict(config), "adapter": candidate_adapter})
 
     results = {}
     base_name = cand_name = ""
-    for role, name, cfg in (("base", base, base_config), ("candidate", candidate, cand_config)):
+    sides = (("base", base, base_config), ("candidate", candidate, cand_config))
+    for i, (role, name, cfg) in enumerate(sides):
         with open_model(name, cfg) as lm:
+            label = names[i] if names else lm.name
             for task in loaded:
                 if progress:
-                    progress(f"gate: {role} {lm.name} on {task.name}")
+                    progress(f"gate: {role} {label} on {task.name}")
                 results[(role, task.name)] = run_task(lm, task, fewshot=fewshot)
                 if role == "base":
-                    base_name = lm.name
+                    base_name = label
                 else:
-                    cand_name = lm.name
+                    cand_name = label
 
     per_task: dict[str, list[TaskDelta]] = {}
     comparisons = []
@@ -149,6 +145,30 @@ def check_gate(
     result.passed = not result.regressions
     result.message = gate_message(result)
     return result
+
+
+def load_gate_tasks(tasks: list[str], limit: int | None = None) -> list[Task]:
+    """Load and validate every gate task (names, files, sandbox) without touching a model.
+
+    `herd tune --gate` calls this before training, so a typo in a task name costs
+    nothing instead of the whole run; check_gate calls it again with the same rules.
+    """
+    from .tasks import load_task
+
+    if not tasks:
+        raise InvalidRequest("the gate needs at least one task (e.g. --gate basics-mc)")
+    loaded = [load_task(t, limit=limit) for t in tasks]
+    names = [t.name for t in loaded]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise InvalidRequest(f"two gate tasks are both named '{dup}'; give each task file its own name")
+    if any(t.type == "humaneval" for t in loaded):
+        from .sandbox import SandboxUnavailable, sandbox_status
+
+        why = sandbox_status("namespaces")
+        if why:
+            raise SandboxUnavailable(why)
+    return loaded
 
 
 def gate_message(result: GateResult) -> str:

@@ -6,7 +6,9 @@
     fit(run)              for step: lr <- schedule; grad-accumulate micro-batches;
                           clip; AdamW step; log; validate / checkpoint every so often
     validate(run)         mean loss per assistant token on the held-out split
-    finish(run)           adapter GGUF -> store blob -> manifest NAME (base + adapter)
+    finish(run)           adapter GGUF -> [regression gate: base vs base + adapter on eval
+                          tasks; a regression stops here, unregistered] -> store blob ->
+                          manifest NAME (base + adapter)
 
 No Trainer, no callbacks: what happens each step is what ``fit`` reads like.
 
@@ -46,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import InvalidRequest, StoreError
+from ..errors import GateFailed, InvalidRequest, StoreError
 from ..model import Transformer, apply_rope, load_torch_model, rope_cos_sin
 from .data import (
     IGNORE,
@@ -79,14 +81,17 @@ __all__ = [
     "TrainState",
     "TuneConfig",
     "batch_loss",
+    "finish",
     "fit",
     "forward_hidden",
+    "gate_adapter",
     "latest_checkpoint",
     "load_checkpoint",
     "lr_at",
     "plot_loss",
     "save_checkpoint",
     "setup",
+    "tune",
     "validate",
 ]
 
@@ -128,6 +133,11 @@ class TuneConfig:
     dtype: str | None = None  # None: bf16 on CUDA, fp32 on CPU
     run_dir: str | None = None  # checkpoints, loss.png, history.json; None = $HERD_HOME/runs/NAME
     progress: bool = True  # tqdm progress bar on stderr
+    # The regression gate (`--gate`): before `out` is registered, base and base + adapter run
+    # these eval tasks; a headline metric worse by more than gate_threshold stops the run.
+    gate: tuple[str, ...] = ()  # built-in task names or task files, as `herd eval --task` takes
+    gate_threshold: float = 0.02  # allowed drop, in each metric's own units (0.02 = 2 accuracy points)
+    gate_limit: int | None = None  # first N items of every gate task; None = all
 
     def __post_init__(self):
         def need(ok: bool, msg: str, param: str) -> None:
@@ -149,6 +159,11 @@ class TuneConfig:
         need(self.eval_every >= 0 and self.save_every >= 1, "--eval-every must be >= 0, --save-every >= 1", "save_every")
         need(self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1", "keep_checkpoints")
         need(not (self.resume and self.overwrite), "--resume and --overwrite contradict each other", "resume")
+        self.gate = tuple(self.gate)
+        need(all(isinstance(t, str) and t.strip() for t in self.gate), "--gate takes task names, e.g. basics-mc", "gate")
+        need(math.isfinite(self.gate_threshold) and self.gate_threshold >= 0, "--gate-threshold must be >= 0",
+             "gate_threshold")  # fmt: skip
+        need(self.gate_limit is None or self.gate_limit >= 1, "--gate-limit must be >= 1", "gate_limit")
         LoRAConfig(self.rank, self.alpha, self.dropout, self.targets)  # validates the LoRA settings
 
     @property
@@ -188,10 +203,16 @@ class Run:
     device: torch.device
     meta: dict[str, Any] = field(default_factory=dict)  # the settings a checkpoint must agree with
     _lock: Any = None
+    gate: Any = None  # evals.gate.GateResult once finish() has gated the adapter
 
     @property
     def trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def epochs_at(self, step: int) -> float:
+        """Passes over the training rows after `step` optimizer steps."""
+        micro_per_epoch = max(1, -(-len(self.train_rows) // self.cfg.batch_size))
+        return step * self.cfg.grad_accum / micro_per_epoch
 
     def close(self) -> None:
         if self._lock is not None:
@@ -454,8 +475,16 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr_ratio: float) ->
 # --------------------------------------------------------------------------- fit / validate
 
 
-def fit(run: Run, on_step: Callable[[Run, dict[str, Any]], None] | None = None) -> TrainState:
-    """Train from run.state.step to run.total_steps. Ctrl-C saves a checkpoint first."""
+def fit(
+    run: Run,
+    on_step: Callable[[Run, dict[str, Any]], None] | None = None,
+    on_eval: Callable[[Run, dict[str, Any]], None] | None = None,
+) -> TrainState:
+    """Train from run.state.step to run.total_steps. Ctrl-C saves a checkpoint first.
+
+    on_step / on_eval see each history record ({"step", "loss", "lr", "tok_s"} /
+    {"step", "eval_loss"}) as it is appended: `herd tune --progress-json` prints them.
+    """
     cfg, model, opt, state = run.cfg, run.model, run.optimizer, run.state
     stream = batches(run.train_rows, cfg.batch_size, cfg.seed, start=state.step * cfg.grad_accum)
     bar = _progress_bar(run)
@@ -497,10 +526,10 @@ def fit(run: Run, on_step: Callable[[Run, dict[str, Any]], None] | None = None) 
                 on_step(run, rec)
             done = state.step == run.total_steps
             if cfg.eval_every and state.step % cfg.eval_every == 0 and not done:
-                _record_eval(run)
+                _record_eval(run, on_eval)
             if state.step % cfg.save_every == 0 or done:
                 if not cfg.eval_every or done:
-                    _record_eval(run)
+                    _record_eval(run, on_eval)
                 save_checkpoint(run)
                 last_saved = state.step
                 if bar is not None and state.last("eval_loss") is not None:
@@ -518,11 +547,13 @@ def fit(run: Run, on_step: Callable[[Run, dict[str, Any]], None] | None = None) 
     return state
 
 
-def _record_eval(run: Run) -> None:
+def _record_eval(run: Run, on_eval: Callable[[Run, dict[str, Any]], None] | None = None) -> None:
     if not run.eval_rows:
         return
-    loss = validate(run)
-    run.state.history.append({"step": run.state.step, "eval_loss": loss})
+    rec = {"step": run.state.step, "eval_loss": validate(run)}
+    run.state.history.append(rec)
+    if on_eval is not None:
+        on_eval(run, rec)
 
 
 @torch.no_grad()
@@ -794,27 +825,114 @@ def plot_loss(history: list[dict[str, Any]], path: Path, title: str = "") -> Non
 # --------------------------------------------------------------------------- finish: adapter -> store
 
 
-def finish(run: Run) -> Any:
-    """Write the adapter GGUF next to the run and register cfg.out = base + adapter in the store."""
+def finish(
+    run: Run,
+    *,
+    on_gate: Callable[[Run, Any], None] | None = None,
+    gate_progress: Callable[[str], None] | None = None,
+) -> Any:
+    """Write the adapter GGUF next to the run, gate it when cfg.gate names tasks, and
+    register cfg.out = base + adapter in the store. Returns the Manifest.
+
+    A gate that fails raises GateFailed before anything reaches the store; the run
+    directory (checkpoints, adapter.gguf, gate.json) stays, so `--resume` gets back
+    here without training again. on_gate(run, result) sees the GateResult either way.
+    """
     from .export import write_adapter_gguf
 
-    adapter = write_adapter_gguf(run.model, run.cfg.lora, run.run_dir / "adapter.gguf", name=run.cfg.out)
+    cfg = run.cfg
+    adapter = write_adapter_gguf(run.model, cfg.lora, run.run_dir / "adapter.gguf", name=cfg.out)
     details = {
-        "lora": {"rank": run.cfg.rank, "alpha": run.cfg.alpha, "dropout": run.cfg.dropout,
-                 "targets": list(run.cfg.targets)},
+        "lora": {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": list(cfg.targets)},
         "training": {"steps": run.state.step, "tokens": run.state.tokens, "seq_len": run.meta["seq_len"],
                      "train_loss": run.state.last("loss"), "eval_loss": run.state.last("eval_loss"),
-                     "data_sha256": run.data_sha256, "seed": run.cfg.seed, "run_dir": str(run.run_dir)},
+                     "data_sha256": run.data_sha256, "seed": cfg.seed, "run_dir": str(run.run_dir)},
     }  # fmt: skip
-    return register_tuned(run.cfg.out, run.cfg.base, run.base_path, adapter, details)
+    with _base_gguf(run.base_path) as base_gguf:
+        if cfg.gate:
+            result = gate_adapter(run, base_gguf, adapter, progress=gate_progress)
+            if on_gate is not None:
+                on_gate(run, result)
+            if not result.passed:
+                raise GateFailed(_gate_failed_message(run, result, adapter))
+            details["gate"] = _gate_details(result)
+        return register_tuned(cfg.out, cfg.base, run.base_path, adapter, details, base_gguf=base_gguf)
 
 
-def register_tuned(name: str, base: str, base_path: Path, adapter: Path, details: dict[str, Any]) -> Any:
+@contextlib.contextmanager
+def _base_gguf(base_path: Path):
+    """The GGUF file llama.cpp applies the adapter to: the base itself, or, for a Hugging
+    Face directory, its f16 conversion in a scratch directory beside the blobs (gated
+    and then stored from there, so it is converted once)."""
+    if not base_path.is_dir():
+        yield base_path
+        return
+    from ..store import Store
+    from ..store.convert import convert_hf_dir
+
+    with Store().blobs.tempdir() as tmp:
+        convert_hf_dir(base_path, tmp / "base.gguf", quant="f16")
+        yield tmp / "base.gguf"
+
+
+def gate_adapter(run: Run, base_gguf: Path, adapter: Path, progress: Callable[[str], None] | None = None) -> Any:
+    """Base vs base + adapter on cfg.gate in llama.cpp (what `herd run NAME` will serve);
+    the result goes to RUN_DIR/gate.json and to run.gate."""
+    from ..evals.gate import check_gate
+
+    cfg = run.cfg
+    # A path (never a bare name) for both sides: the tuned model is not in the store yet,
+    # and a persona that happens to share the base's name must not be evaluated instead.
+    result = check_gate(str(base_gguf), str(base_gguf), list(cfg.gate), cfg.gate_threshold, cfg.gate_limit,
+                        candidate_adapter=str(adapter), progress=progress, names=(cfg.base, cfg.out))  # fmt: skip
+    run.gate = result
+    try:
+        _atomic_bytes(run.run_dir / "gate.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
+    except OSError as e:  # the verdict still stands; the file is a record of it
+        log.warning("could not write gate.json: %s", e.strerror or e)
+    return result
+
+
+def _gate_details(result: Any) -> dict[str, Any]:
+    """What the manifest keeps of a passed gate: per task and metric, base vs tuned."""
+    return {
+        "threshold": result.threshold,
+        "tasks": {task: {d.metric: {"base": d.base, "tuned": d.candidate, "delta": d.delta} for d in deltas}
+                  for task, deltas in result.per_task.items()},
+    }  # fmt: skip
+
+
+def _gate_failed_message(run: Run, result: Any, adapter: Path) -> str:
+    """GateFailed's one line: what regressed (gate_message), then what was kept and how
+    to go on without training again."""
+    import shlex
+
+    cfg = run.cfg
+    # per_task is in cfg.gate order: map the regressed task back to how the user named it.
+    spec = dict(zip(result.per_task, cfg.gate, strict=True))[result.regressions[0].task]
+    limit = f" --limit {cfg.gate_limit}" if cfg.gate_limit else ""
+    ad = shlex.quote(str(adapter))
+    if run.base_path.is_dir():
+        check = (f"import the base with `herd pull {shlex.quote(cfg.base)} --name BASE` and compare "
+                 f"`herd eval BASE --task {shlex.quote(spec)}{limit}` with the same plus `--adapter {ad}`")  # fmt: skip
+    else:
+        b = shlex.quote(cfg.base)
+        check = (f"compare `herd eval {b} --task {shlex.quote(spec)}{limit}` with the same plus "
+                 f"`--adapter {ad}`")  # fmt: skip
+    return (
+        f"{result.message}; '{cfg.out}' was not registered; its run directory {run.run_dir} keeps "
+        f"adapter.gguf and gate.json: {check}; to go on without training again, rerun this command with "
+        "--resume and a larger --gate-threshold, or with --resume and no --gate to register it anyway"
+    )
+
+
+def register_tuned(name: str, base: str, base_path: Path, adapter: Path, details: dict[str, Any],
+                   base_gguf: Path | None = None) -> Any:  # fmt: skip
     """Register `name` as base GGUF + adapter GGUF (both as store blobs) and return its Manifest.
 
     A base given as a .gguf path is copied into the store so the tuned model does not
     depend on a file elsewhere; a Hugging Face directory is converted to GGUF (f16),
-    because llama.cpp serves the result.
+    because llama.cpp serves the result (`base_gguf`: that conversion, already made).
     """
     from ..store import Manifest, Store
     from ..store.manifest import utcnow
@@ -822,11 +940,11 @@ def register_tuned(name: str, base: str, base_path: Path, adapter: Path, details
 
     store = Store()
     if base_path.is_dir():
-        from ..store.convert import convert_hf_dir
-
-        with store.blobs.tempdir() as tmp:
-            convert_hf_dir(base_path, tmp / "base.gguf", quant="f16")
-            blob = store.add_blob(tmp / "base.gguf")
+        if base_gguf is not None:
+            blob = store.add_blob(base_gguf)
+        else:
+            with _base_gguf(base_path) as converted:
+                blob = store.add_blob(converted)
         base_m = manifest_from_gguf(blob.path, name="", source=f"hf-dir:{base_path}", sha256=blob.sha256)
     else:
         base_m = store.resolve(base)
@@ -854,8 +972,16 @@ def register_tuned(name: str, base: str, base_path: Path, adapter: Path, details
     return store.register(manifest)
 
 
-def tune(cfg: TuneConfig) -> tuple[Run, Any]:
-    """setup -> fit -> finish: what `herd tune` runs. Returns the run and the new Manifest."""
+def tune(
+    cfg: TuneConfig,
+    *,
+    on_step: Callable[[Run, dict[str, Any]], None] | None = None,
+    on_eval: Callable[[Run, dict[str, Any]], None] | None = None,
+    on_gate: Callable[[Run, Any], None] | None = None,
+    gate_progress: Callable[[str], None] | None = None,
+) -> tuple[Run, Any]:
+    """setup -> fit -> finish (gate, register): what `herd tune` runs. Returns the run and
+    the new Manifest; raises GateFailed, with nothing registered, when the gate fails."""
     from ..store.manifest import validate_name
 
     validate_name(cfg.out)  # before hours of training, not after
@@ -865,9 +991,13 @@ def tune(cfg: TuneConfig) -> tuple[Run, Any]:
         from ..store.convert import read_hf_config
 
         read_hf_config(Path(cfg.base).expanduser())  # it is converted to GGUF at the end: fail now, not then
+    if cfg.gate:
+        from ..evals.gate import load_gate_tasks
+
+        load_gate_tasks(list(cfg.gate), cfg.gate_limit)  # a typo in a task name costs nothing yet
     run = setup(cfg)
     try:
-        fit(run)
-        return run, finish(run)
+        fit(run, on_step=on_step, on_eval=on_eval)
+        return run, finish(run, on_gate=on_gate, gate_progress=gate_progress)
     finally:
         run.close()
