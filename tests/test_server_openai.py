@@ -420,30 +420,46 @@ def test_parallel_tool_calls(client):
     assert r.choices[0].finish_reason == "length"
 
 
-def test_tool_calls_stream_as_deltas(client):
-    stream = chat(
-        client,
-        "Weather?",
-        tools=TOOLS,
-        tool_choice={"type": "function", "function": {"name": "get_weather"}},
-        max_tokens=200,
-        stream=True,
-        parallel_tool_calls=False,
-    )
+def _accumulate(stream) -> tuple[list[dict], str | None]:
+    """Tool calls as a client accumulates them from the chunks, checking OpenAI's shape on the way."""
     calls: dict[int, dict] = {}
     finish = None
     for chunk in stream:
         for ch in chunk.choices:
             for d in ch.delta.tool_calls or []:
-                c = calls.setdefault(d.index, {"id": None, "name": "", "arguments": ""})
-                c["id"] = d.id or c["id"]
-                c["name"] += d.function.name or ""
-                c["arguments"] += d.function.arguments or ""
+                if d.index not in calls:  # a call's first delta: index, id, type and name; arguments ""
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name
+                    assert d.function.arguments == ""
+                    calls[d.index] = {"id": d.id, "name": d.function.name, "arguments": "", "fragments": 0}
+                else:  # then fragments of the arguments, and nothing else
+                    assert d.id is None and d.type is None and d.function.name is None and d.function.arguments
+                    calls[d.index]["arguments"] += d.function.arguments
+                    calls[d.index]["fragments"] += 1
             finish = ch.finish_reason or finish
-    assert finish == "tool_calls"
-    assert list(calls) == [0]
-    assert calls[0]["id"].startswith("call_") and calls[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(calls[0]["arguments"]), TOOLS[0]["function"]["parameters"])
+    return [calls[i] for i in sorted(calls)], finish
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
+def test_tool_call_arguments_stream_as_deltas(client, tool_choice):
+    kw = dict(tools=TOOLS, tool_choice=tool_choice, max_tokens=200, seed=11, parallel_tool_calls=False)
+    calls, finish = _accumulate(chat(client, "Weather?", stream=True, **kw))
+    assert finish == "tool_calls" and len(calls) == 1
+    [call] = calls
+    assert call["fragments"] > 1  # the arguments came in pieces, as the model wrote them
+    args = json.loads(call["arguments"])
+    schema = next(t["function"]["parameters"] for t in TOOLS if t["function"]["name"] == call["name"])
+    jsonschema.validate(args, schema)
+    # The same request unstreamed (same seed): the same call, to the character.
+    [whole] = chat(client, "Weather?", **kw).choices[0].message.tool_calls
+    assert (whole.function.name, whole.function.arguments) == (call["name"], call["arguments"])
+    # The SDK's own stream helper accumulates the deltas to the same arguments.
+    with client.chat.completions.stream(
+        model=MODEL, messages=[{"role": "user", "content": "Weather?"}], **kw
+    ) as stream:
+        done = [e for e in stream if e.type == "tool_calls.function.arguments.done"]
+        final = stream.get_final_completion()
+    assert [(e.name, e.arguments) for e in done] == [(call["name"], call["arguments"])]
+    assert final.choices[0].message.tool_calls[0].function.arguments == call["arguments"]
 
 
 def test_tool_result_round_trip(client):
@@ -645,11 +661,11 @@ def test_metrics(server, client):
 # ---------------------------------------------------------------------------- queue full, shutdown
 
 
-def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
-    # One sequence slot, no waiting room: a second request while the first streams is refused.
-    with live_server(
-        tmp_path, serve_gguf, env={"HERD_MAX_QUEUE": "0"}, args=("--parallel", "1", "--ctx", "256")
-    ) as s:
+def test_busy_server_answers_429_and_503_with_retry_after(tmp_path, serve_gguf):
+    # One sequence slot, no waiting room, room for one loaded model.
+    env = {"HERD_MAX_QUEUE": "0", "HERD_MAX_LOADED_MODELS": "1"}
+    with live_server(tmp_path, serve_gguf, env=env, args=("--parallel", "1", "--ctx", "256")) as s:
+        register_model(s.home, serve_gguf, name="tiny-other")
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="x", max_retries=0)
         busy = c.chat.completions.create(
             model=MODEL,
@@ -659,10 +675,19 @@ def test_queue_full_is_429_with_retry_after(tmp_path, serve_gguf):
             logit_bias=NO_EOS,
         )
         next(iter(busy))  # the only slot is taken
+        # A second request while the first streams: the queue is full (429).
         with pytest.raises(openai.RateLimitError) as e:
             c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "y"}], max_tokens=2)
         assert int(e.value.response.headers["retry-after"]) >= 1
         assert e.value.body["code"] == "queue_full"
+        # Another model cannot be loaded while the loaded one is busy: a transient 503, with
+        # Retry-After like the 429, on both APIs.
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(model="tiny-other", messages=[{"role": "user", "content": "y"}], max_tokens=2)
+        assert e.value.status_code == 503 and e.value.body["code"] == "unavailable"
+        assert int(e.value.response.headers["retry-after"]) >= 1
+        r = httpx.post(f"{s.url}/api/generate", json={"model": "tiny-other", "prompt": "y", "stream": False}, timeout=30)
+        assert r.status_code == 503 and "busy" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
         busy.close()
         [loaded] = httpx.get(f"{s.url}/api/ps", timeout=10).json()["models"]
         assert loaded["context_length"] == 256  # --ctx

@@ -137,6 +137,32 @@ def test_persona_over_the_ollama_api(server):
     assert lines[-1]["done"] is True and lines[-1]["herd"]["persona"] == "glim"
 
 
+def test_persona_on_the_completion_routes(server):
+    # /v1/completions: the prompt is the user's message to the persona, answered with its
+    # knowledge; sources in the `herd` field and in the text, its sampling defaults applied.
+    oai = client(server)
+    r = oai.completions.create(model="glim", prompt=QUESTION, echo=True)
+    herd = r.model_extra["herd"]
+    assert herd["persona"] == "glim" and herd["sources"][0]["document"] == "keeper.md"
+    assert r.choices[0].text.startswith(QUESTION) and "\n\nSources: [" in r.choices[0].text
+    assert r.usage.completion_tokens <= 8  # the persona's max_tokens, not OpenAI's 16
+    chunks = list(oai.completions.create(model="glim", prompt=QUESTION, stream=True))
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].model_extra["herd"]["sources"][0]["document"] == "keeper.md"
+    assert "Sources: [" in "".join(c.choices[0].text for c in chunks if c.choices)
+    # Ollama's /api/generate, streamed and not; `keep_alive` alone loads the persona's model.
+    body = httpx.post(f"{server.url}/api/generate", json={"model": "glim", "prompt": QUESTION, "stream": False},
+                      timeout=120).json()  # fmt: skip
+    assert body["herd"]["sources"][0]["document"] == "keeper.md" and "Sources: [" in body["response"]
+    with httpx.stream("POST", f"{server.url}/api/generate", json={"model": "glim:latest", "prompt": QUESTION},
+                      timeout=120) as r:  # fmt: skip
+        lines = [json.loads(x) for x in r.iter_lines() if x]
+    assert lines[-1]["done"] is True and lines[-1]["herd"]["persona"] == "glim"
+    assert "Sources: [" in "".join(line["response"] for line in lines)
+    body = httpx.post(f"{server.url}/api/generate", json={"model": "glim", "keep_alive": "5m"}, timeout=60).json()
+    assert body["done_reason"] == "load" and body["model"] == "glim"
+
+
 def test_unknown_model_is_still_404(server):
     r = httpx.post(
         f"{server.url}/v1/chat/completions",

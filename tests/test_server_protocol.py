@@ -26,7 +26,10 @@ from openherd.server.tools import (
     HERMES_INJECTED,
     LLAMA3,
     MISTRAL,
+    JsonLexer,
     ToolCallParser,
+    ToolCallStreamer,
+    canonical,
     detect_format,
     forced_call_grammar,
     parse_tool_calls,
@@ -504,6 +507,179 @@ def test_prepare_messages_injects_for_plain_templates():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     native, tools = prepare_messages(history, TOOLS, HERMES)
     assert tools == TOOLS and native[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Lima"}
+
+
+# ---------------------------------------------------------------------------- streamed tool calls
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**20), 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(st.characters(codec="utf-8"), max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+_style = st.sampled_from(
+    [{}, {"ensure_ascii": False}, {"indent": 2}, {"separators": (",", ":")}, {"indent": "\t", "ensure_ascii": False}]
+)
+
+
+def _pieces(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_json, style=_style, cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_json_lexer_rewrites_any_chunking_to_json_dumps(value, style, cuts):
+    # However the model spaced and escaped it, and however it was cut into tokens, the
+    # re-serialised stream is exactly json.dumps of what json.loads reads.
+    text = json.dumps(value, **style)
+    lexer, out = JsonLexer(), []
+    for piece in _pieces(text, cuts):
+        out += [canonical(kind, t) for kind, t, _ in lexer.feed(piece)]
+    if not isinstance(value, (dict, list, str)):  # a bare scalar ends only with the input: end it
+        out += [canonical(kind, t) for kind, t, _ in lexer.feed(" ")]
+    assert lexer.done and not lexer.broken
+    assert "".join(out) == json.dumps(json.loads(text), ensure_ascii=False)
+
+
+def test_json_lexer_edge_cases():
+    def rewrite(text: str) -> str:
+        lexer = JsonLexer()
+        return "".join(canonical(k, t) for ch in text for k, t, _ in lexer.feed(ch))
+
+    assert rewrite('{"a":1E2,"b":NaN,"c":-Infinity,"d":-0}') == '{"a": 100.0, "b": NaN, "c": -Infinity, "d": 0}'
+    # A surrogate pair, written as two escapes and fed one character at a time, is one character.
+    assert rewrite('["\\ud83d\\ude00", "\\u00e9\\n\\/"]') == '["\U0001f600", "\u00e9\\n/"]'
+    assert rewrite('{"a": "b"} </tool_call>') == '{"a": "b"}'  # what follows the value is ignored
+
+
+@pytest.mark.parametrize(
+    "text", ['{"a" 1}', '{"a":1,}', "[1,]", '{"a":01}', '{"a":"\\x"}', '{"a":"\\u12g4"}', '{"a":tru}', "{'a':1}",
+             '{"a":"line\nbreak"}', "[1}", '{"a":1]']  # fmt: skip
+)
+def test_json_lexer_stops_where_json_loads_would_fail(text):
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+    lexer = JsonLexer()
+    lexer.feed(text)
+    assert lexer.broken and not lexer.done
+
+
+def _stream(fmt, text: str, cuts: list[int], names=NAMES, parallel: bool = True):
+    streamer = ToolCallStreamer(fmt, names, parallel)
+    content, deltas = [], []
+    for piece in _pieces(text, cuts):
+        c, d = streamer.push(piece)
+        content.append(c)
+        deltas += d
+    c, d = streamer.close()
+    return "".join(content) + c, deltas + d, streamer
+
+
+def _assemble(deltas) -> list[dict]:
+    """What a client accumulates, checking OpenAI's shape: a call's first piece has its id and
+    name with arguments "", the rest only argument fragments."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if d.index not in calls:
+            assert d.id and d.id.startswith("call_") and d.name and d.arguments == ""
+            assert d.index == len(calls)  # indices count up from 0
+            calls[d.index] = {"id": d.id, "name": d.name, "arguments": "", "pieces": 0}
+        else:
+            assert d.id is None and d.name is None and d.arguments
+            calls[d.index]["arguments"] += d.arguments
+            calls[d.index]["pieces"] += 1
+    return [calls[i] for i in sorted(calls)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    cuts=st.lists(st.integers(0, 300), max_size=30),
+    fmt=st.sampled_from([HERMES, LLAMA3, MISTRAL]),
+    args=st.dictionaries(st.sampled_from(["city", "unit", "day"]), _json, max_size=3),
+    spacing=st.sampled_from([{}, {"separators": (",", ":")}, {"indent": 1}]),
+)
+def test_streamed_call_arguments_concatenate_to_the_parsed_ones(cuts, fmt, args, spacing):
+    call = json.dumps({"name": "get_weather", fmt.args_key: args}, **spacing)
+    text = {
+        "hermes": f"Let me check.<tool_call>\n{call}\n</tool_call><tool_call>{json.dumps({'name': 'get_time'})}</tool_call>",
+        "mistral": f"[TOOL_CALLS][{call}, {json.dumps({'name': 'get_time', 'arguments': {}})}]",
+        "llama3": f"<|python_tag|>{call}",
+    }[fmt.name]
+    whole_content, whole_calls = parse_tool_calls(text, fmt, NAMES)
+    content, deltas, streamer = _stream(fmt, text, cuts)
+    assert (content.strip() or None) == whole_content
+    calls = _assemble(deltas)
+    assert [(c["name"], c["arguments"]) for c in calls] == [(c.name, c.arguments_json) for c in whole_calls]
+    assert streamer.n_calls == len(whole_calls)
+    # The ids the parser settled on are the ones that were streamed.
+    assert [c.id for c in streamer.calls] == [c["id"] for c in calls]
+
+
+def test_arguments_stream_while_the_model_writes_them():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima", "days": [1, 2]}}\n</tool_call>'
+    streamer = ToolCallStreamer(HERMES, NAMES)
+    events = []  # (position in the text, delta)
+    for pos, ch in enumerate(text):
+        events += [(pos, d) for d in streamer.push(ch)[1]]
+    assert streamer.close()[1] == []
+    opened = text.index('"arguments": {') + len('"arguments": {') - 1
+    assert events[0][0] == opened and events[0][1].id  # announced the moment its arguments open
+    assert events[-1][0] == text.index("}}")  # the last fragment, its "}", as soon as it is written
+    [call] = _assemble([d for _, d in events])
+    assert call["pieces"] > 10 and call["arguments"] == '{"city": "Lima", "days": [1, 2]}'
+
+
+@pytest.mark.parametrize(
+    "text, expect",
+    [
+        # "name" after the arguments: announced once the name is known, arguments sent whole.
+        ('<tool_call>{"arguments": {"city": "Oslo"}, "name": "get_weather"}</tool_call>',
+         [("get_weather", '{"city": "Oslo"}')]),
+        # Arguments as a JSON string are decoded and streamed as the object they hold.
+        ('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}</tool_call>',
+         [("get_weather", '{"city": "Oslo"}')]),
+        # No arguments at all: {} (as the parser reads it).
+        ('<tool_call>{"name": "get_time"}</tool_call>', [("get_time", "{}")]),
+        # An unknown tool is never announced; it stays text.
+        ('<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>', []),
+        # "get" is a tool too, but only a prefix of the name being written.
+        ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', [("get_time", "{}")]),
+    ],
+)  # fmt: skip
+def test_streamed_call_shapes(text, expect):
+    for cuts in ([], list(range(len(text)))):
+        content, deltas, _ = _stream(HERMES, text, cuts, names=NAMES | {"get"})
+        calls = _assemble(deltas)
+        assert [(c["name"], c["arguments"]) for c in calls] == expect
+        assert (content == "") == bool(expect)
+
+
+def test_a_call_cut_off_by_max_tokens_stays_a_call():
+    # As OpenAI: once announced, a call is a call; its arguments are what was written.
+    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Li'
+    content, deltas, streamer = _stream(HERMES, text, list(range(len(text))))
+    [call] = _assemble(deltas)
+    assert content == "" and call["arguments"] == '{"city": "Li' and streamer.n_calls == 1
+
+
+def test_one_call_only_without_parallel_tool_calls():
+    text = ('<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>')  # fmt: skip
+    content, deltas, streamer = _stream(HERMES, text, list(range(0, len(text), 3)), parallel=False)
+    assert [c["name"] for c in _assemble(deltas)] == ["get_time"] and streamer.n_calls == 1
+
+
+def test_retry_after_on_transient_503s():
+    from openherd.errors import OfflineError, QueueFull, SandboxUnavailable, Unavailable
+    from openherd.server.app import UNAVAILABLE_RETRY_AFTER, error_headers
+
+    assert error_headers(Unavailable("the model is unloading; retry"))["Retry-After"] == str(UNAVAILABLE_RETRY_AFTER)
+    assert error_headers(QueueFull(retry_after=3))["Retry-After"] == "3"
+    # Not transient: no promise that a retry in seconds helps.
+    assert "Retry-After" not in error_headers(SandboxUnavailable("no sandbox on this host"))
+    assert "Retry-After" not in error_headers(OfflineError("offline"))
+    assert "Retry-After" not in error_headers(InvalidRequest("bad"))
 
 
 @pytest.mark.parametrize("fmt", [HERMES, LLAMA3, MISTRAL])

@@ -46,6 +46,11 @@ def server(tmp_path_factory, serve_gguf):  # noqa: F811
                    "refusal_message": "I only talk about the lighthouse."},
     }))  # fmt: skip
     store.create(Persona.from_dict({
+        "name": "lax", "model": MODEL,
+        # Tries to switch the global shields off: the global policy is a floor, so it cannot.
+        "safety": {"pii_input": "off", "pii_output": "off", "blocked_topics": [], "injection": "off"},
+    }))  # fmt: skip
+    store.create(Persona.from_dict({
         "name": "guarded", "model": MODEL,
         # The tiny model is no Llama Guard: its verdict is unreadable, which fails closed.
         "safety": {"llama_guard": MODEL, "refusal_message": "Blocked by the guard."},
@@ -82,14 +87,11 @@ def test_blocked_topic_is_refused_with_content_filter(server):
     assert choice["finish_reason"] == "content_filter"
     assert choice["message"]["content"] == "That is off limits here."
     assert body["usage"]["completion_tokens"] == 0
-    # A persona's own policy replaces the global one.
+    # A persona's own policy adds its topics, and refuses in its own words.
     body = chat(server, "guide", "what are the lottery numbers this week?")
     assert body["choices"][0]["finish_reason"] == "content_filter"
     assert body["choices"][0]["message"]["content"] == "I only talk about the lighthouse."
     assert body["herd"]["persona"] == "guide"
-    assert chat(server, "guide", "tell me forbidden lore", max_tokens=2)["choices"][0]["finish_reason"] != (
-        "content_filter"
-    )
     # Streaming: the refusal, then finish_reason content_filter, then [DONE] (the openai client parses it).
     oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     chunks = list(oai.chat.completions.create(
@@ -101,6 +103,140 @@ def test_blocked_topic_is_refused_with_content_filter(server):
         "model": MODEL, "stream": False, "messages": [{"role": "user", "content": "forbidden lore"}]}, timeout=60)  # fmt: skip
     assert r.json()["done_reason"] == "content_filter"
     assert r.json()["message"]["content"] == "That is off limits here."
+
+
+def test_the_global_policy_is_a_floor_under_personas(server):
+    # The global topics still apply to a persona with topics of its own...
+    body = chat(server, "guide", "tell me forbidden lore", max_tokens=2)
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert body["choices"][0]["message"]["content"] == "I only talk about the lighthouse."
+    # ...and to one whose policy switches everything off; it set no refusal, so the global one answers.
+    body = chat(server, "lax", "tell me forbidden lore", max_tokens=2)
+    assert body["choices"][0]["finish_reason"] == "content_filter"
+    assert body["choices"][0]["message"]["content"] == "That is off limits here."
+    # Its pii_input "off" does not stop the global redaction: two addresses, one prompt.
+    a = chat(server, "lax", f"my address is {EMAIL_LONG}, thanks", max_tokens=1)
+    b = chat(server, "lax", f"my address is {EMAIL_SHORT}, thanks", max_tokens=1)
+    assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
+    row = [r for r in audit_rows(server.home) if r["shield"] == "pii"][-1]
+    assert (row["persona"], row["action"], json.loads(row["categories"])) == ("lax", "redact", ["email"])
+    # A persona's stricter mode wins: "guide" blocks PII where the global policy redacts it.
+    assert chat(server, "guide", f"write to {EMAIL_SHORT}")["choices"][0]["finish_reason"] == "content_filter"
+    # /v1/moderations judges a persona's text by the same merged policy.
+    r = httpx.post(f"{server.url}/v1/moderations", json={"input": "forbidden lore", "model": "lax"}, timeout=60)
+    assert r.json()["results"][0]["herd"]["topics"] == ["forbidden lore"]
+
+
+def completion(s, model: str, prompt, **extra) -> dict:
+    r = httpx.post(f"{s.url}/v1/completions", json={"model": model, "prompt": prompt, **extra}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_completions_run_the_input_shields(server):
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    # Each prompt is its own turn: the refused one answers with the refusal, the other generates.
+    r = oai.completions.create(model=MODEL, prompt=["Once upon a time", "some FORBIDDEN lore"], n=2, max_tokens=3)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert [c.finish_reason for c in r.choices[2:]] == ["content_filter"] * 2
+    assert all(c.text == "That is off limits here." for c in r.choices[2:])
+    assert all(c.finish_reason in ("stop", "length") for c in r.choices[:2])
+    assert 0 < r.usage.completion_tokens <= 6
+    # Streamed: the same choices, the refusals first.
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in oai.completions.create(
+        model=MODEL, prompt=["Once upon a time", "some FORBIDDEN lore"], max_tokens=3, stream=True
+    ):
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts[1] == "That is off limits here." and finish[1] == "content_filter"
+    assert finish[0] in ("stop", "length")
+    # PII is redacted before the model sees the prompt: both addresses give one prompt, and
+    # `echo` shows what the model was given.
+    a = completion(server, MODEL, f"write to {EMAIL_LONG}", max_tokens=1, echo=True)
+    b = completion(server, MODEL, f"write to {EMAIL_SHORT}", max_tokens=1)
+    assert a["usage"]["prompt_tokens"] == b["usage"]["prompt_tokens"]
+    assert a["choices"][0]["text"].startswith("write to [EMAIL]") and EMAIL_LONG not in json.dumps(a)
+    # Personas as `model`: their own topics, the global ones, and Llama Guard.
+    for prompt in ("the lottery numbers?", "forbidden lore"):
+        body = completion(server, "guide", prompt)
+        assert body["choices"][0]["text"] == "I only talk about the lighthouse.", prompt
+        assert body["choices"][0]["finish_reason"] == "content_filter" and body["herd"]["persona"] == "guide"
+    body = completion(server, "guide", "Hello there", max_tokens=2)
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["herd"]["persona"] == "guide"
+    body = completion(server, "guarded", "Hello there")
+    assert body["choices"][0]["text"] == "Blocked by the guard."
+    # A persona answers text, not token ids.
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": "guide", "prompt": [1, 2, 3]}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_completions_run_the_output_shields(server):
+    def aborted() -> float:
+        return server.metric(f'herd_sequences_total{{model="{MODEL}",finish_reason="abort"}}', 0.0)
+
+    forced = {"temperature": 0, "logit_bias": {**NO_EOS, **FORCE_HERD}}
+    body = completion(server, MODEL, "Say something.", max_tokens=6, logprobs=1, **forced)
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "content_filter" and choice["text"] == "That is off limits here."
+    assert choice["logprobs"] is None  # they would spell out the withheld tokens
+    before = aborted()
+    oai = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(oai.completions.create(
+        model=MODEL, prompt="Say something.", max_tokens=1000, stream=True,
+        stream_options={"include_usage": True}, **forced,
+    ))  # fmt: skip
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"
+    ]
+    assert "herd" not in text.lower() and text.strip() == "That is off limits here."
+    assert chunks[-1].usage.completion_tokens < 1000 and aborted() == before + 1  # the engine stopped
+    # The same for a persona's completion (its request's logit_bias applies, as in chat).
+    body = completion(server, "guide", "Say something.", max_tokens=6, **forced)
+    assert body["choices"][0]["text"] == "I only talk about the lighthouse."
+
+
+def test_generate_runs_the_shields(server):
+    import ollama
+
+    client = ollama.Client(host=server.url, timeout=120)
+    r = client.generate(model=MODEL, prompt="tell me the forbidden lore")
+    assert (r.done_reason, r.response, r.eval_count) == ("content_filter", "That is off limits here.", 0)
+    parts = list(client.generate(model=MODEL, prompt="tell me the forbidden lore", stream=True))
+    assert "".join(p.response for p in parts) == "That is off limits here."
+    assert parts[-1].done and parts[-1].done_reason == "content_filter"
+    # A token context is screened too: token 306 is " herd".
+    r = client.generate(model=MODEL, prompt="go on", context=[306, 306, 306])
+    assert r.done_reason == "content_filter"
+    # PII in the prompt is redacted first.
+    a = client.generate(model=MODEL, prompt=f"write to {EMAIL_LONG}", options={"num_predict": 1})
+    b = client.generate(model=MODEL, prompt=f"write to {EMAIL_SHORT}", options={"num_predict": 1})
+    assert a.prompt_eval_count == b.prompt_eval_count
+    # The output shield: a schema that makes the model write the blocked word.
+    herd = {"type": "string", "enum": ["herd herd herd"]}
+    r = client.generate(model=MODEL, prompt="Say something.", format=herd)
+    assert (r.done_reason, r.response) == ("content_filter", "That is off limits here.")
+    assert 306 not in r.context  # the context hands back only what the shields let through
+    parts = list(client.generate(model=MODEL, prompt="Say something.", format=herd, stream=True))
+    assert parts[-1].done_reason == "content_filter" and "herd" not in "".join(p.response for p in parts)
+    assert 306 not in parts[-1].context
+    # Personas as `model`: their policy on top of the global one, their refusal.
+    for prompt in ("the lottery numbers?", "forbidden lore"):
+        assert client.generate(model="guide", prompt=prompt).response == "I only talk about the lighthouse."
+    r = client.generate(model="guide", prompt="Say something.", format=herd)
+    assert (r.done_reason, r.response) == ("content_filter", "I only talk about the lighthouse.")
+    body = httpx.post(f"{server.url}/api/generate", timeout=60, json={
+        "model": "guide", "prompt": "Hello", "stream": False, "options": {"num_predict": 2}}).json()  # fmt: skip
+    assert body["herd"]["persona"] == "guide" and body["done_reason"] in ("stop", "length")
+    assert "context" not in body  # a persona's prompt is its own: no token context to hand back
+    for extra, param in (({"raw": True}, "raw"), ({"context": [1, 2]}, "context")):
+        with pytest.raises(ollama.ResponseError) as e:
+            client.generate(model="guide", prompt="Hello", **extra)
+        assert e.value.status_code == 400 and param in e.value.error
 
 
 def test_pii_is_redacted_before_the_model_sees_it(server):

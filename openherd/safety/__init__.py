@@ -21,6 +21,7 @@ from .policy import (
     apply_input,
     apply_retrieved,
     check_output,
+    merge_policies,
     refusal,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "Verdict",
     "aapply_input",
     "apply_input",
+    "merge_policies",
     "apply_retrieved",
     "check_output",
     "find_pii",

@@ -19,6 +19,10 @@ request the serving layer calls, in order:
 
 Every decision goes to ``AuditLog.record`` (audit.py); decisions carry kinds,
 categories and counts, never the raw values.
+
+The server's global policy (HERD_SAFETY) is a floor: a persona's own policy runs
+merged on top of it, ``merge_policies(global, persona)``, which keeps every global
+shield on and takes the stricter of each setting.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ __all__ = [
     "apply_input",
     "apply_retrieved",
     "check_output",
+    "merge_policies",
     "refusal",
 ]
 
@@ -145,6 +150,75 @@ class SafetyPolicy:
             fail_closed=self.llama_guard_fail_closed,
             **kwargs,
         )
+
+
+def merge_policies(floor: SafetyPolicy | None, policy: SafetyPolicy | None) -> SafetyPolicy | None:
+    """The policy a persona's request runs under: the server's global policy (``floor``,
+    HERD_SAFETY) with the persona's own ``policy`` on top. The floor can only be raised:
+    every shield either side enables is on, each at the stricter of the two settings, so a
+    persona adds shields and categories but never turns off or loosens a global one.
+
+    * modes take the stricter value: pii_input off < redact < block, pii_output off < redact,
+      injection off < flag < quarantine; llama_guard_fail_closed is true if either side's is;
+    * lists are unions: blocked_topics, and pii_kinds / llama_guard_categories, where [] means
+      "all" and so absorbs the other side. A side's kinds count only if it screens PII at all,
+      and its categories only if it names a guard (otherwise they are unused defaults, and []
+      would widen the other side's list to everything). One kinds list serves both
+      directions, so kinds one side redacts on output are also redacted on input;
+    * llama_guard_custom: the floor's categories, then the persona's whose names are new;
+    * llama_guard: the floor's model when it names one (the operator's choice of guard), else
+      the persona's. A policy runs one guard model; the persona's categories join it;
+    * refusal_message is the persona's own when it set one (it speaks in the persona's voice),
+      else the floor's. It is the reply, not a shield.
+
+    With either side None the other is returned as is (None: no policy at all).
+    """
+    if floor is None or policy is None:
+        return policy if floor is None else floor
+    sides = (floor, policy)
+    pii_sides = [q for q in sides if q.pii_input != "off" or q.pii_output != "off"]
+    guard_sides = [q for q in sides if q.llama_guard]
+    custom = list(floor.llama_guard_custom) if floor.llama_guard else []
+    seen = {_category_key(c) for c in custom}
+    for c in policy.llama_guard_custom if policy.llama_guard else []:
+        if _category_key(c) not in seen:
+            seen.add(_category_key(c))
+            custom.append(c)
+    topics: dict[str, str] = {}
+    for t in floor.blocked_topics + policy.blocked_topics:  # already whitespace-normalised
+        topics.setdefault(t.casefold(), t)
+    own_refusal = policy.refusal_message != DEFAULT_REFUSAL
+    return SafetyPolicy(
+        pii_input=_stricter(floor.pii_input, policy.pii_input, PII_INPUT_MODES),
+        pii_output=_stricter(floor.pii_output, policy.pii_output, PII_OUTPUT_MODES),
+        pii_kinds=_union_or_all([q.pii_kinds for q in pii_sides]),
+        llama_guard=floor.llama_guard or policy.llama_guard,
+        llama_guard_categories=sorted(
+            _union_or_all([q.llama_guard_categories for q in guard_sides]), key=lambda c: int(c[1:])
+        ),
+        llama_guard_custom=custom,
+        llama_guard_fail_closed=any(q.llama_guard_fail_closed for q in guard_sides) if guard_sides else True,
+        blocked_topics=list(topics.values()),
+        refusal_message=policy.refusal_message if own_refusal else floor.refusal_message,
+        injection=_stricter(floor.injection, policy.injection, INJECTION_MODES),
+    )
+
+
+def _stricter(a: str, b: str, order: tuple[str, ...]) -> str:
+    """The later of two modes in `order` (each tuple of modes is listed loosest first)."""
+    return order[max(order.index(a), order.index(b))]
+
+
+def _union_or_all(lists: list[list[str]]) -> list[str]:
+    """Union of lists where an empty list means "all" (and so wins); [] when there are none."""
+    if not lists or any(not x for x in lists):
+        return []
+    return sorted(set().union(*lists))
+
+
+def _category_key(category: dict[str, str]) -> str:
+    # build_categories appends the final '.', so 'Pets' and 'pets.' are one category.
+    return str(category.get("name", "")).strip().rstrip(".").casefold()
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

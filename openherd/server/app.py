@@ -34,7 +34,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..errors import AuthError, Forbidden, HerdError, InvalidRequest, NotFound, PayloadTooLarge
+from ..errors import (
+    AuthError,
+    Forbidden,
+    HerdError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    SandboxUnavailable,
+    Unavailable,
+)
 from ..personas.api import router as personas_router
 from ..settings import Settings
 from ..web import check_csrf, is_public_path, mount_web, session_auth
@@ -65,11 +74,29 @@ def error_body(path: str, err: HerdError) -> dict:
     return {"error": err.message} if is_ollama_path(path) else err.to_openai()
 
 
+# Seconds a client should wait after a transient 503: a model loading or unloading, every
+# loaded model busy, an interrupted generation. These clear within seconds, and the official
+# SDKs (openai, ollama) and proxies honour Retry-After rather than hammering the server.
+UNAVAILABLE_RETRY_AFTER = 2
+
+
+def retry_after(err: HerdError) -> int | None:
+    """Retry-After seconds for an error: its own (429 QueueFull), the transient-503 default
+    for Unavailable, or None. A host that cannot sandbox code will not fix itself in
+    seconds, so SandboxUnavailable gets none."""
+    own = getattr(err, "retry_after", None)
+    if own is not None:
+        return int(own)
+    if isinstance(err, Unavailable) and not isinstance(err, SandboxUnavailable):
+        return UNAVAILABLE_RETRY_AFTER
+    return None
+
+
 def error_headers(err: HerdError) -> dict[str, str]:
     headers = {}
-    retry_after = getattr(err, "retry_after", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(int(retry_after))
+    seconds = retry_after(err)
+    if seconds is not None:
+        headers["Retry-After"] = str(seconds)
     if isinstance(err, AuthError):
         headers["WWW-Authenticate"] = "Bearer"
     return headers

@@ -3,11 +3,11 @@
 The shields themselves live in ``openherd.safety``; this module binds them to
 the server:
 
-* **Which policy.** A persona's own ``safety:`` policy when it has one, else
-  the server's global policy (``HERD_SAFETY``: a YAML or JSON file with the
-  ``SafetyPolicy`` fields), else none. The persona's replaces the global one
-  rather than merging with it, as docs/personas.md says ("null = the server's
-  policy"): two refusal messages and two PII modes have no sensible union.
+* **Which policy.** The server's global policy (``HERD_SAFETY``: a YAML or JSON
+  file with the ``SafetyPolicy`` fields) is a floor for every request. A
+  persona's own ``safety:`` policy is merged on top of it
+  (``safety.policy.merge_policies``): it can add shields, topics and
+  categories and tighten modes, never switch off or loosen a global shield.
 * **Llama Guard.** ``LlamaGuardShield.complete`` is bound to greedy decoding
   on the guard model's engine, acquired through the ModelManager like any
   model (so it loads on demand, is shared, and is evicted under the budget).
@@ -45,7 +45,7 @@ from ..errors import HerdError, InvalidRequest
 from ..safety import injection as _injection
 from ..safety.llama_guard import LlamaGuardShield, Verdict
 from ..safety.pii import find_pii
-from ..safety.policy import Decision, SafetyPolicy, TopicMatcher, aapply_input, refusal
+from ..safety.policy import Decision, SafetyPolicy, TopicMatcher, aapply_input, merge_policies, refusal
 from ..settings import Settings
 from . import protocol as p
 
@@ -146,10 +146,14 @@ class Shields:
                              custom=policy.llama_guard_custom, store=_store(settings))
         return cls(settings=settings, policy=policy)
 
+    def effective(self, persona) -> SafetyPolicy | None:
+        """The global policy with the persona's own merged on top (the global one is a floor)."""
+        return merge_policies(self.policy, persona.safety if persona is not None else None)
+
     def policy_for(self, persona) -> SafetyPolicy | None:
-        """The policy a request runs under: the persona's, else the global one; None when
-        neither asks for anything (the request then takes the plain path)."""
-        policy = persona.safety if persona is not None and persona.safety is not None else self.policy
+        """The policy a request runs under (``effective``); None when it asks for nothing
+        (the request then takes the plain path)."""
+        policy = self.effective(persona)
         return policy if policy is not None and policy.active else None
 
     def audit(self):
@@ -297,10 +301,9 @@ async def moderations(request: Request) -> Response:
     state = request.app.state.herd
     req = p.parse_request(p.ModerationRequest, await request.body())
     persona = await find_persona(state, req.model) if req.model else None
-    # The persona's policy, else the global one; with neither, the shields still run
-    # with their defaults (all PII kinds, the injection scan).
-    policy = (persona.safety if persona is not None and persona.safety is not None else None) \
-        or state.shields.policy or SafetyPolicy()
+    # What a request to this persona (or any model) runs under; with no policy at all the
+    # shields still run with their defaults (all PII kinds, the injection scan).
+    policy = state.shields.effective(persona) or SafetyPolicy()
     results = [await moderate(state, policy, text) for text in req.inputs()]
     model = req.model or policy.llama_guard or "openherd-shields"
     return JSONResponse({"id": request_id("modr"), "model": model, "results": results})

@@ -30,7 +30,7 @@ from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent,
 from ..errors import HerdError, InvalidRequest, ModelNotFound
 from ..store.manifest import validate_name
 from . import protocol as p
-from .personas import Turn, begin_turn, list_personas
+from .personas import Turn, begin_turn, find_persona, list_personas, screen_turn
 from .serving import (
     EventStream,
     Generation,
@@ -153,11 +153,14 @@ def _done_reason(fin: FinishEvent) -> str:
 async def _load_only(
     state: ServerState, model: str, keep_alive: float | None, t0: float, key: str, empty
 ) -> dict:
-    """A request with nothing to generate loads (or, with keep_alive 0, unloads) the model."""
+    """A request with nothing to generate loads (or, with keep_alive 0, unloads) the model;
+    for a persona, the model it runs on."""
+    persona = await find_persona(state, model)
+    served = persona.served_model if persona is not None else model
     if keep_alive == 0:
-        await state.unload(model)
+        await state.unload(served)
         return {"model": model, "created_at": now_iso(), key: empty, "done_reason": "unload", "done": True}
-    _, load_s = await state.engine(model, keep_alive=keep_alive)
+    _, load_s = await state.engine(served, keep_alive=keep_alive)
     return {
         "model": model,
         "created_at": now_iso(),
@@ -286,14 +289,12 @@ async def chat(request: Request) -> Response:
                     calls += k
                 fin = ev
         raise_for_finish(fin)
-        text = "".join(content).strip() if calls else "".join(content)
+        raw = "".join(content).strip() if calls else "".join(content)
         done_reason = _done_reason(fin)
-        screen = turn.output()
-        if text and screen.guard is not None:
-            text = screen.feed(text) + screen.finish()
-            if screen.blocked:
-                text, calls, done_reason = screen.refusal, [], "content_filter"
-        await turn.finish(state, screen.decisions())
+        text, blocked, decisions = await turn.screen_answer(state, raw)
+        if blocked:
+            calls, done_reason = [], "content_filter"
+        await turn.finish(state, decisions)
         answer = text
         if text and not calls and done_reason != "content_filter":
             text += turn.footer(text)
@@ -307,7 +308,7 @@ async def chat(request: Request) -> Response:
             "done_reason": done_reason,
             "done": True,
         }
-        if req.logprobs:
+        if req.logprobs and text == raw:  # logprobs carry the tokens: not when a shield changed the text
             out["logprobs"] = lps
         herd = turn.herd(answer)
         return {**out, **_stats(t0, load_s, fin), **({"herd": herd} if herd is not None else {})}
@@ -315,13 +316,20 @@ async def chat(request: Request) -> Response:
     return JSONResponse(await run_unless_disconnected(request, collect()))
 
 
-def _refused(req: p.OllamaChatRequest, turn: Turn, t0: float) -> Response:
-    """An input shield blocked the request: the refusal as the answer, done_reason "content_filter"."""
+def _refused(req: p.OllamaChatRequest | p.OllamaGenerateRequest, turn: Turn, t0: float) -> Response:
+    """An input shield blocked the request: the refusal as the answer (the message of /api/chat,
+    the response of /api/generate), done_reason "content_filter", no tokens spent."""
+    chat = isinstance(req, p.OllamaChatRequest)
+    key = "message" if chat else "response"
+
+    def reply(text: str):
+        return {"role": "assistant", "content": text} if chat else text
+
     herd = turn.herd()
     final = {
         "model": req.model,
         "created_at": now_iso(),
-        "message": {"role": "assistant", "content": turn.refusal or ""},
+        key: reply(turn.refusal or ""),
         "done_reason": "content_filter",
         "done": True,
         "total_duration": _ns(time.perf_counter() - t0),
@@ -336,9 +344,8 @@ def _refused(req: p.OllamaChatRequest, turn: Turn, t0: float) -> Response:
         return JSONResponse(final)
 
     async def stream() -> AsyncIterator[str]:
-        first = {"model": req.model, "created_at": final["created_at"], "message": final["message"], "done": False}
-        yield _line(first)
-        yield _line({**final, "message": {"role": "assistant", "content": ""}})
+        yield _line({"model": req.model, "created_at": final["created_at"], key: final[key], "done": False})
+        yield _line({**final, key: reply("")})
 
     return EventStream(stream(), media_type=NDJSON)
 
@@ -396,7 +403,8 @@ async def _chat_stream(
                 return
             n_calls += len(calls)
             if isinstance(ev, TokenEvent):
-                lps = _lp_entries(ev) if req.logprobs else None
+                # Logprobs carry the tokens themselves: none while an output shield screens the text.
+                lps = _lp_entries(ev) if req.logprobs and screen.guard is None else None
                 if content or calls or lps:
                     yield line(content, calls, lps)
                 continue
@@ -427,76 +435,179 @@ async def generate(request: Request) -> Response:
     if not req.prompt and not req.context:
         return JSONResponse(await _load_only(state, req.model, keep_alive, t0, "response", ""))
     opts = req.options or p.OllamaOptions()
-    engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
-
-    def build() -> list[int]:
-        context = list(req.context or [])
+    rid = request_id("gen")
+    persona = await find_persona(state, req.model)
+    if persona is not None:
+        _check_persona_generate(req, persona)
+    policy = state.shields.policy_for(persona)
+    context = list(req.context or [])
+    engine, load_s = None, 0.0
+    # The persona and the input shields come first, as in chat. Only a token context needs
+    # the model before them: it is screened as the text it stands for.
+    if persona is None and (policy is None or context):
+        engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+    messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
+        {"role": "user", "content": req.prompt or ""}
+    ]
+    context_text = None
+    if policy is not None and context:
         check_token_ids(engine, context, "context")
-        text = req.prompt or ""
-        if req.raw:
-            toks = engine.tokenize(text, add_special=not context, parse_special=True) if text else []
-        else:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-                {"role": "user", "content": text}
-            ]
-            toks = engine.encode_chat(messages)
-            if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
-                toks = toks[1:]  # the context already starts the sequence
-        return context + toks
-
-    prompt = await run_in_threadpool(build)
-    params = sampling_params(opts, req.format, _logprobs(req), engine)
-    gen = await start_generation(state, engine, [(prompt, params)], t0, request_id("gen"))
+        context_text = await run_in_threadpool(engine.detokenize, context)
+        messages.insert(len(messages) - 1, {"role": "user", "content": context_text})
+    turn = await screen_turn(state, req.model, persona, messages, rid)
+    if turn.refusal is not None:
+        return _refused(req, turn, t0)
+    if persona is not None:
+        engine, load_s = await state.engine(persona.served_model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        prep = await turn.prepare(
+            state, persona_overrides(opts, req.format, _logprobs(req)), None,
+            keep_alive=keep_alive, num_ctx=opts.num_ctx,
+        )  # fmt: skip
+        engine, prompt, params = prep.engine, prep.prompt, prep.params
+    else:
+        if engine is None:
+            engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        if context_text is not None and turn.messages[-2]["content"] != context_text:
+            # A shield rewrote the context (PII redaction): the rewritten text, tokenised.
+            context = await run_in_threadpool(engine.tokenize, turn.messages[-2]["content"], False, True)
+        system = turn.messages[0]["content"] if req.system else None
+        text = turn.messages[-1]["content"]
+        prompt = await run_in_threadpool(_generate_prompt, engine, req, context, system, text)
+        params = sampling_params(opts, req.format, _logprobs(req), engine)
+    gen = await start_generation(state, engine, [(prompt, params)], t0, rid)
+    # A persona's prompt is its own (system prompt, examples, passages): it hands out no
+    # token context, and takes none (see _check_persona_generate).
+    with_context = persona is None
 
     if req.stream is not False:
-        return EventStream(_generate_stream(gen, req, prompt, t0, load_s), media_type=NDJSON)
+        stream = _generate_stream(state, gen, req, engine, prompt, turn, t0, load_s, with_context)
+        return EventStream(stream, media_type=NDJSON)
 
     async def collect() -> dict:
         [r] = await gen.collect()
+        text, blocked, decisions = await turn.screen_answer(state, r.text)
+        await turn.finish(state, decisions)
+        answer = text
+        if text and not blocked:
+            text += turn.footer(text)
         out = {
             "model": req.model,
             "created_at": now_iso(),
-            "response": r.text,
+            "response": text,
             "done": True,
-            "done_reason": _done_reason(r.finish),
-            "context": prompt + [ev.token for ev in r.events],
-            **_stats(t0, load_s, r.finish),
+            "done_reason": "content_filter" if blocked else _done_reason(r.finish),
         }
-        if req.logprobs:
+        if with_context:
+            out["context"] = prompt + (
+                [ev.token for ev in r.events] if text == r.text else await _tokens_of(engine, text)
+            )
+        out.update(_stats(t0, load_s, r.finish))
+        if req.logprobs and text == r.text:  # logprobs carry the tokens: not when a shield changed the text
             out["logprobs"] = [e for ev in r.events for e in _lp_entries(ev)]
-        return out
+        herd = turn.herd(answer)
+        return {**out, "herd": herd} if herd is not None else out
 
     return JSONResponse(await run_unless_disconnected(request, collect()))
 
 
+def _check_persona_generate(req: p.OllamaGenerateRequest, persona) -> None:
+    if req.raw:
+        raise InvalidRequest(
+            f"persona '{persona.name}' cannot take a raw prompt: its system prompt and knowledge go "
+            "through the chat template; leave out 'raw'",
+            param="raw",
+        )
+    if req.context:
+        raise InvalidRequest(
+            f"persona '{persona.name}' keeps no token context; send the conversation as messages "
+            "to /api/chat instead",
+            param="context",
+        )
+
+
+def _generate_prompt(engine, req: p.OllamaGenerateRequest, context: list[int], system: str | None,
+                     text: str) -> list[int]:
+    """context + this turn: the prompt as is when raw, else rendered by the chat template."""
+    check_token_ids(engine, context, "context")
+    if req.raw:
+        toks = engine.tokenize(text, add_special=not context, parse_special=True) if text else []
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        toks = engine.encode_chat([*messages, {"role": "user", "content": text}])
+        if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
+            toks = toks[1:]  # the context already starts the sequence
+    return context + toks
+
+
+async def _tokens_of(engine, text: str) -> list[int]:
+    """The tokens of text the shields let through, for the returned context: the context must
+    not hand back what they redacted or withheld."""
+    return await run_in_threadpool(engine.tokenize, text, False, False) if text else []
+
+
 async def _generate_stream(
-    gen: Generation, req: p.OllamaGenerateRequest, prompt: list[int], t0: float, load_s: float
+    state: ServerState,
+    gen: Generation,
+    req: p.OllamaGenerateRequest,
+    engine,
+    prompt: list[int],
+    turn: Turn,
+    t0: float,
+    load_s: float,
+    with_context: bool,
 ) -> AsyncIterator[str]:
+    """NDJSON lines of /api/generate. The text passes the output shields as it streams (as
+    /api/chat): on a block the sequence is cancelled, the refusal is sent if nothing was, and
+    the final line says done_reason "content_filter"."""
+
+    def line(text: str, lps: list | None = None) -> str:
+        obj = {"model": req.model, "created_at": now_iso(), "response": text, "done": False}
+        if lps is not None:
+            obj["logprobs"] = lps
+        return _line(obj)
+
+    async def final(done_reason: str, ev: FinishEvent, answer: str, sent: str) -> str:
+        obj = {"model": req.model, "created_at": now_iso(), "response": "", "done": True}
+        obj["done_reason"] = done_reason
+        if with_context:  # what was sent, so redacted or withheld tokens never come back this way
+            obj["context"] = prompt + (tokens if screen.guard is None else await _tokens_of(engine, sent))
+        obj.update(_stats(t0, load_s, ev))
+        herd = turn.herd(answer)
+        return _line({**obj, "herd": herd} if herd is not None else obj)
+
+    screen = turn.output()
     tokens: list[int] = []
     try:
         async for _, ev in gen.events():
-            if isinstance(ev, TokenEvent):
+            if isinstance(ev, FinishEvent):
+                raise_for_finish(ev)
+            else:
                 tokens.append(ev.token)
-                if ev.text or req.logprobs:
-                    obj = {"model": req.model, "created_at": now_iso(), "response": ev.text, "done": False}
-                    if req.logprobs:
-                        obj["logprobs"] = _lp_entries(ev)
-                    yield _line(obj)
+            text = screen.feed(ev.text) if ev.text else ""
+            if isinstance(ev, FinishEvent):
+                text += screen.finish()
+            if screen.blocked:  # cancel the sequence and end with the refusal
+                gen.cancel()
+                sent = screen.text()
+                if not sent.strip():
+                    sent = screen.refusal
+                    yield line(sent)
+                await turn.finish(state, screen.decisions())
+                fin = ev if isinstance(ev, FinishEvent) else FinishEvent(reason="abort", usage=Usage())
+                yield await final("content_filter", fin, screen.text(), sent)
+                return
+            if isinstance(ev, TokenEvent):
+                # Logprobs carry the tokens themselves: none while an output shield screens the text.
+                lps = _lp_entries(ev) if req.logprobs and screen.guard is None else None
+                if text or lps is not None:
+                    yield line(text, lps)
                 continue
-            raise_for_finish(ev)
-            if ev.text:
-                yield _line({"model": req.model, "created_at": now_iso(), "response": ev.text, "done": False})
-            yield _line(
-                {
-                    "model": req.model,
-                    "created_at": now_iso(),
-                    "response": "",
-                    "done": True,
-                    "done_reason": _done_reason(ev),
-                    "context": prompt + tokens,
-                    **_stats(t0, load_s, ev),
-                }
-            )
+            answer = screen.text()
+            text += turn.footer(answer)
+            if text:
+                yield line(text)
+            await turn.finish(state, screen.decisions())
+            yield await final(_done_reason(ev), ev, answer, answer)
     except Exception as e:
         yield _line({"error": error_in_stream(e).message})
     finally:

@@ -9,7 +9,12 @@ SSE format, as OpenAI sends it: one ``data: {json}\\n\\n`` per chunk; the first
 chunk of each choice carries ``delta.role``; the last carries ``finish_reason``
 and an empty delta; with ``stream_options.include_usage`` every chunk has
 ``"usage": null`` and one more chunk with ``"choices": []`` carries the totals;
-then ``data: [DONE]``.
+then ``data: [DONE]``. A tool call streams as OpenAI's do: one delta with its
+index, id, type and function name (arguments ``""``), then deltas with fragments
+of its arguments as the model writes them (``tools.ToolCallStreamer``).
+
+Every generation route (chat and legacy completions) takes a persona id as
+``model`` and runs the input and output shields (``personas.Turn``).
 """
 
 from __future__ import annotations
@@ -31,8 +36,7 @@ from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
 from ..errors import InvalidRequest, ModelNotFound
 from ..store.manifest import is_valid_name
 from . import protocol as p
-from .moderation import check_answer
-from .personas import Turn, begin_turn, find_persona, list_personas
+from .personas import Turn, begin_turn, find_persona, list_personas, screen_turn
 from .serving import (
     ChoiceResult,
     EventStream,
@@ -47,8 +51,9 @@ from .serving import (
     start_generation,
 )
 from .tools import (
-    ParsedCall,
+    CallDelta,
     ToolCallParser,
+    ToolCallStreamer,
     ToolFormat,
     detect_format,
     forced_call_grammar,
@@ -196,6 +201,9 @@ class ToolPlan:
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.fmt, self.names, self.parallel) if self.parse else None
 
+    def streamer(self) -> ToolCallStreamer | None:
+        return ToolCallStreamer(self.fmt, self.names, self.parallel) if self.parse else None
+
 
 def _message_dict(m: p.ChatMessage) -> dict:
     d: dict = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -264,17 +272,24 @@ _OVERRIDES = (
 
 
 def persona_overrides(
-    req: p.ChatCompletionRequest, persona, grammar: GrammarSpec | None, logprobs: int | None
+    req: p.ChatCompletionRequest | p.CompletionRequest,
+    persona,
+    grammar: GrammarSpec | None,
+    logprobs: int | None,
+    max_tokens: int | None,
+    defaults: dict = OPENAI_SAMPLING,
 ) -> dict:
+    """The sampling a persona request runs with, as overrides of the persona's defaults:
+    `defaults` (OpenAI's) where the persona sets nothing, then what the request set."""
     sent = req.model_fields_set
-    out: dict = {k: v for k, v in OPENAI_SAMPLING.items() if k not in persona.sampling.values()}
+    out: dict = {k: v for k, v in defaults.items() if k not in persona.sampling.values()}
     for name, key in _OVERRIDES:
         if name in sent and getattr(req, name) is not None:
             out[key] = getattr(req, name)
     if out.get("top_p") == 0.0:  # "only the most likely token", as sampling_params()
         out["temperature"], out["top_p"] = 0.0, 1.0
-    if req.completion_limit is not None:
-        out["max_tokens"] = req.completion_limit
+    if max_tokens is not None:
+        out["max_tokens"] = max_tokens
     if req.stop:
         out["stop"] = list(req.stop)
     if req.logit_bias:
@@ -309,7 +324,7 @@ async def chat_completions(request: Request) -> Response:
         engine, _ = await state.engine(turn.persona.served_model)
         messages, template_tools, plan = await run_in_threadpool(tool_setup, engine, req, turn.messages)
         grammar = plan.grammar or _grammar(req.response_format)
-        overrides = persona_overrides(req, turn.persona, grammar, logprobs)
+        overrides = persona_overrides(req, turn.persona, grammar, logprobs, req.completion_limit)
         prep = await turn.prepare(state, overrides, template_tools, messages=messages)
         engine, prompt = prep.engine, prep.prompt
         check_token_ids(engine, list(prep.params.logit_bias), "logit_bias")
@@ -335,18 +350,13 @@ async def chat_completions(request: Request) -> Response:
             if calls:
                 content = content.strip()
         finish = _finish_reason(r.finish, len(calls))
-        screen = turn.output()
-        if content and screen.guard is not None:
-            content = screen.feed(content) + screen.finish()
-            decisions += screen.decisions()
-            if screen.blocked:
-                content, calls, finish = screen.refusal, [], "content_filter"
-        if content and finish != "content_filter" and turn.policy is not None and turn.policy.llama_guard:
-            verdict = await check_answer(state, turn.policy, turn.messages, content)
-            if verdict is not None:
-                decisions.append(verdict)
-                if verdict.action == "block":
-                    content, calls, finish = turn.policy.refusal_message, [], "content_filter"
+        unscreened = content
+        content, blocked, screened = await turn.screen_answer(state, content)
+        decisions += screened
+        if blocked:
+            calls, finish = [], "content_filter"
+        # Logprobs carry the tokens themselves: not when a shield changed or withheld the text.
+        shown = req.logprobs and not blocked and content == unscreened
         answers.append(content or "")
         if content and not calls and finish != "content_filter":
             content += turn.footer(content)
@@ -361,7 +371,7 @@ async def chat_completions(request: Request) -> Response:
             ]
             or None,
         )
-        lp = p.ChoiceLogprobs(content=[_logprob_entry(ev) for ev in r.events]) if req.logprobs else None
+        lp = p.ChoiceLogprobs(content=[_logprob_entry(ev) for ev in r.events]) if shown else None
         choices.append(p.ChatChoice(index=i, message=message, logprobs=lp, finish_reason=finish))
     await turn.finish(state, decisions)
     body = p.ChatCompletion(
@@ -450,22 +460,20 @@ async def _chat_stream(
         )
         return _sse(c.model_dump_json(exclude=exclude))
 
-    def tool_deltas(calls: list[ParsedCall], first_index: int) -> list[p.DeltaToolCall]:
-        return [
-            p.DeltaToolCall(
-                index=first_index + k,
-                id=c.id,
-                type="function",
-                function=p.DeltaFunctionCall(name=c.name, arguments=c.arguments_json),
-            )
-            for k, c in enumerate(calls)
-        ]
+    def deltas(content: str, calls: list[CallDelta]) -> list[p.Delta]:
+        """OpenAI's deltas for one step: the content, then one delta per tool-call piece
+        (the first piece of a call has its id, type and name, with arguments "")."""
+        out = [p.Delta(content=content)] if content else []
+        for c in calls:
+            fn = p.DeltaFunctionCall(name=c.name, arguments=c.arguments)
+            call = p.DeltaToolCall(index=c.index, id=c.id, type="function" if c.id else None, function=fn)
+            out.append(p.Delta(tool_calls=[call]))
+        return out
 
     n = len(gen.handles)
-    parsers = [plan.parser() for _ in range(n)]
+    parsers = [plan.streamer() for _ in range(n)]
     screens = [turn.output() for _ in range(n)]
     stopped = [False] * n  # an output shield ended this choice
-    n_calls = [0] * n
     finishes: list[FinishEvent] = []
     decisions = []
     try:
@@ -478,13 +486,14 @@ async def _chat_stream(
                 continue
             parser = parsers[i]
             text = ev.text
+            calls: list[CallDelta] = []
             if parser is not None:
-                content, calls = parser.feed(text)
+                content, calls = parser.push(text)
                 if isinstance(ev, FinishEvent):
-                    c2, k2 = parser.finish()
+                    c2, k2 = parser.close()
                     content, calls = content + c2, calls + k2
             else:
-                content, calls = text, []
+                content = text
             screen = screens[i]
             if isinstance(ev, FinishEvent):
                 raise_for_finish(ev)
@@ -506,26 +515,25 @@ async def _chat_stream(
                 await turn.finish(state, screen.decisions())
                 continue
             if isinstance(ev, TokenEvent):
-                lp = p.ChoiceLogprobs(content=[_logprob_entry(ev)]) if req.logprobs else None
-                if content or calls or lp is not None:
-                    delta = p.Delta(
-                        content=content if (content or not calls) else None,
-                        tool_calls=tool_deltas(calls, n_calls[i]) or None,
-                    )
-                    yield chunk([p.ChunkChoice(index=i, delta=delta, logprobs=lp)])
-                n_calls[i] += len(calls)
+                # Logprobs carry the tokens themselves: none while an output shield screens the text.
+                shown = req.logprobs and screen.guard is None
+                lp = p.ChoiceLogprobs(content=[_logprob_entry(ev)]) if shown else None
+                pieces = deltas(content, calls)
+                if not pieces and lp is not None:
+                    pieces = [p.Delta(content="")]
+                for k, delta in enumerate(pieces):  # the token's logprobs ride on its first piece
+                    yield chunk([p.ChunkChoice(index=i, delta=delta, logprobs=lp if k == 0 else None)])
                 continue
-            n_calls[i] += len(calls)
+            n_calls = parser.n_calls if parser is not None else 0
             answer = screen.text()
-            if not n_calls[i]:
+            if not n_calls:
                 content += turn.footer(answer)
-            if content or calls:
-                delta = p.Delta(content=content or None, tool_calls=tool_deltas(calls, n_calls[i] - len(calls)) or None)
+            for delta in deltas(content, calls):
                 yield chunk([p.ChunkChoice(index=i, delta=delta)])
             finishes.append(ev)
             decisions += screen.decisions()
             yield chunk(
-                [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls[i]))],
+                [p.ChunkChoice(index=i, delta=p.Delta(), finish_reason=_finish_reason(ev, n_calls))],
                 herd=turn.herd(answer),
             )
         await turn.finish(state, decisions)
@@ -563,16 +571,101 @@ def _completion_logprobs(events: list[TokenEvent], offset: int) -> p.CompletionL
     return p.CompletionLogprobs(text_offset=offsets, token_logprobs=lps, tokens=tokens, top_logprobs=tops)
 
 
-def completion_prompts(engine, req: p.CompletionRequest) -> list[tuple[list[int], str]]:
+# Legacy completions default to 16 tokens (OpenAI's API reference); a persona's own
+# max_tokens, when it sets one, comes first.
+OPENAI_COMPLETION_SAMPLING = {**OPENAI_SAMPLING, "max_tokens": 16}
+
+
+@dataclass
+class PromptPlan:
+    """One prompt of a completions request: its turn (persona, shields) and what to run."""
+
+    turn: Turn
+    tokens: list[int]  # the prompt for the engine ([] when an input shield refused it)
+    echo: str  # what `echo` puts before the completion: the prompt as screened
+    params: list[SamplingParams]  # one per choice
+
+
+def _persona_text_prompts(req: p.CompletionRequest, persona) -> list[str]:
+    prompts = req.prompts()
+    if any(not isinstance(x, str) for x in prompts):
+        raise InvalidRequest(
+            f"persona '{persona.name}' takes text prompts: send 'prompt' as a string or a list of strings",
+            param="prompt",
+        )
+    if any(not x.strip() for x in prompts):
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    return prompts  # type: ignore[return-value]
+
+
+def _screened_tokens(engine, original: str | list[int], text: str, screened: str) -> list[int]:
+    """The prompt's tokens after the input shields: the client's own tokens unless a shield
+    rewrote the text (PII redaction), in which case the rewritten text, tokenised."""
+    if screened == text:
+        if isinstance(original, list):
+            return original
+        return engine.tokenize(original, add_special=True, parse_special=True)
+    return engine.tokenize(screened, add_special=True, parse_special=True)
+
+
+def _prompt_texts(engine, prompts: list[str | list[int]]) -> list[str]:
+    """The text of each prompt (token prompts checked against the vocabulary and decoded)."""
     out = []
-    for prompt in req.prompts():
-        if isinstance(prompt, str):
-            toks = engine.tokenize(prompt, add_special=True, parse_special=True)
-            out.append((toks, prompt))
+    for x in prompts:
+        if isinstance(x, list):
+            check_token_ids(engine, x, "prompt")
+            out.append(engine.detokenize(x))
         else:
-            check_token_ids(engine, prompt, "prompt")
-            out.append((prompt, engine.detokenize(prompt) if req.echo else ""))
+            out.append(x)
     return out
+
+
+async def completion_plans(
+    state: ServerState, req: p.CompletionRequest, persona, rid: str
+) -> tuple[object | None, list[PromptPlan]]:
+    """(engine, one plan per prompt). Each prompt is its own turn: the input shields run on it
+    as the user's message before it is tokenised for generation; a persona answers it as a
+    one-message conversation (its system prompt, examples and knowledge around it). The
+    engine is None when every prompt was refused (nothing needed loading)."""
+    n = req.n or 1
+    grammar = _grammar(req.response_format)
+    engine = None
+    if persona is not None:
+        prompts: list[str | list[int]] = list(_persona_text_prompts(req, persona))
+        texts = list(prompts)
+    else:
+        prompts = req.prompts()
+        texts = [x for x in prompts if isinstance(x, str)]
+        if len(texts) < len(prompts) or state.shields.policy_for(None) is None:
+            engine, _ = await state.engine(req.model)
+            texts = await run_in_threadpool(_prompt_texts, engine, prompts)
+    plans: list[PromptPlan] = []
+    for prompt, text in zip(prompts, texts, strict=True):
+        turn = await screen_turn(state, req.model, persona, [{"role": "user", "content": text}], rid)
+        screened = turn.messages[0]["content"]  # PII redacted, when the policy says so
+        plan = PromptPlan(turn, [], screened if req.echo else "", [])
+        plans.append(plan)
+        if turn.refusal is not None:
+            continue
+        if persona is not None:
+            max_tokens = req.max_tokens if "max_tokens" in req.model_fields_set else None
+            overrides = persona_overrides(
+                req, persona, grammar, req.logprobs, max_tokens, defaults=OPENAI_COMPLETION_SAMPLING
+            )
+            prep = await turn.prepare(state, overrides)
+            engine, plan.tokens = prep.engine, prep.prompt
+            check_token_ids(engine, list(prep.params.logit_bias), "logit_bias")
+            plan.params = [dataclasses.replace(prep.params, seed=s) for s in seeds(prep.params.seed, n)]
+            continue
+        if engine is None:  # text prompts under a policy: loaded once one passed the shields
+            engine, _ = await state.engine(req.model)
+        plan.tokens = await run_in_threadpool(_screened_tokens, engine, prompt, text, screened)
+        if not plan.tokens:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        plan.params = [
+            sampling_params(req, engine, req.max_tokens, grammar, req.logprobs, s) for s in seeds(req.seed, n)
+        ]
+    return engine, plans
 
 
 @router.post("/v1/completions")
@@ -580,39 +673,53 @@ async def completions(request: Request) -> Response:
     t0 = time.perf_counter()
     state = _state(request)
     req = p.parse_request(p.CompletionRequest, await request.body())
-    engine, _ = await state.engine(req.model)
-    prompts = await run_in_threadpool(completion_prompts, engine, req)
-    if any(not toks for toks, _ in prompts):
-        raise InvalidRequest("the prompt is empty", param="prompt")
-    n = req.n or 1
-    grammar = _grammar(req.response_format)
-    jobs = []
-    for toks, _ in prompts:
-        for s in seeds(req.seed, n):
-            jobs.append((toks, sampling_params(req, engine, req.max_tokens, grammar, req.logprobs, s)))
     rid = request_id("cmpl")
-    gen = await start_generation(state, engine, jobs, t0, rid)
     created = int(time.time())
-    echoes = [text if req.echo else "" for _, text in prompts for _ in range(n)]
-    prompt_tokens = sum(len(toks) for toks, _ in prompts)
+    n = req.n or 1
+    # As for chat: the persona and the input shields come first, so nothing the client sent
+    # is tokenised for generation or shown to a model before PII is redacted and blocked
+    # topics are refused. Choice i*n+j is choice j of prompt i, refused or generated.
+    persona = await find_persona(state, req.model)
+    engine, plans = await completion_plans(state, req, persona, rid)
+    jobs: list[tuple[list[int], SamplingParams]] = []
+    choice_of: list[int] = []  # job -> choice index
+    for i, plan in enumerate(plans):
+        for j, sp in enumerate(plan.params):
+            jobs.append((plan.tokens, sp))
+            choice_of.append(i * n + j)
+    gen = await start_generation(state, engine, jobs, t0, rid) if jobs else None
+    prompt_tokens = sum(len(plan.tokens) for plan in plans)
     if req.stream:
         return EventStream(
-            _completion_stream(gen, req, rid, created, echoes, prompt_tokens),
+            _completion_stream(state, gen, req, rid, created, plans, choice_of, prompt_tokens),
             media_type="text/event-stream",
             headers=SSE_HEADERS,
         )
-    results: list[ChoiceResult] = await run_unless_disconnected(request, gen.collect())
-    choices = []
-    for i, r in enumerate(results):
-        lp = _completion_logprobs(r.events, len(echoes[i])) if req.logprobs is not None else None
-        choices.append(
-            p.CompletionChoice(
-                index=i,
-                text=echoes[i] + r.text,
-                logprobs=lp,
-                finish_reason="length" if r.finish.reason == "length" else "stop",
-            )
-        )
+    results: list[ChoiceResult] = await run_unless_disconnected(request, gen.collect()) if gen else []
+    choices: dict[int, p.CompletionChoice] = {}
+    herds: dict[int, dict | None] = {}
+    for i, plan in enumerate(plans):
+        if plan.turn.refusal is not None:  # as chat: the refusal is the answer, nothing echoed
+            for j in range(n):
+                choices[i * n + j] = p.CompletionChoice(
+                    index=i * n + j, text=plan.turn.refusal, finish_reason="content_filter"
+                )
+                herds[i * n + j] = plan.turn.herd()
+    for k, r in enumerate(results):
+        index = choice_of[k]
+        turn = plans[index // n].turn
+        echo = plans[index // n].echo
+        text, blocked, decisions = await turn.screen_answer(state, r.text)
+        await turn.finish(state, decisions)
+        finish = "content_filter" if blocked else ("length" if r.finish.reason == "length" else "stop")
+        answer = text
+        if text and not blocked:
+            text += turn.footer(text)
+        # Logprobs carry the tokens themselves: not when a shield changed or withheld the text.
+        shown = req.logprobs is not None and text == r.text
+        lp = _completion_logprobs(r.events, len(echo)) if shown else None
+        choices[index] = p.CompletionChoice(index=index, text=echo + text, logprobs=lp, finish_reason=finish)
+        herds[index] = turn.herd(answer)
     usage = _usage(prompt_tokens, [r.finish for r in results])
     # The shared-prompt min() of chat does not apply across different prompts.
     usage.prompt_tokens_details = p.PromptTokensDetails(
@@ -621,44 +728,94 @@ async def completions(request: Request) -> Response:
     return json_response(
         p.Completion(
             id=rid,
-            choices=choices,
+            choices=[choices[i] for i in sorted(choices)],
             created=created,
             model=req.model,
             system_fingerprint=FINGERPRINT,
             usage=usage,
+            herd=herds.get(0),
         )
     )
 
 
 async def _completion_stream(
-    gen: Generation, req: p.CompletionRequest, rid: str, created: int, echoes: list[str], prompt_tokens: int
+    state: ServerState,
+    gen: Generation | None,
+    req: p.CompletionRequest,
+    rid: str,
+    created: int,
+    plans: list[PromptPlan],
+    choice_of: list[int],
+    prompt_tokens: int,
 ) -> AsyncIterator[str]:
-    def chunk(i: int, text: str, lp=None, finish: str | None = None) -> str:
+    """OpenAI's completion chunks; each choice's text passes its prompt's output shields as it
+    streams, as in chat: on a block the sequence is cancelled, the refusal is sent if nothing
+    was, and the choice ends with finish_reason "content_filter". Refused prompts answer with
+    the refusal first. A persona's sources footer and `herd` field ride on each choice's
+    last chunk."""
+    n = req.n or 1
+
+    def chunk(i: int, text: str, lp=None, finish: str | None = None, herd: dict | None = None) -> str:
         c = p.Completion(
             id=rid,
             choices=[p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=finish)],
             created=created,
             model=req.model,
             system_fingerprint=FINGERPRINT,
+            herd=herd,
         )
         return _sse(c.model_dump_json(exclude=None if req.include_usage else {"usage"}))
 
-    offsets = [len(e) for e in echoes]
+    screens = [plans[index // n].turn.output() for index in choice_of]
+    stopped = [False] * len(choice_of)
+    offsets = [len(plans[index // n].echo) for index in choice_of]
     finishes: list[FinishEvent] = []
     try:
-        for i, echo in enumerate(echoes):
-            if echo:
-                yield chunk(i, echo)
-        async for i, ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                lp = _completion_logprobs([ev], offsets[i]) if req.logprobs is not None else None
-                if ev.text or lp is not None:
-                    yield chunk(i, ev.text, lp)
-                offsets[i] += len(ev.bytes.decode("utf-8", errors="replace"))
+        for i, plan in enumerate(plans):
+            for j in range(n):
+                if plan.turn.refusal is not None:
+                    yield chunk(i * n + j, plan.turn.refusal)
+                    yield chunk(i * n + j, "", None, "content_filter", plan.turn.herd())
+                elif plan.echo:
+                    yield chunk(i * n + j, plan.echo)
+        async for k, ev in gen.events() if gen is not None else _no_events():
+            index = choice_of[k]
+            turn, screen = plans[index // n].turn, screens[k]
+            if stopped[k]:  # the abort of a sequence its shield cancelled
+                if isinstance(ev, FinishEvent):
+                    finishes.append(ev)
                 continue
-            raise_for_finish(ev)
+            if isinstance(ev, FinishEvent):
+                raise_for_finish(ev)
+            text = screen.feed(ev.text) if ev.text else ""
+            if isinstance(ev, FinishEvent):
+                text += screen.finish()
+            if screen.blocked:
+                stopped[k] = True
+                if isinstance(ev, FinishEvent):
+                    finishes.append(ev)
+                else:
+                    gen.cancel_one(k)
+                if not screen.text().strip():
+                    yield chunk(index, screen.refusal)
+                yield chunk(index, "", None, "content_filter", turn.herd(screen.text()))
+                await turn.finish(state, screen.decisions())
+                continue
+            if isinstance(ev, TokenEvent):
+                # Logprobs carry the tokens themselves: none while an output shield screens the text.
+                shown = req.logprobs is not None and screen.guard is None
+                lp = _completion_logprobs([ev], offsets[k]) if shown else None
+                if text or lp is not None:
+                    yield chunk(index, text, lp)
+                offsets[k] += len(ev.bytes.decode("utf-8", errors="replace"))
+                continue
+            answer = screen.text()
             finishes.append(ev)
-            yield chunk(i, ev.text, None, "length" if ev.reason == "length" else "stop")
+            await turn.finish(state, screen.decisions())
+            yield chunk(
+                index, text + turn.footer(answer), None, "length" if ev.reason == "length" else "stop",
+                turn.herd(answer),
+            )  # fmt: skip
         if req.include_usage:
             completion = sum(f.usage.completion_tokens for f in finishes)
             usage = p.UsageInfo(
@@ -682,7 +839,13 @@ async def _completion_stream(
     except Exception as e:
         yield _sse(json.dumps(error_in_stream(e).to_openai()))
     finally:
-        gen.cancel()
+        if gen is not None:
+            gen.cancel()
+
+
+async def _no_events() -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+    return
+    yield
 
 
 # ============================================================================

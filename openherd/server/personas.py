@@ -1,15 +1,20 @@
 """Personas and shields as a step in serving: what runs before and after the engine.
 
-A chat request (OpenAI's ``/v1/chat/completions`` or Ollama's ``/api/chat``)
-becomes a :class:`Turn`::
+Every generation request becomes a :class:`Turn`: a chat request (OpenAI's
+``/v1/chat/completions``, Ollama's ``/api/chat``) with its messages, and each
+prompt of a completion request (``/v1/completions``, ``/api/generate``) as the
+user's one message::
 
     turn = await begin_turn(state, model, messages, rid)   # persona lookup + input shields
     if turn.refusal: answer with it, finish_reason "content_filter"
     prep = await turn.prepare(state, overrides, tools)     # personas: prompt, passages, sampling
-    ... generate; each choice's text goes through turn.output() (OutputGuard) ...
+    ... generate; each choice's text goes through turn.output() (OutputGuard) as it streams,
+        or turn.screen_answer() when whole (OutputGuard, then Llama Guard) ...
     text += turn.footer(answer); body["herd"] = turn.herd(answer)
     await turn.finish(state, decisions)                    # the rest of the audit trail
 
+The policy is the server's global one with the persona's merged on top
+(``Shields.policy_for``): the global policy is a floor no persona can lower.
 Model ids resolve to store models first: a persona never shadows a model (the
 persona layer also refuses to create one under a model's name). Personas run on
 their served model (the tuned model when they have one, else the base),
@@ -18,6 +23,7 @@ acquired through the server's ModelManager like any request's model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,9 +32,9 @@ from starlette.concurrency import run_in_threadpool
 from ..personas.bundle import Persona, PersonaStore
 from ..personas.runtime import PersonaRuntime, PreparedChat
 from ..safety.policy import Decision, OutputGuard, SafetyPolicy
-from .moderation import screen_input
+from .moderation import check_answer, screen_input
 
-__all__ = ["OutputScreen", "Turn", "begin_turn", "find_persona", "persona_cards"]
+__all__ = ["OutputScreen", "Turn", "begin_turn", "find_persona", "persona_cards", "screen_turn"]
 
 
 async def find_persona(state, model: str) -> Persona | None:
@@ -122,7 +128,13 @@ class Turn:
             engine, _ = await state.engine(name, keep_alive=keep_alive, num_ctx=num_ctx)
             return engine
 
-        runtime = PersonaRuntime(self.persona, acquire, state.settings)
+        persona = self.persona
+        if persona.safety is not None:
+            # The runtime reads the injection mode off the persona's policy: give it the merged
+            # one, so a global `injection` setting is a floor there too. (A persona without a
+            # policy keeps the runtime's own default, quarantine, the strictest mode.)
+            persona = dataclasses.replace(persona, safety=state.shields.effective(persona))
+        runtime = PersonaRuntime(persona, acquire, state.settings)
         self.prep = await runtime.prepare(messages if messages is not None else self.messages, overrides, tools)
         await state.shields.record(self.prep.decisions, persona=self.persona.name, model=self.served_model,
                                    request_id=self.rid)
@@ -130,6 +142,28 @@ class Turn:
 
     def output(self) -> OutputScreen:
         return OutputScreen(self.policy)
+
+    async def screen_answer(self, state, text: str) -> tuple[str, bool, list[Decision]]:
+        """A finished (non-streamed) answer through the output shields: the OutputGuard, then
+        Llama Guard on the whole answer when the policy names one. Returns (text to send,
+        blocked, decisions); a blocked answer's text is the refusal. The caller records the
+        decisions with ``finish``."""
+        if not text or self.policy is None:
+            return text, False, []
+        decisions: list[Decision] = []
+        screen = self.output()
+        if screen.guard is not None:
+            text = screen.feed(text) + screen.finish()
+            decisions += screen.decisions()
+            if screen.blocked:
+                return screen.refusal, True, decisions
+        if text and self.policy.llama_guard:
+            verdict = await check_answer(state, self.policy, self.messages, text)
+            if verdict is not None:
+                decisions.append(verdict)
+                if verdict.action == "block":
+                    return self.policy.refusal_message, True, decisions
+        return text, False, decisions
 
     def footer(self, answer: str) -> str:
         """The sources line a persona's answer ends with ('' without knowledge)."""
@@ -152,6 +186,13 @@ class Turn:
 async def begin_turn(state, model: str, messages: list[dict[str, Any]], rid: str) -> Turn:
     """Resolve the persona and run the input shields (before anything is templated or logged)."""
     persona = await find_persona(state, model)
+    return await screen_turn(state, model, persona, messages, rid)
+
+
+async def screen_turn(state, model: str, persona: Persona | None, messages: list[dict[str, Any]],
+                      rid: str) -> Turn:
+    """A Turn for `messages` under the policy of `persona` (already looked up): the input shields
+    run here. The completion routes call this once per prompt, each prompt being its own turn."""
     policy = state.shields.policy_for(persona)
     turn = Turn(rid=rid, model=model, persona=persona, policy=policy, messages=messages)
     if policy is None:

@@ -396,16 +396,32 @@ class ChatCompletion(_Response):
         return _drop_absent_herd(handler(self))
 
 
+def _without_none(d: dict) -> dict:
+    return {k: v for k, v in d.items() if v is not None}
+
+
 class DeltaFunctionCall(_Response):
-    name: str | None = None
-    arguments: str | None = None
+    name: str | None = None  # on a call's first delta only
+    arguments: str | None = None  # "" on the first delta, then fragments
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return _without_none(handler(self))
 
 
 class DeltaToolCall(_Response):
+    """One piece of a streamed tool call. As OpenAI sends them, the first carries index,
+    id, type and function.name (arguments ""); the rest only index and an arguments
+    fragment, with the absent keys left out."""
+
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: DeltaFunctionCall | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler):
+        return _without_none(handler(self))
 
 
 class Delta(_Response):
@@ -543,6 +559,12 @@ class Completion(_Response):
     object: Literal["text_completion"] = "text_completion"
     system_fingerprint: str | None = None
     usage: UsageInfo | None = None
+    # extension: for a persona, its name, served model and knowledge sources (as in chat)
+    herd: dict[str, Any] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_herd(self, handler):
+        return _drop_absent_herd(handler(self))
 
 
 # ============================================================================

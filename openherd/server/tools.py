@@ -19,18 +19,28 @@ take part in a tool loop.
 decoding: ``forced_call_grammar`` builds an llguidance Lark grammar whose only
 sentences are well-formed calls whose arguments validate against the tool's
 JSON schema. "auto" leaves the model free and ``ToolCallParser`` separates
-content from calls, incrementally, so calls can be streamed as deltas.
+content from calls, incrementally.
+
+Streams (``ToolCallStreamer``) go further, as OpenAI's do: a call is announced
+(index, id, name, arguments "") as soon as its name and the opening brace of its
+arguments are out, and the arguments follow as fragments while the model writes
+them. Fragments are re-serialised as they come (``JsonLexer`` -> ``canonical``)
+in exactly the form ``json.dumps`` gives the parsed arguments, so the
+concatenated fragments equal the ``arguments`` of the same call unstreamed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import string
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine.types import GrammarSpec
+
+log = logging.getLogger("openherd.server")
 
 
 @dataclass(frozen=True)
@@ -314,18 +324,17 @@ class ToolCallParser:
                 content += self._content(self._buf[: len(self._buf) - keep])
                 self._buf = self._buf[len(self._buf) - keep :]
                 break
-            if not self.fmt.close:  # mistral: the call list runs to the end
-                break
-            j = self._buf.find(self.fmt.close)
-            if j < 0:
+            # In a call, _buf is the body so far: it only grows until the close marker.
+            j = self._buf.find(self.fmt.close) if self.fmt.close else -1
+            if j < 0:  # no close yet (mistral has none: the call list runs to the end)
+                self._grow(self._buf)
                 break
             body, self._buf = self._buf[:j], self._buf[j + len(self.fmt.close) :]
             self._in_call = False
-            parsed = _decode_calls(body, self.names)
-            if parsed:
-                calls += self._take(parsed)
-            else:
-                content += self._content(self.fmt.open + body + self.fmt.close)
+            self._grow(body)
+            c, k = self._close(body, self.fmt.open + body + self.fmt.close)
+            content += c
+            calls += k
         return content, calls
 
     def _feed_llama3(self) -> tuple[str, list[ParsedCall]]:
@@ -336,6 +345,7 @@ class ToolCallParser:
             self._decided = True
             self._in_call = head.startswith("{") or head.startswith(PYTHON_TAG)
         if self._in_call:
+            self._grow(_llama3_body(self._buf))
             return "", []  # a candidate call: decided at finish()
         out, self._buf = self._buf, ""
         return self._content(out), []
@@ -344,22 +354,39 @@ class ToolCallParser:
         buf, self._buf = self._buf, ""
         content, calls = "", []
         if self._in_call:
-            body = buf
-            if self.fmt.name == "llama3":
-                body = buf.strip()
-                body = body[len(PYTHON_TAG) :] if body.startswith(PYTHON_TAG) else body
-            parsed = _decode_calls(body, self.names)
-            if parsed:
-                calls = self._take(parsed)
-            else:  # not a call after all: it was content
-                content = self._content((self.fmt.open if self.fmt.name != "llama3" else "") + buf)
+            body = _llama3_body(buf) if self.fmt.name == "llama3" else buf
+            self._grow(body)
+            content, calls = self._close(body, (self.fmt.open if self.fmt.name != "llama3" else "") + buf)
         else:
             content = self._content(buf)
-        if not self.calls:
+        if not self._any_calls():
             content += self._ws  # no calls: the text is returned exactly as generated
         self._ws = ""
         self._in_call = False
         return content, calls
+
+    # Hooks for ToolCallStreamer: a call body grew; a call body ended.
+
+    def _grow(self, body: str) -> None:
+        pass
+
+    def _close(self, body: str, raw: str) -> tuple[str, list[ParsedCall]]:
+        """A complete call body -> (content, calls): its calls, or `raw` as content when the
+        body is not a call after all."""
+        parsed = _decode_calls(body, self.names)
+        if parsed:
+            return "", self._take(parsed)
+        return self._content(raw), []
+
+    def _any_calls(self) -> bool:
+        return bool(self.calls)
+
+
+def _llama3_body(buf: str) -> str:
+    """The JSON part of a llama3 candidate call: the output without <|python_tag|> and the
+    surrounding whitespace. Only grows as the output does, as ToolCallStreamer needs."""
+    body = buf.lstrip()
+    return body[len(PYTHON_TAG) :] if body.startswith(PYTHON_TAG) else body
 
 
 def parse_tool_calls(
@@ -374,3 +401,395 @@ def parse_tool_calls(
     if calls:
         content = content.strip()
     return (content or None), calls
+
+
+# ----------------------------------------------------------------------------
+# Streaming calls: announce each call early, then its arguments as fragments
+# ----------------------------------------------------------------------------
+
+_WS = " \t\n\r"
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+_ENDS_SCALAR = _WS + ',:]}"[{'
+
+
+class JsonLexer:
+    """An incremental lexer and validator for one JSON value, strict as ``json.loads``
+    (which also takes NaN and Infinity). ``feed(text)`` returns the events the text
+    completes, each ``(kind, text, depth)``:
+
+      ``{ } [ ] : ,``        structure (text "")
+      ``key``, ``str``       a string starts (as an object key / as a value)
+      ``chars``              decoded characters of the open string, as they arrive
+      ``end``                the open string ends
+      ``scalar``             a number, true, false, null (NaN, Infinity) as written
+
+    ``depth`` is the nesting level of the token (0 for the outermost value and its own
+    brackets). A surrogate pair escape is decoded as one character, as json.loads does.
+    On the first character json.loads would reject, ``broken`` becomes true and the lexer
+    stops; once the value is complete (``done``), the rest is ignored (it is the caller's
+    to judge: a close marker, a ';' between llama3 calls)."""
+
+    def __init__(self):
+        self.stack: list[str] = []  # open containers, "{" or "["
+        self.expect = "value"  # value | value_or_close | key | key_or_close | colon | comma_or_close
+        self.done = False
+        self.broken = False
+        self._string: str | None = None  # "key" | "str" while inside a string
+        self._escape: str | None = None  # the escape being read, from the backslash
+        self._high = ""  # a decoded high surrogate waiting for its low half
+        self._scalar = ""  # the literal being read
+
+    def feed(self, text: str) -> list[tuple[str, str, int]]:
+        events: list[tuple[str, str, int]] = []
+        chars: list[str] = []  # decoded string characters not yet reported
+        for ch in text:
+            if self.done or self.broken:
+                break
+            if self._string is not None:
+                self._string_char(ch, chars, events)
+            elif self._scalar:
+                if ch in _ENDS_SCALAR:
+                    self._end_scalar(events)
+                    if not self.broken:
+                        self._char(ch, events)
+                else:
+                    self._scalar += ch
+            else:
+                self._char(ch, events)
+        if chars:
+            events.append(("chars", "".join(chars), len(self.stack)))
+        return events
+
+    def _fail(self) -> None:
+        self.broken = True
+
+    def _value_done(self) -> None:
+        if self.stack:
+            self.expect = "comma_or_close"
+        else:
+            self.done = True
+
+    def _char(self, ch: str, events: list) -> None:
+        if ch in _WS:
+            return
+        depth = len(self.stack)
+        expect = self.expect
+        if ch == '"' and expect in ("key", "key_or_close"):
+            self._string = "key"
+            events.append(("key", "", depth))
+        elif expect in ("value", "value_or_close") and ch != "]":
+            if ch == '"':
+                self._string = "str"
+                events.append(("str", "", depth))
+            elif ch in "{[":
+                events.append((ch, "", depth))
+                self.stack.append(ch)
+                self.expect = "key_or_close" if ch == "{" else "value_or_close"
+            elif ch in ",:}":
+                self._fail()
+            else:
+                self._scalar = ch
+        elif ch in "}]" and (expect in ("comma_or_close", "key_or_close", "value_or_close")):
+            if not self.stack or self.stack[-1] != ("{" if ch == "}" else "["):
+                return self._fail()
+            if (expect == "key_or_close" and ch != "}") or (expect == "value_or_close" and ch != "]"):
+                return self._fail()
+            self.stack.pop()
+            events.append((ch, "", len(self.stack)))
+            self._value_done()
+        elif ch == ":" and expect == "colon":
+            events.append((":", "", depth))
+            self.expect = "value"
+        elif ch == "," and expect == "comma_or_close":
+            events.append((",", "", depth))
+            self.expect = "key" if self.stack[-1] == "{" else "value"
+        else:
+            self._fail()
+
+    def _end_scalar(self, events: list) -> None:
+        literal, self._scalar = self._scalar, ""
+        try:
+            json.loads(literal)
+        except (json.JSONDecodeError, RecursionError, ValueError):
+            return self._fail()
+        events.append(("scalar", literal, len(self.stack)))
+        self._value_done()
+
+    def _string_char(self, ch: str, chars: list[str], events: list) -> None:
+        if self._escape is not None:
+            esc = self._escape + ch
+            if len(esc) == 2:  # the character after the backslash
+                if ch == "u":
+                    self._escape = esc
+                    return
+                self._escape = None
+                if ch not in _ESCAPES:
+                    return self._fail()
+                return self._decoded(_ESCAPES[ch], chars)
+            if ch not in string.hexdigits:
+                return self._fail()
+            if len(esc) < 6:  # \uXXXX
+                self._escape = esc
+                return
+            self._escape = None
+            return self._decoded(chr(int(esc[2:], 16)), chars)
+        if ch == "\\":
+            self._escape = "\\"
+            return
+        if self._high:  # a high surrogate not followed by an escape stays alone (as json.loads)
+            chars.append(self._high)
+            self._high = ""
+        if ch == '"':
+            if chars:
+                events.append(("chars", "".join(chars), len(self.stack)))
+                chars.clear()
+            events.append(("end", "", len(self.stack)))
+            is_key, self._string = self._string == "key", None
+            if is_key:
+                self.expect = "colon"
+            else:
+                self._value_done()
+        elif ch < " ":  # json.loads (strict) refuses raw control characters in strings
+            self._fail()
+        else:
+            chars.append(ch)
+
+    def _decoded(self, ch: str, chars: list[str]) -> None:
+        if self._high:
+            high, self._high = self._high, ""
+            if "\udc00" <= ch <= "\udfff":
+                chars.append(chr(0x10000 + ((ord(high) - 0xD800) << 10) + (ord(ch) - 0xDC00)))
+                return
+            chars.append(high)
+        if "\ud800" <= ch <= "\udbff":
+            self._high = ch
+        else:
+            chars.append(ch)
+
+
+def canonical(kind: str, text: str) -> str:
+    """One lexer event in json.dumps' own form (separators ', ' and ': ', ensure_ascii=False,
+    numbers as Python reads and writes them), so a stream of events spells exactly
+    json.dumps(json.loads(the text they came from), ensure_ascii=False)."""
+    if kind in ("key", "str", "end"):
+        return '"'
+    if kind == "chars":
+        return json.dumps(text, ensure_ascii=False)[1:-1]
+    if kind == "scalar":
+        return json.dumps(json.loads(text))
+    if kind == ":":
+        return ": "
+    if kind == ",":
+        return ", "
+    return kind  # { } [ ]
+
+
+@dataclass
+class _PartialCall:
+    """One call object of a body while it streams."""
+
+    name: str | None = None
+    name_done: bool = False  # the name string is complete ('get' may yet become 'get_weather')
+    args: str = ""  # canonical arguments text so far
+    args_key: str | None = None  # "arguments" or "parameters", whichever came first
+    args_open: bool = False  # the arguments are an object and its "{" is out: safe to announce
+    index: int | None = None  # the call's index among the choice's calls, once announced
+    id: str = ""
+    sent: int = 0  # characters of `args` already sent
+
+
+class _BodyTracker:
+    """Follows one call body (a call object, or a list of them as mistral writes) as it
+    streams: each call's name, and its arguments re-serialised canonically. Arguments
+    written as a JSON string ('"arguments": "{\\"city\\": ...}"') are decoded and lexed
+    again, as _calls_from_json reads them."""
+
+    def __init__(self):
+        self.lexer = JsonLexer()
+        self.seen = 0  # characters of the body fed so far
+        self.calls: list[_PartialCall] = []
+        self._level = 0  # depth of call objects' keys: 1 for a call object, 2 for a list of them
+        self._key: str | None = None  # the key being read (at call level)
+        # Where we are in the current call's members: None (before a key), "key", "colon",
+        # then the value: "name", "args", or "skip" (any other key), "done" (args read).
+        self._value: str | None = None
+        self._inner: JsonLexer | None = None  # arguments given as a string
+        self.broken = False
+
+    def feed(self, body: str) -> None:
+        new, self.seen = body[self.seen :], len(body)
+        if not new or self.broken:
+            return
+        for kind, text, depth in self.lexer.feed(new):
+            self._event(kind, text, depth)
+        if self.lexer.broken:
+            self.broken = True
+
+    def _event(self, kind: str, text: str, depth: int) -> None:
+        if not self._level:  # the first token says what the body is
+            self._level = {"{": 1, "[": 2}.get(kind, 0)
+            if not self._level:
+                self.broken = True
+                return
+        level = self._level
+        if kind == "{" and depth == level - 1:
+            self.calls.append(_PartialCall())
+            self._value, self._key, self._inner = None, None, None
+            return
+        if not self.calls or depth < level:
+            return
+        call = self.calls[-1]
+        if self._value == "args":
+            self._args_event(call, kind, text, depth)
+            return
+        if depth != level:
+            return  # inside the value of a key we do not read
+        if kind == ",":  # the next member
+            self._value, self._key = None, None
+        elif self._value is None:
+            if kind == "key":
+                self._value, self._key = "key", ""
+        elif self._value == "key":
+            if kind == "chars":
+                self._key = (self._key or "") + text
+            elif kind == "end":
+                self._value = "colon"
+        elif self._value == "colon":  # the ':' after the key
+            if self._key == "name":
+                self._value = "name"
+            elif self._key in ("arguments", "parameters") and call.args_key is None:
+                self._value, call.args_key = "args", self._key
+            else:
+                self._value = "skip"
+        elif self._value == "name":  # json.loads keeps the last of duplicate keys; so do we
+            if kind == "str":
+                call.name, call.name_done = "", False
+            elif kind == "chars" and call.name is not None:
+                call.name += text
+            elif kind == "end":
+                call.name_done = True
+
+    def _args_event(self, call: _PartialCall, kind: str, text: str, depth: int) -> None:
+        level = self._level
+        if self._inner is not None:  # arguments as a JSON string: its decoded text is JSON
+            if kind == "chars":
+                for k, t, _ in self._inner.feed(text):
+                    if self._inner is not None:
+                        self._emit(call, k, t)
+                if self._inner is not None and self._inner.broken:
+                    self._value, self._inner = "done", None
+            elif kind == "end":
+                self._value, self._inner = "done", None
+            return
+        if depth == level and not call.args:
+            if kind == "str":
+                self._inner = JsonLexer()
+                return
+            if kind != "{":  # a list or a scalar is no call's arguments
+                self._value = "done"
+                return
+        self._emit(call, kind, text)
+        if kind == "}" and depth == level:
+            self._value = "done"
+
+    def _emit(self, call: _PartialCall, kind: str, text: str) -> None:
+        if not call.args and kind != "{":  # the arguments inside the string are no object
+            self._value, self._inner = "done", None
+            return
+        call.args += canonical(kind, text)
+        call.args_open = True
+
+
+@dataclass
+class CallDelta:
+    """A piece of a streamed tool call: the first one of a call carries its id and name
+    (with arguments ""), the following ones fragments of its arguments."""
+
+    index: int  # the call's position among the calls of this choice
+    arguments: str
+    id: str | None = None
+    name: str | None = None
+
+
+class ToolCallStreamer(ToolCallParser):
+    """ToolCallParser for streams: the content is the same, and calls come out as
+    ``CallDelta``s while they are written (``push(text)``, then ``close()``).
+
+    A call is announced once its name is a known tool and its arguments have opened
+    with "{" (so a stray '<tool_call>' in prose, or an unknown name, never becomes a
+    call). When a body ends, the parsed call is checked against what was streamed: the
+    rest of its arguments (normally "") is sent, and a call that completed without being
+    announced (e.g. its "name" came after the arguments) is sent whole. An announced call
+    stays a call even if its JSON then breaks or is cut off by max_tokens: like OpenAI's,
+    its arguments are then what the model wrote, and they need not parse."""
+
+    def __init__(self, fmt: ToolFormat, names: set[str], parallel: bool = True):
+        super().__init__(fmt, names, parallel)
+        self.n_calls = 0  # calls announced so far
+        self._tracker: _BodyTracker | None = None
+        self._deltas: list[CallDelta] = []
+
+    def push(self, text: str) -> tuple[str, list[CallDelta]]:
+        content, _ = self.feed(text)
+        return content, self._take_deltas()
+
+    def close(self) -> tuple[str, list[CallDelta]]:
+        content, _ = self.finish()
+        return content, self._take_deltas()
+
+    def _take_deltas(self) -> list[CallDelta]:
+        out, self._deltas = self._deltas, []
+        return out
+
+    def _may_announce(self) -> bool:
+        return self.parallel or (self.n_calls == 0 and not self.calls)
+
+    def _announce(self, call: _PartialCall, name: str) -> None:
+        call.index, call.id = self.n_calls, new_call_id()
+        self.n_calls += 1
+        self._deltas.append(CallDelta(call.index, "", call.id, name))
+
+    def _send_args(self, call: _PartialCall) -> None:
+        if call.index is not None and call.sent < len(call.args):
+            self._deltas.append(CallDelta(call.index, call.args[call.sent :]))
+            call.sent = len(call.args)
+
+    def _grow(self, body: str) -> None:
+        if self._tracker is None:
+            self._tracker = _BodyTracker()
+        self._tracker.feed(body)
+        for call in self._tracker.calls:
+            ready = call.args_open and call.name_done and call.name in self.names
+            if call.index is None and ready and self._may_announce():
+                self._announce(call, call.name)
+            self._send_args(call)
+
+    def _close(self, body: str, raw: str) -> tuple[str, list[ParsedCall]]:
+        tracker, self._tracker = self._tracker or _BodyTracker(), None
+        announced = [c for c in tracker.calls if c.index is not None]
+        parsed = _decode_calls(body, self.names)
+        if not parsed:
+            if announced:  # already sent as calls: they stay calls, not content
+                return "", []
+            return self._content(raw), []
+        sent: list[ParsedCall] = []
+        for k, call in enumerate(self._take(parsed)):
+            partial = tracker.calls[k] if k < len(tracker.calls) else None
+            final = call.arguments_json
+            if partial is None or partial.index is None:
+                if not self.parallel and self.n_calls:  # the one call allowed was announced,
+                    self.calls.remove(call)  # and its body then broke
+                    continue
+                partial = _PartialCall(args=final)
+                self._announce(partial, call.name)
+            elif final.startswith(partial.args):
+                partial.args = final  # the rest, normally nothing but a closing brace or two
+            else:  # duplicate keys and the like: what was sent cannot be taken back
+                log.debug("streamed arguments of %s differ from the parsed call", call.name)
+            self._send_args(partial)
+            call.id = partial.id
+            sent.append(call)
+        return "", sent
+
+    def _any_calls(self) -> bool:
+        return bool(self.calls) or self.n_calls > 0
