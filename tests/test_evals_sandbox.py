@@ -336,6 +336,18 @@ def test_rlimits_fallback_still_limits_time_and_memory():
     assert r.status == "failed" and "MemoryError" in r.stderr
 
 
+@pytest.mark.parametrize("isolation", ["namespaces", "rlimits"])
+def test_stdin_files_and_exit_report_are_the_same_in_both_modes(isolation):
+    # Both launch paths share the file writing, the stdin file, the exec hand-off and the
+    # exit report (_launcher.py); each must still deliver all of them.
+    src = "import sys, pathlib\nprint(sys.stdin.read().upper() + pathlib.Path('data/x.txt').read_text())\nsys.exit(4)"
+    r = run_program(src, stdin="héllo ", files={"data/x.txt": "and a file"}, isolation=isolation)
+    assert r.status == "failed" and r.returncode == 4 and r.stdout == "HÉLLO and a file\n", (r.detail, r.stderr)
+    assert r.elapsed > 0 and r.max_rss_bytes > 0 and r.cpu_seconds >= 0
+    r = run_program("import sys\nprint(repr(sys.stdin.read()))", isolation=isolation)  # no stdin: EOF at once
+    assert r.status == "passed" and r.stdout == "''\n"
+
+
 def test_bad_arguments_are_rejected():
     with pytest.raises(InvalidRequest):
         run_program("pass", timeout=0)

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from openherd.errors import InvalidRequest, NotFound
-from openherd.personas.memory import ConversationStore
+from openherd.personas.memory import (
+    ConversationStore,
+    clean_title,
+    conversations_exist,
+    model_chats_db,
+    open_conversations,
+)
+from openherd.settings import get_settings
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,6 +79,89 @@ def test_prefix_ambiguity(tmp_path):
             store.get(common)
         with pytest.raises(NotFound):
             store.get("%")  # LIKE wildcards are escaped, not patterns
+
+
+def test_greeting_rename_and_truncate(tmp_path):
+    with ConversationStore(tmp_path / "m.db", "glim") as store:
+        conv = store.new(model="tiny", greeting="Welcome!")
+        assert conv.turns == 1 and conv.title == ""  # a greeting does not title the conversation
+        (greeting,) = store.turns(conv.id)
+        assert (greeting.role, greeting.content, greeting.meta) == ("assistant", "Welcome!", {"greeting": True})
+        for i in range(2):
+            store.append(conv.id, "user", f"question {i}")
+            store.append(conv.id, "assistant", f"answer {i}")
+        time.sleep(0.01)
+        other = store.new()
+        store.append(other.id, "user", "newer")
+
+        renamed = store.rename(conv.id, "  Ferry\n\x1b[31mtimes\t ")
+        assert renamed.id == conv.id and renamed.title == "Ferry [31mtimes" and renamed.turns == 5
+        assert store.latest().id == other.id  # a rename is not activity
+        with pytest.raises(InvalidRequest, match="longer than 200"):
+            store.rename(conv.id, "x" * 201)
+        with pytest.raises(InvalidRequest, match="must be a string"):
+            store.rename(conv.id, 5)
+        with pytest.raises(NotFound):
+            store.rename("nope", "title")
+
+        # Regenerate the last answer: drop turns 5.. (the answer), keep the question.
+        time.sleep(0.01)
+        cut = store.truncate(conv.id, 5)
+        assert cut.turns == 4 and [t.seq for t in store.turns(conv.id)] == [1, 2, 3, 4]
+        assert store.latest().id == conv.id  # truncating is activity (an answer is on its way)
+        store.append(conv.id, "assistant", "answer 1, again")
+        assert [t.seq for t in store.turns(conv.id)][-1] == 5  # seq continues without a gap
+        assert store.truncate(conv.id, 99).turns == 5  # past the end: nothing to drop
+        for bad in (0, -1, "2", 1.5, True):
+            with pytest.raises(InvalidRequest, match=">= 1"):
+                store.truncate(conv.id, bad)
+        assert store.truncate(conv.id, 1).turns == 0
+        assert store.turns(other.id)[0].content == "newer"  # other conversations untouched
+
+
+def test_list_by_model(tmp_path):
+    with ConversationStore(tmp_path / "c.db") as store:
+        a = store.new(model="smollm2")
+        time.sleep(0.01)
+        b = store.new(model="smollm2:latest")
+        time.sleep(0.01)
+        c = store.new(model="qwen")
+        assert [x.id for x in store.list()] == [c.id, b.id, a.id]
+        assert [x.id for x in store.list(models=["smollm2", "smollm2:latest"])] == [b.id, a.id]
+        assert store.latest(models=["qwen"]).id == c.id and store.latest(models=["nope"]) is None
+        assert [x.id for x in store.list(limit=1, models=["smollm2"])] == [a.id]
+        with pytest.raises(NotFound, match="herd chat --list"):  # model chats point at their own listing
+            store.get("zzz")
+
+
+def test_clean_title():
+    # Control and format characters (newlines, NUL, zero-width space) become spaces, runs of space one.
+    assert clean_title(" a\u200bb\n c\x00d ") == "a b c d"
+    assert clean_title("") == ""
+
+
+def test_open_conversations_locates_the_stores(herd_home):
+    from openherd.personas.bundle import Persona, PersonaStore
+
+    settings = get_settings()
+    assert not conversations_exist(settings)
+    with open_conversations(settings) as store:
+        assert store.path == model_chats_db(settings) == herd_home / "conversations.db" and store.persona == ""
+        assert not conversations_exist(settings)  # opening is lazy: nothing is created until used
+        store.new(model="tiny")
+    assert conversations_exist(settings)
+
+    with pytest.raises(NotFound):
+        open_conversations(settings, "nobody")
+    with pytest.raises(InvalidRequest):
+        open_conversations(settings, "../../etc")
+    personas = PersonaStore(settings)
+    personas.create(Persona(name="glim", model="tiny", system="You are Glim."))
+    assert not conversations_exist(settings, "glim")
+    with open_conversations(settings, "glim") as store:
+        assert store.path == personas.memory_db("glim") and store.persona == "glim"
+        store.new()
+    assert conversations_exist(settings, "glim")
 
 
 WRITER = textwrap.dedent("""

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import pty
 import re
-import select
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from terminal import run_in_terminal
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,33 +180,9 @@ def test_offline_hub_pull(env):
 
 def test_progress_bar_on_a_terminal(env, tiny_hf_dir):
     """With stderr on a TTY the pull draws tqdm bars (carriage-return updates) instead of lines."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "openherd", "pull", str(tiny_hf_dir), "--name", "bar"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=slave,
-    )
-    os.close(slave)
-    chunks = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([master], [], [], 0.5)
-        if r:
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        elif proc.poll() is not None:
-            break
-    os.close(master)
-    out, _ = proc.communicate(timeout=60)
-    tty = b"".join(chunks).decode(errors="replace")
-    assert proc.returncode == 0, tty
-    assert out.startswith(b"pulled bar ")
+    run = run_in_terminal(["pull", str(tiny_hf_dir), "--name", "bar"], env, on_tty=["stderr"])
+    tty = run.tty
+    assert run.returncode == 0, tty
+    assert run.stdout.startswith(b"pulled bar ")
     assert "converting" in tty and "100%" in tty and "\r" in tty
     assert "Traceback" not in tty

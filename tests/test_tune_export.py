@@ -82,6 +82,22 @@ def test_adapter_gguf_round_trips_and_has_llama_cpp_metadata(tiny, tmp_path):
         torch.testing.assert_close(sd[k], ours[k], rtol=0, atol=0)
 
 
+def test_a_failed_gguf_write_leaves_the_old_file_and_no_partial(tiny, tmp_path):
+    from openherd.tune.export import _gguf_file
+
+    path = tmp_path / "out" / "a.gguf"
+    model, _ = lora_model(tiny)
+    write_adapter_gguf(model, LoRAConfig(rank=4, alpha=8.0), path)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="mid-export"):
+        with _gguf_file(path, "llama") as w:
+            w.add_name("half")
+            w.add_tensor("x", np.zeros((2, 2), dtype=np.float32))
+            raise RuntimeError("mid-export")
+    assert path.read_bytes() == before  # the reader still sees the whole old file
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.gguf"]  # no .a.gguf.<pid>.tmp left
+
+
 def test_llama_cpp_with_the_adapter_matches_our_lora_model(tiny, tmp_path):
     from openherd.engine import Engine, EngineConfig, GenerationRequest, SamplingParams
     from openherd.model import generate

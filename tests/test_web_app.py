@@ -414,6 +414,46 @@ def test_conversations_are_the_persona_memory_of_herd_chat(server):
             assert str(server.home) not in bad.text
 
 
+def test_model_chat_continues_between_browser_and_terminal(server, monkeypatch, capsys):
+    """`herd chat --resume ID` picks up a model chat the web app saved, and the browser sees
+    the terminal's turns (and its new chats) in the same $HERD_HOME/conversations.db."""
+    import io
+    import sys
+
+    from openherd.cli import main
+
+    monkeypatch.setenv("HERD_HOME", str(server.home))
+    with server.client() as c:
+        conv = c.post("/v1/conversations", json={"model": MODEL}).json()
+        cid = conv["id"]
+        for role, content in (("user", "Where is the lighthouse?"), ("assistant", "North.")):
+            r = c.post(f"/v1/conversations/{cid}/turns", json={"role": role, "content": content})
+            assert r.status_code == 201, r.text
+
+        rc = main(["chat", "--list"])
+        listed = capsys.readouterr().out.splitlines()
+        assert rc == 0 and listed[1].split()[:3] == [cid, MODEL, "2"]
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("And the ferry?\n"))
+        assert main(["chat", "--resume", cid, "--temperature", "0", "--max-tokens", "3"]) == 0
+        capsys.readouterr()
+        got = c.get(f"/v1/conversations/{cid}").json()
+        assert [(m["role"], m["content"]) for m in got["messages"][:3]] == [
+            ("user", "Where is the lighthouse?"),
+            ("assistant", "North."),
+            ("user", "And the ferry?"),
+        ]
+        answer = got["messages"][3]
+        assert answer["role"] == "assistant" and answer["meta"]["finish"] in ("stop", "length")
+        assert answer["meta"]["tokens"] <= 3
+
+        monkeypatch.setattr(sys, "stdin", io.StringIO("From the terminal\n"))
+        assert main(["chat", MODEL, "--temperature", "0", "--max-tokens", "2"]) == 0
+        data = c.get("/v1/conversations").json()["data"]
+        assert [x["id"] for x in data][1] == cid
+        assert data[0]["title"] == "From the terminal" and data[0]["model"] == MODEL and data[0]["turns"] == 2
+
+
 # ----------------------------------------------------------------------------- jobs
 
 

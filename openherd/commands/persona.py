@@ -402,11 +402,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_conversations(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
     from pathlib import Path
 
     from ..personas.bundle import PersonaStore
     from ..personas.memory import ConversationStore
+    from ..repl import print_conversations
 
     store = PersonaStore()
     persona = store.get(args.name)
@@ -424,13 +424,7 @@ def cmd_conversations(args: argparse.Namespace) -> int:
             else:
                 sys.stdout.write(text)
             return 0
-        rows = [("ID", "TURNS", "UPDATED", "TITLE")]
-        for c in mem.list():
-            when = datetime.fromtimestamp(c.updated_at, UTC).strftime("%Y-%m-%d %H:%M")
-            rows.append((c.id, str(c.turns), when, c.title[:60]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("    ".join(col.ljust(w) for col, w in zip(r, widths, strict=True)).rstrip())
+        print_conversations(mem.list(), sys.stdout)
     return 0
 
 

@@ -1,13 +1,23 @@
 """`herd run` and `herd chat`: talk to a model from the terminal.
 
 Both load the model in-process on the same engine the server batches on (one
-sequence slot), stream tokens as they arrive, and share sampling flags.
+sequence slot), stream tokens as they arrive, and share sampling flags. The chat
+loop itself (input, commands, streaming, Ctrl-C) is openherd/repl.py, shared with
+`herd chat PERSONA` (personas/chat.py).
+
+Chats with a store model are saved in ``$HERD_HOME/conversations.db``, the store
+the web app keeps its model chats in (``personas.memory.open_conversations``):
+``--list`` shows them, ``--resume [ID]`` continues one, whichever side started it.
+A model chat starts fresh unless resumed; a persona's resumes its last one unless
+``--new`` (a persona is a character with a memory, a model is not).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass, field
+from typing import Any
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -36,12 +46,19 @@ def register(sub) -> None:
 
     c = sub.add_parser(
         "chat",
-        help="interactive chat (REPL) with a model",
-        description='Interactive chat. Commands: /system TEXT, /clear, /exit. Start and end a multi-line '
-        'message with """. Ctrl-C stops the current answer; Ctrl-D exits.',
+        help="interactive chat (REPL) with a model or persona",
+        description='Interactive chat. Commands: /system TEXT, /clear, /exit (a persona: /new, /sources, /exit). '
+        'Start and end a multi-line message with """. Ctrl-C stops the current answer; Ctrl-D exits. '
+        "Chats are saved (a model's in $HERD_HOME/conversations.db, shared with the web app; a persona's in "
+        "its memory): --list shows them, --resume continues one.",
     )
     c.add_argument("model", nargs="?", default=None, help="model name, persona or .gguf path (default smollm2)")
     c.add_argument("--new", action="store_true", help="start a new conversation (personas resume the last one)")
+    c.add_argument("--resume", nargs="?", const="last", default=None, metavar="ID",
+                   help="continue a saved conversation: its ID, a prefix of it, or (no ID) the last one "
+                   "(with MODEL: the last one with that model)")
+    c.add_argument("--list", action="store_true",
+                   help="list the saved conversations (of MODEL or PERSONA; without one, every model chat) and exit")
     _add_sampling_flags(c)
     c.set_defaults(func=cmd_chat)
 
@@ -59,7 +76,7 @@ def _looks_like_model(arg: str) -> bool:
     return Store().exists(arg)
 
 
-def _sampling(args, settings):
+def _sampling(args):
     from ..engine.types import SamplingParams
 
     kw = {}
@@ -71,7 +88,8 @@ def _sampling(args, settings):
 
 
 def load_engine(model: str | None, args, n_parallel: int = 1):
-    """Resolve (pulling catalog aliases on first use) and load a model for the terminal."""
+    """Resolve (pulling catalog aliases on first use) and load a model for the terminal.
+    Returns (engine, manifest); the manifest's name is '' for a .gguf path outside the store."""
     from ..engine.engine import Engine, EngineConfig
     from ..settings import get_settings
     from ..store import Store
@@ -84,54 +102,18 @@ def load_engine(model: str | None, args, n_parallel: int = 1):
         manifest = store.ensure(name, progress=progress)
     cfg = EngineConfig(n_ctx=args.ctx or settings.num_ctx, n_parallel=n_parallel,
                        n_threads=settings.threads, max_queue=1, lora=manifest.adapter)
-    return Engine.load(manifest.path, cfg, name=manifest.name or name), settings
+    return Engine.load(manifest.path, cfg, name=manifest.name or name), manifest
 
 
-def _stream(engine, messages, params, verbose: bool) -> str:
-    """Generate one answer, printing it as it streams. Ctrl-C stops this answer only."""
-    from ..engine.types import FinishEvent, GenerationRequest
-
-    prompt = engine.encode_chat(messages)
-    handle = engine.submit(GenerationRequest(prompt=prompt, params=params))
-    parts: list[str] = []
-    out = sys.stdout
-    fin = None
-    try:
-        for ev in handle:
-            if ev.text:
-                out.write(ev.text)
-                out.flush()
-                parts.append(ev.text)
-            if isinstance(ev, FinishEvent):
-                fin = ev
-    except KeyboardInterrupt:
-        handle.cancel()
-        out.write("\n")
-        out.flush()
-        return "".join(parts)
-    if not "".join(parts).endswith("\n"):
-        out.write("\n")
-    out.flush()
-    if fin is not None and fin.reason == "error":
-        from ..errors import Unavailable
-
-        raise Unavailable(fin.error or "generation failed")
-    if verbose and fin is not None:
-        u = fin.usage
-        evald = max(u.prompt_tokens - u.cached_tokens, 0)
-        pr = evald / (u.prompt_ms / 1000) if u.prompt_ms > 0 else 0.0
-        dr = (u.completion_tokens - 1) / (u.decode_ms / 1000) if u.decode_ms > 0 and u.completion_tokens > 1 else 0.0
-        print(
-            f"prompt: {u.prompt_tokens} tokens ({u.cached_tokens} cached), {pr:.1f} tok/s | "
-            f"decode: {u.completion_tokens} tokens, {dr:.1f} tok/s | finish: {fin.reason}",
-            file=sys.stderr,
-        )
-    return "".join(parts)
+def _with_system(system: str | None, messages: list[dict]) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
 
 
 # --------------------------------------------------------------------------- run
 def cmd_run(args) -> int:
+    from ..engine.types import GenerationRequest
     from ..errors import InvalidRequest
+    from ..repl import stream_answer, usage_line
 
     pos = list(args.args)
     if len(pos) > 2:
@@ -150,110 +132,160 @@ def cmd_run(args) -> int:
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise InvalidRequest("the prompt is empty")
-    engine, settings = load_engine(model, args)
+    engine, _ = load_engine(model, args)
     try:
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}
-        ]
-        _stream(engine, messages, _sampling(args, settings), args.verbose)
+        messages = _with_system(args.system, [{"role": "user", "content": prompt}])
+        handle = engine.submit(GenerationRequest(prompt=engine.encode_chat(messages), params=_sampling(args)))
+        answer = stream_answer(handle, sys.stdout)
+        if args.verbose and answer.finish is not None:
+            print(usage_line(answer.finish), file=sys.stderr)
     finally:
         engine.close()
     return 0
 
 
 # --------------------------------------------------------------------------- chat
-def _read_message(prompt: str, more: str = "... ") -> str | None:
-    """One user message; triple quotes start/end a multi-line message. None = EOF."""
-    try:
-        line = input(prompt)
-    except EOFError:
-        return None
-    if not line.lstrip().startswith('"""'):
-        return line
-    body = [line.lstrip()[3:]]
-    if body[0].rstrip().endswith('"""') and len(body[0].rstrip()) >= 3:
-        return body[0].rstrip()[:-3]
-    while True:
-        try:
-            nxt = input(more)
-        except EOFError:
-            break
-        if nxt.rstrip().endswith('"""'):
-            body.append(nxt.rstrip()[:-3])
-            break
-        body.append(nxt)
-    return "\n".join(body)
-
-
-def _setup_history(settings) -> None:
-    try:
-        import atexit
-        import readline
-    except ImportError:  # Windows without pyreadline: plain input still works
-        return
-    path = settings.home / "chat_history"
-    try:
-        settings.home.mkdir(parents=True, exist_ok=True)
-        readline.read_history_file(path)
-    except OSError:
-        pass
-    readline.set_history_length(1000)
-    atexit.register(lambda: _save_history(readline, path))
-
-
-def _save_history(readline, path) -> None:
-    try:
-        readline.write_history_file(path)
-    except OSError:
-        pass
-
-
 def cmd_chat(args) -> int:
+    from ..errors import InvalidRequest
+
+    if args.new and args.resume:
+        raise InvalidRequest("--new starts a conversation and --resume continues one; give one of them")
     if args.model:
         from ..personas.chat import find_persona, run_persona_chat
 
         # Store models win over a persona of the same name, as on the server.
         if find_persona(args.model) is not None:
             return run_persona_chat(args)
-    engine, settings = load_engine(args.model, args)
+    if args.list:
+        return _list_model_chats(args.model)
+    return _model_chat(args)
+
+
+def _list_model_chats(model: str | None) -> int:
+    from ..personas.memory import conversations_exist, open_conversations
+    from ..repl import print_conversations
+    from ..settings import get_settings
+
+    settings = get_settings()
+    conversations = []
+    if conversations_exist(settings):  # listing must not create the database
+        with open_conversations(settings) as memory:
+            conversations = memory.list(models=_model_names(model))
+    print_conversations(conversations, sys.stdout, with_model=True)
+    return 0
+
+
+def _model_names(model: str | None) -> list[str]:
+    """The names a saved chat may record for MODEL ('smollm2' and 'smollm2:latest' are one model)."""
+    from ..store.manifest import is_valid_name, name_candidates
+
+    if not model:
+        return []
+    return name_candidates(model) if is_valid_name(model) else [model]
+
+
+def _resume(settings, resume: str, model: str | None):
+    """The saved model chat --resume names: an id (or a prefix), or 'last' (with MODEL, the last with it)."""
+    from ..errors import NotFound
+    from ..personas.memory import conversations_exist, open_conversations
+
+    if not conversations_exist(settings):
+        raise NotFound("there are no saved model chats yet; `herd chat MODEL` starts one", param="conversation")
+    with open_conversations(settings) as memory:
+        if resume != "last":
+            return memory.get(resume)
+        conv = memory.latest(models=_model_names(model))
+    if conv is None:
+        raise NotFound(f"there are no saved chats with '{model}'; see `herd chat --list`", param="conversation")
+    return conv
+
+
+@dataclass
+class ModelChat:
+    """`herd chat MODEL`: the model's own chat template over the conversation so far.
+
+    With ``memory`` set, every turn is saved as it happens (the user's once the request
+    is accepted, the answer when it ends or is stopped), as the web app and persona
+    chats save theirs; the conversation itself is created at the first message, so
+    opening and leaving a chat leaves nothing behind."""
+
+    engine: Any
+    params: Any  # SamplingParams
+    model: str  # the name the saved conversation records
+    system: str | None = None  # --system / /system: not part of the saved conversation, as in the web app
+    verbose: bool = False
+    memory: Any = None  # personas.memory.ConversationStore, or None: nothing is saved
+    conv: Any = None  # the saved conversation being continued (memory.Conversation)
+    history: list[dict] = field(default_factory=list)
+
+    def send(self, text: str) -> None:
+        from ..engine.types import GenerationRequest
+        from ..repl import stream_answer, usage_line
+
+        user = {"role": "user", "content": text}
+        prompt = self.engine.encode_chat(_with_system(self.system, self.history + [user]))
+        # Submitted before the user's turn is saved: a message the context cannot hold is
+        # refused without leaving an unanswered turn behind.
+        handle = self.engine.submit(GenerationRequest(prompt=prompt, params=self.params))
+        if self.memory is not None:
+            if self.conv is None:
+                self.conv = self.memory.new(model=self.model)
+            self.memory.append(self.conv.id, "user", text)
+        self.history.append(user)
+        answer = stream_answer(handle, sys.stdout)
+        self.history.append({"role": "assistant", "content": answer.text})
+        if self.memory is not None:
+            self.memory.append(self.conv.id, "assistant", answer.text, answer.meta())
+        if self.verbose and answer.finish is not None:
+            print(usage_line(answer.finish), file=sys.stderr)
+
+    def clear(self, _arg: str = "") -> None:
+        saved = self.conv
+        self.history.clear()
+        self.conv = None
+        print(f"(new conversation; {saved.id} stays saved)" if saved is not None else "(conversation cleared)")
+
+    def set_system(self, text: str) -> None:
+        self.system = text or None
+        print("(system prompt set)" if self.system else "(system prompt cleared)")
+
+
+def _model_chat(args) -> int:
+    from ..personas.memory import open_conversations
+    from ..repl import chat_loop, setup_history, show_recap
+    from ..settings import get_settings
+
+    settings = get_settings()
+    # Resolved before the model loads: a wrong id fails in a moment, not after a load.
+    conv = _resume(settings, args.resume, args.model) if args.resume else None
+    engine, manifest = load_engine(args.model or (conv.model if conv is not None else None), args)
     interactive = sys.stdin.isatty()
-    if interactive:
-        _setup_history(settings)
-        print(f"Chatting with {engine.info.name}. /system TEXT, /clear, /exit; \"\"\" for multi-line; Ctrl-D exits.")
-    system = args.system
-    history: list[dict] = []
-    params = _sampling(args, settings)
+    # Only a store model can be chatted with again (from here or the web app); a chat with
+    # a .gguf path is not saved unless it continues a saved one.
+    memory = open_conversations(settings) if conv is not None or manifest.name else None
+    chat = ModelChat(engine, _sampling(args), model=manifest.name, system=args.system, verbose=args.verbose,
+                     memory=memory, conv=conv)
+    turns = []
     try:
-        while True:
-            try:
-                text = _read_message(">>> ", "... ") if interactive else _read_message("", "")
-            except KeyboardInterrupt:  # Ctrl-C at the prompt clears the line, like a shell
-                print()
-                continue
-            if text is None:
-                if interactive:
-                    print()
-                break
-            cmd = text.strip()
-            if not cmd:
-                continue
-            if cmd in ("/exit", "/bye", "/quit"):
-                break
-            if cmd == "/clear":
-                history.clear()
-                print("(conversation cleared)")
-                continue
-            if cmd.startswith("/system"):
-                system = cmd[len("/system"):].strip() or None
-                print("(system prompt set)" if system else "(system prompt cleared)")
-                continue
-            if cmd.startswith("/") and cmd.split()[0] not in ("/",):
-                print(f"unknown command {cmd.split()[0]}; try /system, /clear or /exit")
-                continue
-            history.append({"role": "user", "content": text})
-            messages = ([{"role": "system", "content": system}] if system else []) + history
-            answer = _stream(engine, messages, params, args.verbose)
-            history.append({"role": "assistant", "content": answer})
+        if conv is not None:
+            turns = memory.turns(conv.id)
+            chat.history = [t.message() for t in turns]
+            if conv.model and conv.model not in _model_names(manifest.name):
+                print(f"note: conversation {conv.id} was with '{conv.model}'; it continues with "
+                      f"'{engine.info.name}'", file=sys.stderr)
+        if interactive:
+            setup_history(settings)
+            if conv is not None:
+                print(f"Resuming conversation {conv.id} with {engine.info.name} ({len(turns)} turns).")
+                show_recap(turns, engine.info.name, sys.stdout)
+            print(f"Chatting with {engine.info.name}. /system TEXT, /clear, /exit; \"\"\" for multi-line; "
+                  "Ctrl-D exits.")
+            if memory is None:
+                print("(not saved: only chats with a store model are; `herd pull` the file to keep them)")
+        chat_loop(chat.send, {"/system": chat.set_system, "/clear": chat.clear, "/new": chat.clear},
+                  interactive=interactive)
     finally:
         engine.close()
+        if memory is not None:
+            memory.close()
     return 0

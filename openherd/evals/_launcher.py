@@ -50,6 +50,7 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 # <linux/sched.h>
 CLONE_NEWNS = 0x00020000
@@ -396,33 +397,10 @@ def init_main(cfg: dict, report: Report, root: bool, alive_r: int) -> None:
     last_cap = _last_cap()
     setup_filesystem(cfg, root)
     _libc.sethostname(b"sandbox", 7)  # best effort: the UTS namespace is ours
-    stdin_fd = _stdin_fd(cfg.get("stdin", ""))
-    for name, text in cfg["files"].items():
-        path = os.path.join(WORKDIR, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
+    stdin_fd = _stdin_fd(cfg.get("stdin", ""), WORKDIR)
+    _write_files(WORKDIR, cfg["files"])
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.close(exec_err_r)
-        try:
-            program_main(cfg, root, last_cap, stdin_fd, keep_fds={report.fd, exec_err_w})
-        except BaseException as e:
-            os.write(exec_err_w, f"{type(e).__name__}: {e}".encode())
-        os._exit(127)
-    os.close(exec_err_w)
-    os.close(stdin_fd)
-    _detach_stdio(cfg)
-    exec_error = b""
-    while chunk := os.read(exec_err_r, 4096):  # EOF at G's successful execve (CLOEXEC)
-        exec_error += chunk
-    os.close(exec_err_r)
-    if exec_error:
-        os.waitpid(pid, 0)
-        raise SetupError(f"could not start the program: {exec_error.decode(errors='replace')}")
+    pid = _start_program(cfg, report, stdin_fd, lambda keep: program_main(cfg, root, last_cap, stdin_fd, keep))
     # Reap everything (orphans are re-parented to us) until G itself exits.
     while True:
         try:
@@ -430,28 +408,73 @@ def init_main(cfg: dict, report: Report, root: bool, alive_r: int) -> None:
         except ChildProcessError:
             break
         if got == pid:
-            report.send(
-                event="exit",
-                returncode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-                signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-                cpu_seconds=usage.ru_utime + usage.ru_stime,
-                max_rss_bytes=usage.ru_maxrss * 1024,
-                elapsed=time.monotonic() - start,
-            )
+            report.send(**_exit_event(status, usage, start))
             break
     os._exit(0)  # init exits: the kernel SIGKILLs whatever the program left behind
 
 
-def _stdin_fd(data: str) -> int:
-    """An unlinked tmpfs file, so a large stdin cannot dead-lock a pipe and leaves no trace."""
+def _stdin_fd(data: str, directory: str) -> int:
+    """An unlinked file in ``directory``, so a large stdin cannot dead-lock a pipe and leaves no trace."""
     if not data:
         return os.open("/dev/null", os.O_RDONLY)
-    path = os.path.join(WORKDIR, ".stdin")
+    path = os.path.join(directory, ".stdin")
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, data.encode("utf-8"))
     os.lseek(fd, 0, os.SEEK_SET)
     os.unlink(path)
     return fd
+
+
+def _write_files(directory: str, files: dict[str, str]) -> None:
+    """The program and the files it needs, by their relative names (sandbox.py checked them)."""
+    for name, text in files.items():
+        path = os.path.join(directory, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def _start_program(cfg: dict, report: Report, stdin_fd: int, run: Callable[[set[int]], None]) -> int:
+    """Fork the program's process and return its pid once it has exec'd.
+
+    ``run(keep_fds)`` runs in the child: it sets the process up and execs, keeping the
+    fds it is given open. Whatever fails before the exec comes back through a
+    close-on-exec pipe, which reaches EOF at a successful execve, and is raised here as
+    SetupError (the program never ran, so it is not the program's failure). The child
+    owns ``stdin_fd`` from here on; this process keeps no copy of it or of the
+    program's output."""
+    exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(exec_err_r)
+        try:
+            run({report.fd, exec_err_w})
+        except BaseException as e:
+            os.write(exec_err_w, f"{type(e).__name__}: {e}".encode())
+        os._exit(127)
+    os.close(exec_err_w)
+    os.close(stdin_fd)
+    _detach_stdio(cfg)
+    exec_error = b""
+    while chunk := os.read(exec_err_r, 4096):  # EOF at the successful execve (CLOEXEC)
+        exec_error += chunk
+    os.close(exec_err_r)
+    if exec_error:
+        os.waitpid(pid, 0)
+        raise SetupError(f"could not start the program: {exec_error.decode(errors='replace')}")
+    return pid
+
+
+def _exit_event(status: int, usage: resource.struct_rusage, start: float) -> dict:
+    """The "exit" report of the program from its wait status and rusage."""
+    return {
+        "event": "exit",
+        "returncode": os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
+        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "max_rss_bytes": usage.ru_maxrss * 1024,  # Linux reports KiB
+        "elapsed": time.monotonic() - start,
+    }
 
 
 def setup_filesystem(cfg: dict, root: bool) -> None:
@@ -611,37 +634,18 @@ def _open_fds() -> list[int]:
 def launch_rlimits(cfg: dict, report: Report) -> None:
     """No namespaces: own session, rlimits, temp cwd. The harness kills the session on timeout."""
     workdir = cfg["workdir"]
-    for name, text in cfg["files"].items():
-        path = os.path.join(workdir, name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(text)
-    stdin_path = os.path.join(workdir, ".stdin")
-    with open(stdin_path, "w", encoding="utf-8") as f:
-        f.write(cfg.get("stdin", ""))
-    stdin_fd = os.open(stdin_path, os.O_RDONLY)
-    os.unlink(stdin_path)
-    exec_err_r, exec_err_w = os.pipe2(os.O_CLOEXEC)
+    stdin_fd = _stdin_fd(cfg.get("stdin", ""), workdir)
+    _write_files(workdir, cfg["files"])
+
+    def run(keep_fds: set[int]) -> None:
+        os.setsid()  # a process group the launcher can kill as a whole
+        _set_limits(cfg["limits"])
+        _prctl(PR_SET_NO_NEW_PRIVS, 1)
+        os.chdir(workdir)
+        _exec_program(cfg, stdin_fd, keep_fds)
+
     start = time.monotonic()
-    pid = os.fork()
-    if pid == 0:
-        os.close(exec_err_r)
-        try:
-            os.setsid()  # a process group the launcher can kill as a whole
-            _set_limits(cfg["limits"])
-            _prctl(PR_SET_NO_NEW_PRIVS, 1)
-            os.chdir(workdir)
-            _exec_program(cfg, stdin_fd, keep_fds={report.fd, exec_err_w})
-        except BaseException as e:
-            os.write(exec_err_w, f"{type(e).__name__}: {e}".encode())
-        os._exit(127)
-    os.close(exec_err_w)
-    os.close(stdin_fd)
-    _detach_stdio(cfg)
-    exec_error = os.read(exec_err_r, 4096)
-    if exec_error:
-        os.waitpid(pid, 0)
-        raise SetupError(f"could not start the program: {exec_error.decode(errors='replace')}")
+    pid = _start_program(cfg, report, stdin_fd, run)
     deadline = start + cfg["timeout"]
     while True:
         got, status, usage = os.wait4(pid, os.WNOHANG)
@@ -653,14 +657,7 @@ def launch_rlimits(cfg: dict, report: Report) -> None:
             report.send(event="timeout")
             return
         time.sleep(0.005)
-    report.send(
-        event="exit",
-        returncode=os.WEXITSTATUS(status) if os.WIFEXITED(status) else None,
-        signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else None,
-        cpu_seconds=usage.ru_utime + usage.ru_stime,
-        max_rss_bytes=usage.ru_maxrss * 1024,
-        elapsed=time.monotonic() - start,
-    )
+    report.send(**_exit_event(status, usage, start))
     try:
         os.killpg(pid, signal.SIGKILL)  # whatever it left behind in its session
     except OSError:

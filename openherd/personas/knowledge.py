@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidRequest, StoreError
+from ..sqlite import DatabaseSpec, LazyConnection, immediate
 from .bundle import KnowledgeSource
 
 __all__ = [
@@ -487,6 +488,18 @@ CREATE TABLE IF NOT EXISTS embeddings (
 """
 
 
+# The index is derived data: after a power loss the worst case is re-ingesting a
+# document, so NORMAL (no fsync per commit; still atomic and crash-safe) suffices.
+DATABASE = DatabaseSpec(
+    what="the knowledge index",
+    schema=_DDL,
+    version=SCHEMA,
+    synchronous="NORMAL",
+    on_newer="upgrade openherd, or delete the persona's knowledge.db to rebuild it",
+    on_error="delete the persona's knowledge.db and it is rebuilt on next use",
+)
+
+
 def chunker_id(tokenizer_key: str, chunk_tokens: int, overlap: int) -> str:
     return f"v{CHUNKER_VERSION}/{tokenizer_key}/{chunk_tokens}/{overlap}"
 
@@ -498,7 +511,7 @@ class KnowledgeIndex:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._lock = threading.RLock()
-        self._db: sqlite3.Connection | None = None
+        self._conn = LazyConnection(self.path, DATABASE, self._lock)
         self.sync_lock = threading.Lock()  # one ingest/embed pass at a time (PersonaRuntime.sync)
         self._rows_cache: tuple[tuple, list[tuple]] | None = None  # (key, active chunk rows)
         self._lex_cache: tuple[tuple, object, list[int]] | None = None  # (key, bm25 model, chunk ids)
@@ -508,32 +521,10 @@ class KnowledgeIndex:
 
     @property
     def db(self) -> sqlite3.Connection:
-        if self._db is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-                # The index is derived data: after a power loss the worst case is re-ingesting a
-                # document, so NORMAL (no fsync per commit; still atomic and crash-safe) suffices.
-                db.execute("PRAGMA synchronous=NORMAL")
-                db.execute("PRAGMA foreign_keys=ON")
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA:
-                    raise StoreError("this persona's knowledge index was written by a newer openherd; "
-                                     "upgrade openherd, or delete knowledge.db to rebuild it")
-                db.executescript(_DDL)
-                db.execute(f"PRAGMA user_version={SCHEMA}")
-            except sqlite3.DatabaseError as e:
-                raise StoreError(f"the knowledge index is unreadable ({e}); delete the persona's knowledge.db "
-                                 "and it is rebuilt on next use") from None
-            self._db = db
-        return self._db
+        return self._conn.get()
 
     def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
+        self._conn.close()
 
     def _generation(self) -> int:
         row = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
@@ -621,7 +612,7 @@ class KnowledgeIndex:
         return report
 
     def _tx(self):
-        return _Transaction(self.db)
+        return immediate(self.db)
 
     def document_flags(self) -> dict[str, list[str]]:
         """sha256 -> reasons, for documents whose raw text the injection shield flagged."""
@@ -793,21 +784,6 @@ class KnowledgeIndex:
                                   bm25_rank=bm25_ranks.get(cid), dense_rank=dense_ranks.get(cid))
                 (quarantined if passage.chunk.flagged and not include_flagged else clean).append(passage)
             return SearchResult(clean, quarantined)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT / ROLLBACK on an autocommit connection."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-        return False
 
 
 def _chunk(row: tuple) -> Chunk:

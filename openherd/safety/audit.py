@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, StoreError
+from ..sqlite import DatabaseSpec, connect
+from ..sqlite import describe_error as _reason
 
 __all__ = ["AuditEntry", "AuditLog"]
 
@@ -57,6 +59,16 @@ CREATE TABLE IF NOT EXISTS decisions (
 CREATE INDEX IF NOT EXISTS decisions_ts ON decisions (ts);
 CREATE INDEX IF NOT EXISTS decisions_persona ON decisions (persona, ts);
 """
+
+
+# synchronous=NORMAL and a short busy timeout: why, see the module docstring.
+DATABASE = DatabaseSpec(
+    what="the safety audit log",
+    schema=_SCHEMA,
+    synchronous="NORMAL",
+    busy_timeout=5.0,
+    on_error="check that HERD_HOME is writable",
+)
 
 
 @dataclass(frozen=True)
@@ -85,16 +97,7 @@ class AuditLog:
         self.path = Path(path) if path is not None else default_path()
         self.hash_values = hash_values
         self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as e:
-            raise StoreError(
-                f"cannot open the safety audit log ({_reason(e)}); check that HERD_HOME is writable"
-            ) from None
+        self._db = connect(self.path, DATABASE)
         self._key = self._load_key() if hash_values else b""
 
     # -- writing ----------------------------------------------------------
@@ -249,8 +252,3 @@ class AuditLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _reason(e: BaseException) -> str:
-    # sqlite messages name no paths; OSError.strerror is the reason without the filename.
-    return (e.strerror if isinstance(e, OSError) and e.strerror else str(e)) or type(e).__name__

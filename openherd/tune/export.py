@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,10 +100,7 @@ def write_adapter_gguf(model: Transformer, lora: LoRAConfig, path: str | Path, *
 
     args = model.args
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    w = gguf.GGUFWriter(tmp, gguf_arch(args))
-    try:
+    with _gguf_file(path, gguf_arch(args)) as w:
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora.alpha))
@@ -119,6 +118,24 @@ def write_adapter_gguf(model: Transformer, lora: LoRAConfig, path: str | Path, *
                 b = permute_qk(b, args.n_heads if rest == "attention.wq" else args.n_kv_heads)
             w.add_tensor(f"{stem}.lora_a", np.ascontiguousarray(a.numpy()))
             w.add_tensor(f"{stem}.lora_b", np.ascontiguousarray(b.numpy()))
+    return path
+
+
+@contextmanager
+def _gguf_file(path: Path, arch: str) -> Iterator[Any]:
+    """A ``gguf.GGUFWriter`` whose file appears at ``path`` whole or not at all.
+
+    The block adds metadata and tensors; on leaving it the file is written to a hidden
+    temporary name next to ``path``, fsynced and renamed over it, so a reader (llama.cpp
+    loading the store, a second export) never sees half a file and a crash leaves the
+    old one. If the block raises, the temporary file is removed."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(tmp, arch)
+    try:
+        yield w
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -130,7 +147,6 @@ def write_adapter_gguf(model: Transformer, lora: LoRAConfig, path: str | Path, *
         w.close()
         tmp.unlink(missing_ok=True)
         raise
-    return path
 
 
 def _read_gguf_arrays(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -290,12 +306,9 @@ def export_gguf(model: Transformer, base_gguf: str | Path, out: str | Path, *, q
         raise InvalidRequest(f"unknown --quant {quant!r}; choose one of {', '.join(GGUF_QUANTS)}", param="quant")
     unwrap_lora(model)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[quant]  # fmt: skip
-    w = gguf.GGUFWriter(tmp, gguf_arch(model.args))
-    try:
+    with _gguf_file(out, gguf_arch(model.args)) as w:
         if name:
             w.add_name(name)
         w.add_file_type(int(file_type))
@@ -316,17 +329,6 @@ def export_gguf(model: Transformer, base_gguf: str | Path, out: str | Path, *, q
                 w.add_tensor(tname, arr.astype(np.float16))
             else:
                 w.add_tensor(tname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
     return out
 
 

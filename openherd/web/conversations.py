@@ -13,7 +13,9 @@
 A persona's conversations live in its ``memory.db``: the very store `herd chat
 PERSONA` resumes from (``personas.memory.ConversationStore``), so a chat started
 in the browser continues in the terminal and the other way round. Chats with a
-plain model (no persona) go to ``$HERD_HOME/conversations.db``, the same schema.
+plain model (no persona) go to ``$HERD_HOME/conversations.db``, the same schema,
+which `herd chat [MODEL] --list / --resume ID` reads. This module only translates
+HTTP to ``ConversationStore`` calls; the schema and its SQL are memory.py's.
 
 The chat endpoint stays stateless (OpenAI's API is): the page appends the user's
 turn before it asks for the answer and the answer (or what was generated before
@@ -24,9 +26,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
-import unicodedata
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -35,53 +34,27 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from ..errors import InvalidRequest, NotFound
-from ..personas.memory import EXPORT_FORMATS, ROLES, Conversation, ConversationStore, Turn
+from ..personas.memory import (
+    EXPORT_FORMATS,
+    ROLES,
+    Conversation,
+    Turn,
+    clean_title,
+    conversations_exist,
+    model_chats_db,
+    open_conversations,
+)
 from ..settings import Settings
+
+__all__ = ["conversation_json", "model_chats_db", "router", "turn_json"]
 
 router = APIRouter(prefix="/v1/conversations")
 
-MAX_TITLE = 200  # as ConversationStore.new
 MAX_META_BYTES = 64 * 1024  # sources and flags of one answer; far more than they take
-
-
-def model_chats_db(settings: Settings) -> Path:
-    return settings.home / "conversations.db"
 
 
 def _settings(request: Request) -> Settings:
     return request.app.state.web.settings
-
-
-def open_store(settings: Settings, persona: str | None) -> ConversationStore:
-    """The store holding a persona's conversations, or the plain-model one for persona None/''."""
-    if persona:
-        from ..personas.bundle import PersonaStore
-
-        personas = PersonaStore(settings)
-        p = personas.get(persona)  # validates the name (no path tricks), 404 for unknown personas
-        return ConversationStore(personas.memory_db(p.name), p.name)
-    return ConversationStore(model_chats_db(settings), "")
-
-
-def _has_store(settings: Settings, persona: str | None) -> bool:
-    """Listing must not create an empty database as a side effect."""
-    if persona:
-        from ..personas.bundle import PersonaStore
-
-        personas = PersonaStore(settings)
-        return personas.memory_db(personas.get(persona).name).is_file()
-    return model_chats_db(settings).is_file()
-
-
-def clean_title(title: object) -> str:
-    """One line of printable text: a title is shown in lists, never interpreted."""
-    if not isinstance(title, str):
-        raise InvalidRequest("title must be a string", param="title")
-    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in title)
-    text = " ".join(text.split())
-    if len(text) > MAX_TITLE:
-        raise InvalidRequest(f"title is longer than {MAX_TITLE} characters", param="title")
-    return text
 
 
 def conversation_json(c: Conversation) -> dict[str, Any]:
@@ -120,38 +93,6 @@ async def _body(request: Request) -> dict[str, Any]:
     return data
 
 
-# ----------------------------------------------------------------------------- writes the store lacks
-
-# ConversationStore has no rename or truncate yet. These use its connection and
-# schema directly, in one transaction each, as its own append() does.
-
-
-def rename(mem: ConversationStore, conv_id: str, title: str) -> Conversation:
-    conv = mem.get(conv_id)
-    if hasattr(mem, "rename"):
-        mem.rename(conv.id, title)
-    else:
-        mem.db.execute("UPDATE conversations SET title = ? WHERE id = ?", (title, conv.id))
-    return mem.get(conv.id)
-
-
-def truncate(mem: ConversationStore, conv_id: str, from_seq: int) -> Conversation:
-    conv = mem.get(conv_id)
-    if hasattr(mem, "truncate"):
-        mem.truncate(conv.id, from_seq)
-        return mem.get(conv.id)
-    db = mem.db
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        db.execute("DELETE FROM turns WHERE conversation_id = ? AND seq >= ?", (conv.id, from_seq))
-        db.execute("UPDATE conversations SET updated_at = ? WHERE id = ?", (time.time(), conv.id))
-        db.execute("COMMIT")
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    return mem.get(conv.id)
-
-
 # ----------------------------------------------------------------------------- endpoints
 
 
@@ -162,9 +103,9 @@ async def list_conversations(request: Request, persona: str = "", limit: int = 2
         raise InvalidRequest("limit must be between 1 and 1000", param="limit")
 
     def rows() -> list[dict[str, Any]]:
-        if not _has_store(settings, persona):
+        if not conversations_exist(settings, persona):
             return []
-        with open_store(settings, persona) as mem:
+        with open_conversations(settings, persona) as mem:
             return [conversation_json(c) for c in mem.list(limit=limit)]
 
     return JSONResponse({"object": "list", "data": await run_in_threadpool(rows)})
@@ -193,12 +134,8 @@ async def create_conversation(request: Request) -> Response:
                 raise InvalidRequest("name the model of the conversation", param="model")
             validate_name(model)
             p, served = None, model
-        with open_store(settings, persona) as mem:
-            conv = mem.new(title=title, model=served)
-            # As `herd chat` does (personas/chat.py _start): the greeting is the first turn.
-            if p is not None and p.greeting:
-                mem.append(conv.id, "assistant", p.greeting, {"greeting": True})
-            conv = mem.get(conv.id)
+        with open_conversations(settings, persona) as mem:
+            conv = mem.new(title=title, model=served, greeting=p.greeting if p is not None else "")
             return {**conversation_json(conv), "messages": [turn_json(t) for t in mem.turns(conv.id)]}
 
     return JSONResponse(await run_in_threadpool(create), status_code=201)
@@ -209,9 +146,9 @@ async def get_conversation(conv_id: str, request: Request, persona: str = "") ->
     settings = _settings(request)
 
     def read() -> dict[str, Any]:
-        if not _has_store(settings, persona):
+        if not conversations_exist(settings, persona):
             raise NotFound(f"no conversation '{conv_id[:64]}'", param="conversation")
-        with open_store(settings, persona) as mem:
+        with open_conversations(settings, persona) as mem:
             conv = mem.get(conv_id)
             return {**conversation_json(conv), "messages": [turn_json(t) for t in mem.turns(conv.id)]}
 
@@ -227,8 +164,8 @@ async def rename_conversation(conv_id: str, request: Request, persona: str = "")
     title = clean_title(data["title"])
 
     def update() -> dict[str, Any]:
-        with open_store(settings, persona) as mem:
-            return conversation_json(rename(mem, conv_id, title))
+        with open_conversations(settings, persona) as mem:
+            return conversation_json(mem.rename(conv_id, title))
 
     return JSONResponse(await run_in_threadpool(update))
 
@@ -238,9 +175,9 @@ async def delete_conversation(conv_id: str, request: Request, persona: str = "")
     settings = _settings(request)
 
     def delete() -> str:
-        if not _has_store(settings, persona):
+        if not conversations_exist(settings, persona):
             raise NotFound(f"no conversation '{conv_id[:64]}'", param="conversation")
-        with open_store(settings, persona) as mem:
+        with open_conversations(settings, persona) as mem:
             conv = mem.get(conv_id)
             mem.delete(conv.id)
             return conv.id
@@ -262,7 +199,7 @@ async def append_turn(conv_id: str, request: Request, persona: str = "") -> Resp
         raise InvalidRequest(f"meta must be a JSON object of at most {MAX_META_BYTES} bytes", param="meta")
 
     def append() -> dict[str, Any]:
-        with open_store(settings, persona) as mem:
+        with open_conversations(settings, persona) as mem:
             conv = mem.get(conv_id)
             turn = mem.append(conv.id, role, content, meta)
             return {**turn_json(turn), "conversation": conversation_json(mem.get(conv.id))}
@@ -279,8 +216,8 @@ async def truncate_turns(conv_id: str, request: Request, persona: str = "") -> R
     from_seq = int(raw)
 
     def drop() -> dict[str, Any]:
-        with open_store(settings, persona) as mem:
-            conv = truncate(mem, conv_id, from_seq)
+        with open_conversations(settings, persona) as mem:
+            conv = mem.truncate(conv_id, from_seq)
             return {**conversation_json(conv), "messages": [turn_json(t) for t in mem.turns(conv.id)]}
 
     return JSONResponse(await run_in_threadpool(drop))
@@ -295,7 +232,7 @@ async def export_conversation(
         raise InvalidRequest(f"format must be one of {', '.join(EXPORT_FORMATS)}", param="format")
 
     def export() -> tuple[str, str]:
-        with open_store(settings, persona) as mem:
+        with open_conversations(settings, persona) as mem:
             conv = mem.get(conv_id)
             return conv.id, mem.export(conv.id, format)
 
