@@ -700,6 +700,13 @@ def test_tune_and_evaluate_pages(page, tmp_path, serve_gguf):  # noqa: F811
         assert not csp_violations(page)
 
 
+def shown_bytes(text: str) -> float:
+    """Bytes from the dashboard's fmtBytes text ("4.7 MB")."""
+    m = re.fullmatch(r"([\d.]+) (B|KB|MB|GB|TB)", text.strip())
+    assert m, f"not a byte figure: {text!r}"
+    return float(m.group(1)) * 1024 ** ["B", "KB", "MB", "GB", "TB"].index(m.group(2))
+
+
 def test_dashboard_shows_live_server_figures(page, server):
     page.goto(f"{server.url}/#/dashboard")
     page.wait_for_selector("[data-testid=requests]:not(:text('–'))")
@@ -724,5 +731,18 @@ def test_dashboard_shows_live_server_figures(page, server):
     )
     assert MODEL in page.locator("[data-testid=loaded-models]").inner_text()
     assert int(page.locator("[data-testid=throughput-chart]").get_attribute("data-points")) >= 2
+    # Memory: the server process' RSS, and the model's llama.cpp allocations, all from /metrics.
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    rss = float(re.search(r"^process_resident_memory_bytes (\S+)$", text, re.M).group(1))
+    kinds = dict(re.findall(rf'^herd_model_memory_bytes\{{model="{MODEL}",kind="(\w+)"\}} (\S+)$', text, re.M))
+    assert set(kinds) == {"weights", "kv_cache", "compute"}
+    assert shown_bytes(page.locator("[data-testid=memory]").inner_text()) == pytest.approx(rss, rel=0.2)
+    # (A poll that saw the model in /api/ps before /metrics shows its total only: wait a poll.)
+    page.wait_for_function("() => /weights/.test(document.querySelector('[data-testid=model-memory]').textContent)")
+    cell = page.locator("[data-testid=model-memory]").inner_text()
+    assert re.search(r"weights [\d.]+ [KM]B · KV cache [\d.]+ [KM]B · compute [\d.]+ [KM]B", cell), cell
+    total = sum(float(v) for v in kinds.values())
+    assert shown_bytes(cell.splitlines()[0]) == pytest.approx(total, rel=0.02)  # one decimal shown
+    assert shown_bytes(page.locator("[data-testid=models-memory]").inner_text()) == pytest.approx(total, rel=0.02)
     shot(page, "dashboard")
     assert not csp_violations(page)

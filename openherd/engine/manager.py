@@ -34,10 +34,13 @@ class LoadedModel:
     name: str
     engine: Engine
     manifest: object  # openherd.store.Manifest
-    size: int  # estimated resident bytes (weights + KV cache)
+    size: int  # bytes llama.cpp allocated at load: weights + KV cache + compute buffers
     loaded_at: float = field(default_factory=time.time)
     keep_alive: float = 300.0  # seconds after last use; < 0 = forever
     load_seconds: float = 0.0  # wall time the load took (Ollama's load_duration)
+
+    def memory(self) -> ModelMemory:
+        return engine_memory(self.engine)
 
     @property
     def expires_at(self) -> float | None:
@@ -74,15 +77,38 @@ class _SharedModels:
             self._models[key] = (m, n - 1)
 
 
-def _kv_bytes(engine: Engine) -> int:
-    import llama_cpp
+@dataclass(frozen=True)
+class ModelMemory:
+    """What one loaded model holds, in bytes, as llama.cpp allocated it.
 
-    m = engine.model.ptr
-    n_kv = llama_cpp.llama_model_n_head_kv(m)
-    n_head = max(1, llama_cpp.llama_model_n_head(m))
-    head_dim = engine.info.n_embd // n_head
-    cells = engine.n_ctx_seq * engine.config.n_parallel
-    return cells * engine.info.n_layer * 2 * n_kv * head_dim * 2  # K and V, f16
+    ``weights`` is ``llama_model_size`` (every tensor of the file). LoRA variants of one
+    base share those weights, so each reports them: add up ``kv_cache`` and ``compute``
+    across models, but read the process' resident memory for the whole."""
+
+    weights: int
+    kv_cache: int | None  # None: llama.cpp could not tell
+    compute: int | None
+
+    @property
+    def total(self) -> int:
+        return self.weights + (self.kv_cache or 0) + (self.compute or 0)
+
+
+def engine_memory(engine: Engine) -> ModelMemory:
+    """Weights plus every context of the engine: the generation context and, once an
+    embeddings request has created it, the embedding context (read-only)."""
+    contexts = [engine.ctx, getattr(engine, "_embed_ctx", None)]  # the latter is created on demand
+    parts = [c.memory() for c in contexts if c is not None]
+    return ModelMemory(
+        weights=engine.info.size_bytes,
+        kv_cache=_sum_known([p.kv_cache for p in parts]),
+        compute=_sum_known([p.compute for p in parts]),
+    )
+
+
+def _sum_known(values: list[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
 
 
 def _total_ram() -> int:
@@ -133,6 +159,10 @@ class ModelManager:
     def get_loaded(self, name: str) -> LoadedModel | None:
         return self._loaded.get(name)
 
+    def memory(self) -> dict[str, ModelMemory]:
+        """Per loaded model, what llama.cpp allocated for it (for /metrics)."""
+        return {lm.name: lm.memory() for lm in self.loaded()}
+
     async def unload(self, name: str) -> bool:
         async with self._locks.setdefault(name, asyncio.Lock()):
             return await self._unload(name)
@@ -171,8 +201,10 @@ class ModelManager:
             except Exception as e:  # llama.cpp allocation failures, OS errors
                 log.exception("loading %s failed", name)
                 raise Unavailable(f"model '{name}' failed to load: {type(e).__name__}") from None
+            # What llama.cpp allocated (weights, KV cache, compute buffers), as Ollama's
+            # /api/ps "size" means it; the memory budget counts the same figure.
             lm = LoadedModel(name=name, engine=engine, manifest=manifest,
-                             size=engine.info.size_bytes + _kv_bytes(engine), keep_alive=self.settings.keep_alive,
+                             size=engine_memory(engine).total, keep_alive=self.settings.keep_alive,
                              load_seconds=time.perf_counter() - t0)
             self._loaded[name] = lm
             log.info("loaded %s in %.2fs", name, lm.load_seconds)

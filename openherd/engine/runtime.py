@@ -11,9 +11,11 @@ drives ``decode`` does not block the asyncio server thread.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 
@@ -49,6 +51,9 @@ def init_backend() -> None:
             # logging instead (DEBUG), keeping warnings and errors visible there.
             # ggml_log_level: 1 DEBUG, 2 INFO, 3 WARN, 4 ERROR, 5 CONT(inuation).
             msg = text.decode("utf-8", "replace").rstrip()
+            sink = getattr(_log_capture, "lines", None)
+            if sink is not None and msg:  # see capture_log(): buffer sizes exist only in the log
+                sink.append(msg)
             if msg:
                 log.log({3: logging.WARNING, 4: logging.ERROR}.get(level, logging.DEBUG), msg)
 
@@ -221,7 +226,9 @@ class LlamaContext:
             p.pooling_type = cfg.pooling
         self.model = model
         self.cfg = cfg
-        self.ptr = ll.llama_init_from_model(model.ptr, p)
+        with capture_log() as lines:
+            self.ptr = ll.llama_init_from_model(model.ptr, p)
+        self._reported = ReportedBuffers.parse(lines)
         if not self.ptr:
             raise InvalidModelFile("llama.cpp could not create a context for this model (out of memory?)")
         self.mem = ll.llama_get_memory(self.ptr)
@@ -267,6 +274,21 @@ class LlamaContext:
             _llama().llama_free(self.ptr)
             self.ptr = None
 
+    def memory(self) -> ContextMemory:
+        """Bytes this context allocated: KV cache and compute buffers (read-only; no C call
+        touches the context itself, so it is safe from any thread while the context lives)."""
+        exact = kv_cache_bytes(self.model, self.n_ctx)
+        reported = self._reported.kv_cache
+        # The computed figure is exact to the byte but knows only plain attention caches;
+        # llama.cpp's own report covers every cache kind but is rounded to 0.01 MiB. Trust
+        # the computation where the report confirms it (a quantized KV type or per-layer
+        # head counts would make the two disagree), llama.cpp's report everywhere else.
+        if exact is not None and (reported is None or abs(exact - reported) <= _REPORT_ROUNDING):
+            kv = exact
+        else:
+            kv = reported
+        return ContextMemory(kv_cache=kv, compute=self._reported.compute)
+
 
 class Batch:
     """A reusable ``llama_batch``; ``add`` writes straight into its C arrays."""
@@ -310,3 +332,102 @@ def load_lora(model: LlamaModel, path: str):
     if not ptr:
         raise InvalidModelFile(f"llama.cpp could not load the LoRA adapter {os.path.basename(path)} for this base model")
     return ptr
+
+
+# --- memory accounting --------------------------------------------------------------
+# llama.cpp's C API has no call that returns what a context allocated: the breakdown
+# (llama_get_memory_breakdown) is C++-only, and llama_state_get_size is the size of a
+# *saved* state (used cells only: 17 bytes for an empty cache), not of the allocation.
+# But llama.cpp logs every backend buffer it allocates, as "<backend> <what> buffer
+# size = <MiB> MiB", on the thread that creates the context. capture_log() collects
+# those lines for that thread only, so contexts created concurrently on other threads
+# never mix their reports.
+
+_log_capture = threading.local()
+_MIB = 1024 * 1024
+_REPORT_ROUNDING = _MIB // 100 + 1  # one unit of llama.cpp's "%.2f MiB" (rounding + tensor padding)
+_BUFFER_LINE = re.compile(r"(\S+) (KV|RS|compute) buffer size =\s*([0-9]+(?:\.[0-9]+)?) MiB")
+# Bytes per element of the unquantized KV types (ggml_type ids: F32, F16, BF16).
+_KV_TYPE_BYTES = {0: 4, 1: 2, 30: 2}
+
+
+@contextlib.contextmanager
+def capture_log():
+    """Collect this thread's llama.cpp log lines (as they are also logged) while inside."""
+    lines: list[str] = []
+    outer = getattr(_log_capture, "lines", None)
+    _log_capture.lines = lines
+    try:
+        yield lines
+    finally:
+        _log_capture.lines = outer
+
+
+@dataclass(frozen=True)
+class ReportedBuffers:
+    """Buffer sizes llama.cpp logged while creating a context, in bytes (None: not reported)."""
+
+    kv_cache: int | None  # attention KV ("KV") plus recurrent state ("RS"), every backend
+    compute: int | None  # the scheduler's graph buffers, every backend
+
+    @classmethod
+    def parse(cls, lines: list[str]) -> ReportedBuffers:
+        cache: list[float] = []
+        compute: dict[str, float] = {}
+        for line in lines:
+            for backend, what, mib in _BUFFER_LINE.findall(line):
+                if what == "compute":
+                    # One scheduler buffer per backend: a later reservation replaces it.
+                    compute[backend] = float(mib)
+                else:
+                    cache.append(float(mib))  # an iSWA or hybrid model has one cache of each kind
+        return cls(
+            kv_cache=round(sum(cache) * _MIB) if cache else None,
+            compute=round(sum(compute.values()) * _MIB) if compute else None,
+        )
+
+
+@dataclass(frozen=True)
+class ContextMemory:
+    kv_cache: int | None  # bytes; None where llama.cpp could not tell
+    compute: int | None
+
+
+def kv_cache_bytes(
+    model: LlamaModel, n_cells: int, type_k: int | None = None, type_v: int | None = None
+) -> int | None:
+    """Exact bytes of a plain attention KV cache of ``n_cells`` cells (all sequences and
+    streams together: llama_n_ctx), as llama_kv_cache allocates it: per layer, K is
+    [n_embd_head_k * n_head_kv, cells] and V is [n_embd_head_v * n_head_kv, cells].
+
+    None for the caches this formula does not describe: recurrent state, hybrid and
+    sliding-window models, and quantized KV types (their rows are block-packed).
+    The types default to what our contexts use: llama.cpp's default (F16).
+    """
+    ll = _llama()
+    m = model.ptr
+    if not m or ll.llama_model_is_recurrent(m) or ll.llama_model_is_hybrid(m) or ll.llama_model_n_swa(m) > 0:
+        return None
+    if type_k is None or type_v is None:
+        defaults = ll.llama_context_default_params()
+        type_k = defaults.type_k if type_k is None else type_k
+        type_v = defaults.type_v if type_v is None else type_v
+    if type_k not in _KV_TYPE_BYTES or type_v not in _KV_TYPE_BYTES:
+        return None
+    n_head = ll.llama_model_n_head(m)
+    n_head_kv = ll.llama_model_n_head_kv(m)
+    if n_head <= 0 or n_head_kv <= 0:
+        return None
+    arch = model.meta("general.architecture") or ""
+    head_k = _meta_int(model, f"{arch}.attention.key_length") or ll.llama_model_n_embd(m) // n_head
+    head_v = _meta_int(model, f"{arch}.attention.value_length") or ll.llama_model_n_embd(m) // n_head
+    per_cell = n_head_kv * (head_k * _KV_TYPE_BYTES[type_k] + head_v * _KV_TYPE_BYTES[type_v])
+    return n_cells * ll.llama_model_n_layer(m) * per_cell
+
+
+def _meta_int(model: LlamaModel, key: str) -> int | None:
+    v = model.meta(key)
+    try:
+        return int(v) if v is not None else None
+    except ValueError:  # an array (per-layer values) prints as "arr[i32,N]": not one number
+        return None

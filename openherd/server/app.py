@@ -459,7 +459,8 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(state.engine_stats()), media_type=_metrics.CONTENT_TYPE)
+        text = state.metrics.render(state.engine_stats(), memory=manager.memory())
+        return Response(text, media_type=_metrics.CONTENT_TYPE)
 
     app.include_router(openai_router)
     app.include_router(moderation_router)

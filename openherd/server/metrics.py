@@ -9,12 +9,19 @@ scrape time from ``Engine.stats()``, so they can never drift.
 Time to first token and inter-token latency are measured where the user sees
 them: in the serving layer, per stream, as each token is handed to the HTTP
 response, so they include queueing and scheduling, not just ``llama_decode``.
+
+Memory: the standard ``process_*`` series of Prometheus' client libraries (read
+from procfs, as prometheus_client's ProcessCollector reads them, so existing
+dashboards and alerts work unchanged; left out where there is no procfs), and
+``herd_model_memory_bytes`` per loaded model and kind, as llama.cpp allocated it.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import math
+import os
 from dataclasses import dataclass, field
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -98,6 +105,106 @@ def render_gauge(
     return lines
 
 
+@dataclass(frozen=True)
+class ProcessStats:
+    resident_bytes: int
+    virtual_bytes: int
+    cpu_seconds: float  # user + system
+    start_time: float  # Unix seconds
+    open_fds: int
+    max_fds: int | None  # the soft RLIMIT_NOFILE; None when unlimited
+
+
+def read_process_stats(proc: str = "/proc/self") -> ProcessStats | None:
+    """This process' figures from procfs; None where there is none (macOS, Windows)."""
+    try:
+        with open(f"{proc}/stat", "rb") as f:
+            stat = f.read().decode("ascii", "replace")
+        # proc(5): field 2 (comm) may hold spaces and ')', so split after the last ')'.
+        # fields[0] is then field 3 (state): utime is field 14, rss field 24.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        start_ticks, vsize, rss_pages = int(fields[19]), int(fields[20]), int(fields[21])
+        ticks = os.sysconf("SC_CLK_TCK")
+        page = os.sysconf("SC_PAGE_SIZE")
+        open_fds = len(os.listdir(f"{proc}/fd"))
+        boot = _boot_time()
+    except (OSError, ValueError, IndexError):
+        return None
+    return ProcessStats(
+        resident_bytes=rss_pages * page,
+        virtual_bytes=vsize,
+        cpu_seconds=(utime + stime) / ticks,
+        start_time=boot + start_ticks / ticks,  # starttime counts clock ticks since boot
+        open_fds=open_fds,
+        max_fds=_max_fds(),
+    )
+
+
+@functools.cache
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    raise ValueError("no btime in /proc/stat")
+
+
+def _max_fds() -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def render_process(stats: ProcessStats | None) -> list[str]:
+    if stats is None:
+        return []
+    lines = [
+        "# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.",
+        "# TYPE process_cpu_seconds_total counter",
+        f"process_cpu_seconds_total {_num(stats.cpu_seconds)}",
+    ]
+    lines += render_gauge(
+        "process_resident_memory_bytes", "Resident memory size in bytes.", (), {(): stats.resident_bytes}
+    )
+    lines += render_gauge(
+        "process_virtual_memory_bytes", "Virtual memory size in bytes.", (), {(): stats.virtual_bytes}
+    )
+    lines += render_gauge(
+        "process_start_time_seconds",
+        "Start time of the process since unix epoch in seconds.",
+        (),
+        {(): stats.start_time},
+    )
+    lines += render_gauge("process_open_fds", "Number of open file descriptors.", (), {(): stats.open_fds})
+    if stats.max_fds is not None:
+        lines += render_gauge(
+            "process_max_fds", "Maximum number of open file descriptors.", (), {(): stats.max_fds}
+        )
+    return lines
+
+
+MEMORY_KINDS = ("weights", "kv_cache", "compute")
+
+
+def render_model_memory(memory: dict[str, object]) -> list[str]:
+    """``memory``: loaded model name -> its ``ModelMemory`` (weights, kv_cache, compute)."""
+    values: dict[tuple[str, ...], float] = {}
+    for model, mem in memory.items():
+        for kind in MEMORY_KINDS:
+            v = getattr(mem, kind, None)
+            if v is not None:  # llama.cpp could not tell: no series rather than a false 0
+                values[(model, kind)] = float(v)
+    return render_gauge(
+        "herd_model_memory_bytes",
+        "Memory llama.cpp allocated for a loaded model: weights (llama_model_size; LoRA variants "
+        "share their base's), kv_cache, compute buffers.",
+        ("model", "kind"),
+        values,
+    )
+
+
 class Metrics:
     def __init__(self):
         self.requests = Counter(
@@ -134,8 +241,9 @@ class Metrics:
             ("model",),
         )
 
-    def render(self, engine_stats: dict[str, object]) -> str:
-        """``engine_stats``: loaded model name -> its ``EngineStats``."""
+    def render(self, engine_stats: dict[str, object], memory: dict[str, object] | None = None) -> str:
+        """``engine_stats``: loaded model name -> its ``EngineStats``; ``memory``: loaded
+        model name -> its ``ModelMemory`` (``ModelManager.memory()``)."""
         queue = {(m,): float(getattr(s, "queue_depth", 0)) for m, s in engine_stats.items()}
         active = {(m,): float(getattr(s, "active", 0)) for m, s in engine_stats.items()}
         lines: list[str] = []
@@ -152,6 +260,8 @@ class Metrics:
         lines += render_gauge(
             "herd_active_sequences_total", "Active sequences, all models.", (), {(): sum(active.values())}
         )
+        lines += render_model_memory(memory or {})
+        lines += render_process(read_process_stats())
         for metric in (
             self.requests,
             self.request_duration,

@@ -13,10 +13,49 @@ interface Scrape {
   samples: Sample[];
 }
 
+// herd_model_memory_bytes kinds, in the order the table lists them.
+const MEMORY_KINDS: [kind: string, label: string][] = [
+  ["weights", "weights"],
+  ["kv_cache", "KV cache"],
+  ["compute", "compute"],
+];
+
+/** Per loaded model, what llama.cpp allocated for it: kind -> bytes. */
+function modelMemory(samples: Sample[]): Map<string, Map<string, number>> {
+  const out = new Map<string, Map<string, number>>();
+  for (const s of samples) {
+    if (s.name !== "herd_model_memory_bytes") continue;
+    const kinds = out.get(s.labels.model) ?? new Map<string, number>();
+    kinds.set(s.labels.kind, s.value);
+    out.set(s.labels.model, kinds);
+  }
+  return out;
+}
+
+function sum(values: Iterable<number>): number {
+  let s = 0;
+  for (const v of values) s += v;
+  return s;
+}
+
+/** The value of a series without labels, or null when /metrics has none (no procfs). */
+function gauge(samples: Sample[], name: string): number | null {
+  const x = samples.find((s) => s.name === name);
+  return x ? x.value : null;
+}
+
 function card(label: string, testid: string): { el: HTMLElement; value: HTMLElement; sub: HTMLElement } {
   const value = h("div", { class: "value", "data-testid": testid }, "–");
   const sub = h("div", { class: "sub" });
   return { el: h("div", { class: "stat card" }, h("div", { class: "label" }, label), value, sub), value, sub };
+}
+
+/** A model's memory: the total, then each kind llama.cpp could tell. A model loaded
+ *  between the two requests is not in this scrape yet: /api/ps's size is the same total. */
+function memoryCell(kinds: Map<string, number> | undefined, psSize: number | undefined): HTMLElement {
+  if (!kinds || !kinds.size) return h("td", { "data-testid": "model-memory" }, fmtBytes(psSize));
+  const parts = MEMORY_KINDS.filter(([k]) => kinds.has(k)).map(([k, label]) => `${label} ${fmtBytes(kinds.get(k))}`);
+  return h("td", { "data-testid": "model-memory" }, fmtBytes(sum(kinds.values())), h("br"), h("small", null, parts.join(" · ")));
 }
 
 export function dashboardPage(): Page {
@@ -26,6 +65,10 @@ export function dashboardPage(): Page {
   const ttft = card("Time to first token", "ttft");
   const loadedCard = card("Loaded models", "loaded");
   const requests = card("Requests", "requests");
+  // Process memory rides in the loaded-models card: six cards fill one row.
+  const modelBytesEl = h("span", { "data-testid": "models-memory" }, "–");
+  const rssEl = h("span", { "data-testid": "memory" }, "–");
+  mount(loadedCard.sub, modelBytesEl, " allocated by llama.cpp · process RSS ", rssEl);
   const chart = new LineChart(
     [
       { label: "tok/s", color: "#2f8f63" },
@@ -98,6 +141,13 @@ export function dashboardPage(): Page {
     const finished = total(now.samples, "herd_sequences_total");
     requests.sub.textContent = `${fmtNum(finished, 0)} sequences finished`;
 
+    // Memory: the process as the kernel counts it (RSS), and per model what llama.cpp
+    // allocated (weights, KV cache, compute buffers): the same figures as /metrics.
+    const perModel = modelMemory(now.samples);
+    const modelBytes = sum(Array.from(perModel.values(), (kinds) => sum(kinds.values())));
+    modelBytesEl.textContent = fmtBytes(modelBytes);
+    rssEl.textContent = fmtBytes(gauge(now.samples, "process_resident_memory_bytes"));
+
     series[0].push(now.t);
     series[1].push(rate);
     series[2].push(a);
@@ -107,13 +157,11 @@ export function dashboardPage(): Page {
 
     try {
       const ps = await api<{ models: any[] }>("/api/ps");
-      const bytes = ps.models.reduce((s, m) => s + (m.size ?? 0), 0);
       loadedCard.value.textContent = String(ps.models.length);
-      loadedCard.sub.textContent = `${fmtBytes(bytes)} of model memory`;
       mount(
         psBody,
         ps.models.length
-          ? ps.models.map((m) => h("tr", null, h("td", null, m.name), h("td", null, fmtBytes(m.size)), h("td", null, String(m.context_length ?? "–")), h("td", null, new Date(m.expires_at).toLocaleTimeString())))
+          ? ps.models.map((m) => h("tr", null, h("td", null, m.name), memoryCell(perModel.get(m.name), m.size), h("td", null, String(m.context_length ?? "–")), h("td", null, new Date(m.expires_at).toLocaleTimeString())))
           : h("tr", null, h("td", { colspan: 4, class: "muted" }, "None loaded.")),
       );
       note.textContent = "";
