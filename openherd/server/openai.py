@@ -432,6 +432,25 @@ def _refused(req: p.ChatCompletionRequest, turn: Turn, created: int) -> Response
     return EventStream(stream(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
+def _screened(screen, ev: TokenEvent | FinishEvent, text: str) -> str:
+    """One event's text through a choice's output shield; the finish event flushes what
+    the shield held back (after raising for a failed generation)."""
+    if isinstance(ev, FinishEvent):
+        raise_for_finish(ev)
+    out = screen.feed(text) if text else ""
+    if isinstance(ev, FinishEvent):
+        out += screen.finish()
+    return out
+
+
+def _end_blocked(gen, k: int, ev: TokenEvent | FinishEvent, finishes: list[FinishEvent]) -> None:
+    """A shield blocked choice k: keep its finish for usage, or cancel its sequence now."""
+    if isinstance(ev, FinishEvent):
+        finishes.append(ev)
+    else:
+        gen.cancel_one(k)
+
+
 def _sse(obj) -> str:
     return f"data: {obj}\n\n"
 
@@ -495,17 +514,10 @@ async def _chat_stream(
             else:
                 content = text
             screen = screens[i]
-            if isinstance(ev, FinishEvent):
-                raise_for_finish(ev)
-            content = screen.feed(content) if content else ""
-            if isinstance(ev, FinishEvent):
-                content += screen.finish()
+            content = _screened(screen, ev, content)
             if screen.blocked:
                 stopped[i] = True
-                if isinstance(ev, FinishEvent):
-                    finishes.append(ev)
-                else:
-                    gen.cancel_one(i)
+                _end_blocked(gen, i, ev, finishes)
                 if not screen.text().strip():  # nothing (but whitespace) went out yet: answer with the refusal
                     yield chunk([p.ChunkChoice(index=i, delta=p.Delta(content=screen.refusal))])
                 yield chunk(
@@ -785,17 +797,10 @@ async def _completion_stream(
                 if isinstance(ev, FinishEvent):
                     finishes.append(ev)
                 continue
-            if isinstance(ev, FinishEvent):
-                raise_for_finish(ev)
-            text = screen.feed(ev.text) if ev.text else ""
-            if isinstance(ev, FinishEvent):
-                text += screen.finish()
+            text = _screened(screen, ev, ev.text)
             if screen.blocked:
                 stopped[k] = True
-                if isinstance(ev, FinishEvent):
-                    finishes.append(ev)
-                else:
-                    gen.cancel_one(k)
+                _end_blocked(gen, k, ev, finishes)
                 if not screen.text().strip():
                     yield chunk(index, screen.refusal)
                 yield chunk(index, "", None, "content_filter", turn.herd(screen.text()))
