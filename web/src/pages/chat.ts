@@ -42,7 +42,12 @@ export function chatPage(arg: string): Page {
     view.focus();
   }
 
+  // Refreshes overlap (a new turn, a rename, the picker); only the newest may draw,
+  // or an older, slower response would put a stale list (e.g. an untitled chat) back.
+  let refreshes = 0;
+
   async function refreshList(): Promise<void> {
+    const mine = ++refreshes;
     const t = target();
     if (!t) {
       mount(list);
@@ -53,8 +58,9 @@ export function chatPage(arg: string): Page {
     try {
       convs = (await api<{ data: Conversation[] }>(`/v1/conversations${q({ persona: t.persona })}`)).data;
     } catch (e) {
-      toast(e instanceof Error ? e.message : String(e), "error");
+      if (mine === refreshes) toast(e instanceof Error ? e.message : String(e), "error");
     }
+    if (mine !== refreshes) return;
     const currentId = view.conversation?.id;
     mount(
       list,
