@@ -59,6 +59,26 @@ __all__ = [
     "llama3_rope_factors",
     "load_torch_model",
     "dequantize_gguf_tensor",
+    "emulate_llama_cpp",
+    "ggml_block_matmul",
+    "ggml_expf",
+    "ggml_rms_norm",
+    "ggml_rope",
+    "ggml_rope_table",
+    "ggml_swiglu",
+    "gguf_block_quants",
+    "gguf_name_to_ours",
+    "GGML_EXACT_TYPES",
+    "GGML_VEC_DOT_TYPE",
+    "GGMLBlocks",
+    "LlamaCppFused",
+    "LlamaCppLinear",
+    "LlamaCppRMSNorm",
+    "llama_cpp_attention",
+    "Q8Blocks",
+    "quantize_q8_0",
+    "quantize_q8_1",
+    "quantize_q8_K",
     "logits_to_probs",
     "ours_to_hf_state_dict",
     "prefill",
@@ -279,15 +299,29 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=args.o_bias)
         self.kv_cache: KVCache | None = None
+        self.numerics = "torch"  # "llama.cpp": compute as llama.cpp's CPU attention does (emulate_llama_cpp)
+        # "llama.cpp": head dims in the GGUF's order (a buffer so .to() moves it; never saved)
+        self.register_buffer("ggml_qk_order", None, persistent=False)
+        self.ggml_qkv: LlamaCppFused | None = None  # "llama.cpp": wq, wk, wv as one kernel call
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.ggml_qkv is not None:  # llama.cpp numerics: the three projections in one kernel call
+            q, k, v = self.ggml_qkv(x)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.numerics == "llama.cpp":
+            # cos/sin are ggml_rope_table's (T, hd/2). llama.cpp attends from its KV cache (F16
+            # by default), so every key and value, the current positions' too, is fp16-rounded.
+            q, k = ggml_rope(q, cos, sin), ggml_rope(k, cos, sin)
+            k, v = _fp16(k), _fp16(v)
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if input_pos is not None:
             if self.kv_cache is None:
                 raise RuntimeError("input_pos given but no KV cache: call model.setup_caches() first")
@@ -301,7 +335,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(rep, dim=1)
         # mask None means plain causal attention over this forward's own T positions.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hd)
+        if self.numerics == "llama.cpp":
+            y = llama_cpp_attention(q, k, v, mask, ggml_attention_scale(self.head_dim), self.ggml_qk_order)
+        else:  # (B, nh, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
         return self.wo(y)
 
@@ -314,8 +351,13 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
+        self.numerics = "torch"  # "llama.cpp": ggml's silu (emulate_llama_cpp)
+        self.ggml_w13: LlamaCppFused | None = None  # "llama.cpp": w1, w3 as one kernel call
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.numerics == "llama.cpp":
+            gate, up = self.ggml_w13(x) if self.ggml_w13 is not None else (self.w1(x), self.w3(x))
+            return self.w2(ggml_swiglu(gate, up))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -347,6 +389,11 @@ class Transformer(nn.Module):
         # frequencies (bf16 angles are off by whole radians at position 10k).
         self._inv_freq: Tensor | None = None
         self.cache_shape: tuple[int, int] | None = None  # (max_batch_size, max_seq_len) of the KV caches
+        # Parameter name -> ggml type name ("Q4_1", "F32", ...) of the GGUF tensor it was
+        # dequantized from; empty for models not loaded from GGUF.
+        self.ggml_types: dict[str, str] = {}
+        self.numerics = "torch"  # "torch" | "llama.cpp" (see emulate_llama_cpp)
+        self.ggml_rope_freqs: tuple[float, ...] | None = None  # the GGUF's rope_freqs values, for "llama.cpp"
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -384,7 +431,10 @@ class Transformer(nn.Module):
         device = input_ids.device
         positions = input_pos if input_pos is not None else torch.arange(T, device=device)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
-        cos, sin = rope_cos_sin(self.inv_freq(device), positions, x.dtype)  # (T, hd) each
+        if self.numerics == "llama.cpp":
+            cos, sin = self._ggml_rope(positions)  # (T, hd/2) each
+        else:
+            cos, sin = rope_cos_sin(self.inv_freq(device), positions, x.dtype)  # (T, hd) each
         masks = self._masks(positions, T, input_pos is not None, device)
         for i, block in enumerate(self.layers):
             x = block(x, cos, sin, masks[self.args.window(i)], input_pos)
@@ -392,6 +442,18 @@ class Transformer(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # (B, T', dim): prefill needs only the last position
         return self.output(x)  # (B, T', vocab)
+
+    def _ggml_rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        a = self.args
+        freq_scale = 1.0
+        if a.rope_scaling == "linear":  # llama.cpp: rope_freq_scale = 1.0f / factor
+            freq_scale = float(
+                torch.tensor(1.0, dtype=torch.float32) / torch.tensor(a.rope_factor, dtype=torch.float32)
+            )
+        factors = self.ggml_rope_freqs or a.rope_freq_factors
+        if factors is None and a.rope_scaling == "llama3":
+            raise InvalidRequest("llama.cpp numerics need the GGUF's rope_freqs values for Llama 3.1 scaling")
+        return ggml_rope_table(positions, a.head_dim, a.rope_theta, freq_scale, factors)
 
     def _masks(self, positions: Tensor, T: int, cached: bool, device) -> dict[int | None, Tensor | None]:
         """Boolean attention masks (T, S) per distinct window; None = use SDPA's is_causal."""
@@ -898,23 +960,35 @@ def permute_qk(w: Tensor, n_heads: int) -> Tensor:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def gguf_name_to_ours(name: str) -> str | None:
+    """Our parameter name for a GGUF tensor name (blk.N.attn_q.weight -> layers.N.attention.wq.weight);
+    None for rope_freqs.weight, which is folded into ModelArgs.rope_freq_factors."""
+    if name == "rope_freqs.weight":
+        return None
+    stem, _, kind = name.rpartition(".")
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{kind}"
+    parts = stem.split(".")
+    if len(parts) != 3 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
+        raise InvalidModelFile(f"unsupported tensor {name!r} for the torch Llama model")
+    return f"layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{kind}"
+
+
 def gguf_state_dict_to_ours(tensors: dict[str, Tensor], args: ModelArgs) -> dict[str, Tensor]:
-    """Rename GGUF tensors (blk.N.attn_q.weight, ...) to ours, un-permuting Q/K for the llama arch."""
+    """Rename GGUF tensors (blk.N.attn_q.weight, ...) to ours, un-permuting Q/K for the llama arch.
+
+    Also right for any per-row tensor (out, ...) that follows a weight's rows, such as the
+    integer block quants of the llama.cpp numerics emulation (GGMLBlocks).
+    """
     out: dict[str, Tensor] = {}
     for name, t in tensors.items():
-        if name == "rope_freqs.weight":  # folded into args.rope_freq_factors
+        ours = gguf_name_to_ours(name)
+        if ours is None:
             continue
-        stem, _, kind = name.rpartition(".")
-        if stem in _GGUF_TOP_NAMES:
-            out[f"{_GGUF_TOP_NAMES[stem]}.{kind}"] = t
-            continue
-        parts = stem.split(".")
-        if len(parts) != 3 or parts[0] != "blk" or parts[2] not in _GGUF_LAYER_NAMES:
-            raise InvalidModelFile(f"unsupported tensor {name!r} for the torch Llama model")
-        ours = _GGUF_LAYER_NAMES[parts[2]]
-        if args.arch == "llama" and parts[2] in ("attn_q", "attn_k"):
-            t = unpermute_qk(t, args.n_heads if parts[2] == "attn_q" else args.n_kv_heads)
-        out[f"layers.{parts[1]}.{ours}.{kind}"] = t
+        module = name.rpartition(".")[0].rpartition(".")[2]  # blk.N.attn_q.weight -> attn_q
+        if args.arch == "llama" and module in ("attn_q", "attn_k"):
+            t = unpermute_qk(t, args.n_heads if module == "attn_q" else args.n_kv_heads)
+        out[ours] = t
     if args.tie_embeddings and "tok_embeddings.weight" in out:
         out["output.weight"] = out["tok_embeddings.weight"]
     return out
@@ -946,16 +1020,24 @@ def dequantize_gguf_tensor(mm, t) -> Any:
     return data.reshape(tuple(reversed(t.shape)))
 
 
-def load_gguf(path: str | Path, *, device=None, dtype=None) -> Transformer:
-    """Build the model of a GGUF file, dequantized to `dtype`."""
-    return _load_gguf(path, device, dtype)[0]
+def load_gguf(path: str | Path, *, device=None, dtype=None, emulate: str | None = None) -> Transformer:
+    """Build the model of a GGUF file, dequantized to `dtype`.
+
+    `emulate="llama.cpp"` makes the model compute what llama.cpp's CPU backend computes from
+    this file, bit for bit (see `emulate_llama_cpp`; float32 only, inference only). Default
+    None: plain fp32/bf16 arithmetic on the dequantized weights, as for training and parity
+    with transformers.
+    """
+    return _load_gguf(path, device, dtype, emulate)[0]
 
 
-def _load_gguf(path, device, dtype) -> tuple[Transformer, dict[str, Any]]:
+def _load_gguf(path, device, dtype, emulate: str | None = None) -> tuple[Transformer, dict[str, Any]]:
     import numpy as np
+    from gguf import GGMLQuantizationType
 
     from .gguf import read_gguf
 
+    _check_emulate(emulate)
     # The validating reader checks every count, length and offset before any byte is mapped.
     info = read_gguf(path, load_arrays=True)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -964,11 +1046,33 @@ def _load_gguf(path, device, dtype) -> tuple[Transformer, dict[str, Any]]:
     rope_freqs = dequantize_gguf_tensor(mm, freqs).tolist() if freqs is not None else None
     args = config_from_gguf(info.metadata, shapes, rope_freqs)
     device, dtype = _pick_device_dtype(device, dtype)
+    if emulate and dtype != torch.float32:
+        raise InvalidRequest(
+            f"llama.cpp numerics need dtype float32 (llama.cpp's CPU backend computes in fp32), got {dtype}"
+        )
     tensors: dict[str, Tensor] = {}
+    types: dict[str, str] = {}
+    quants: dict[str, tuple[Tensor, Tensor, Tensor | None]] = {}  # emulation: integer blocks by GGUF name
     for t in info.tensors:  # one fp32 tensor at a time: peak memory is the model in `dtype` plus one
-        if t.name != "rope_freqs.weight":
-            tensors[t.name] = torch.from_numpy(dequantize_gguf_tensor(mm, t)).to(device=device, dtype=dtype)
-    return _build(args, gguf_state_dict_to_ours(tensors, args), device), info.metadata
+        if t.name == "rope_freqs.weight":
+            continue
+        tensors[t.name] = torch.from_numpy(dequantize_gguf_tensor(mm, t)).to(device=device, dtype=dtype)
+        types[t.name] = GGMLQuantizationType(t.ggml_type).name  # dequantize_gguf_tensor checked it is known
+        if emulate and types[t.name] in _BLOCK_BYTES and len(t.shape) == 2:
+            q, d, m = gguf_block_quants(mm, t)
+            quants[t.name] = (torch.from_numpy(q).to(device), torch.from_numpy(d).to(device),
+                              torch.from_numpy(m).to(device) if m is not None else None)  # fmt: skip
+    model = _build(args, gguf_state_dict_to_ours(tensors, args), device)
+    model.ggml_types = {ours: types[name] for name in types if (ours := gguf_name_to_ours(name))}
+    if args.tie_embeddings:  # llama.cpp multiplies by token_embd itself, in its type
+        model.ggml_types["output.weight"] = model.ggml_types["tok_embeddings.weight"]
+    if emulate:
+        # Rename (and un-permute Q/K rows of) the quants exactly as the weights were.
+        parts = [gguf_state_dict_to_ours({n: v[i] for n, v in quants.items() if v[i] is not None}, args)
+                 for i in range(3)]  # fmt: skip
+        blocks = {name: GGMLBlocks(q, parts[1][name], parts[2].get(name)) for name, q in parts[0].items()}
+        emulate_llama_cpp(model, blocks, rope_freqs)
+    return model, info.metadata
 
 
 # --------------------------------------------------------------------------- loading
@@ -1025,20 +1129,55 @@ def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
     return Path(Store().resolve(text).path)
 
 
-def load_torch_model(path_or_name: str | os.PathLike[str], *, device=None, dtype=None):
+def load_torch_model(
+    path_or_name: str | os.PathLike[str], *, device=None, dtype=None, emulate: str | None = None
+):
     """(model, tokenizer) for a Hugging Face directory, a .gguf file or a store name.
 
     The model is in eval mode on `device` (CUDA when available, else CPU) in `dtype`
     (bf16 on CUDA, fp32 on CPU by default); GGUF weights are dequantized. The tokenizer
     (openherd.tokenizer.Tokenizer) is None for a directory without tokenizer.json.
+    `emulate="llama.cpp"` (GGUF only) reproduces llama.cpp's CPU rounding; see load_gguf.
     """
     from .gguf import is_gguf
     from .tokenizer import Tokenizer
 
+    _check_emulate(emulate)
     path = _resolve(path_or_name)
     if path.is_dir():
+        if emulate:
+            raise InvalidRequest("llama.cpp numerics follow a GGUF file's tensor types; load a .gguf file")
         return load_hf_dir(path, device=device, dtype=dtype), Tokenizer.from_hf_dir(path)
     if not is_gguf(path):
         raise InvalidModelFile(f"{path.name} is neither a GGUF file nor a Hugging Face model directory")
-    model, metadata = _load_gguf(path, device, dtype)
+    model, metadata = _load_gguf(path, device, dtype, emulate)
     return model, Tokenizer.from_gguf_metadata(metadata)
+
+
+# The opt-in llama.cpp numerics (load_gguf's `emulate`) live in their own module and are
+# re-exported here; imported last because they build on the classes above.
+from .model_llamacpp import (  # noqa: E402
+    _BLOCK_BYTES,
+    GGML_EXACT_TYPES,
+    GGML_VEC_DOT_TYPE,
+    GGMLBlocks,
+    LlamaCppFused,
+    LlamaCppLinear,
+    LlamaCppRMSNorm,
+    Q8Blocks,
+    _check_emulate,
+    _fp16,
+    emulate_llama_cpp,
+    ggml_attention_scale,
+    ggml_block_matmul,
+    ggml_expf,
+    ggml_rms_norm,
+    ggml_rope,
+    ggml_rope_table,
+    ggml_swiglu,
+    gguf_block_quants,
+    llama_cpp_attention,
+    quantize_q8_0,
+    quantize_q8_1,
+    quantize_q8_K,
+)
