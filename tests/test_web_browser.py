@@ -160,9 +160,12 @@ def test_chat_streams_token_by_token_and_persists(page, tmp_path, serve_gguf):  
         assert "tokens" in page.locator(".msg.assistant .foot").inner_text()
 
         # Saved like `herd chat` saves: the user turn, then the answer.
-        page.wait_for_selector("[data-testid=conversations] li[data-conversation]")
-        assert (
-            page.locator("[data-testid=conversations] .title").first.inner_text() == "first line second line"
+        # The sidebar refreshes when the conversation is created and again once its first turn
+        # (which titles it) is saved: wait for the titled entry, however slow the machine.
+        page.wait_for_function(
+            "() => document.querySelector('[data-testid=conversations] li[data-conversation] .title')"
+            "?.textContent === 'first line second line'",
+            timeout=60_000,
         )
         with ConversationStore(model_chats_db(s.settings)) as mem:
             conv = mem.latest()
@@ -427,10 +430,10 @@ def test_persona_with_knowledge_side_chat_export_import(page, tmp_path, serve_gg
 
         # Edit a field and see it saved.
         page.fill("[data-testid=persona-description]", "The lighthouse guide, revised")
-        page.click("[data-testid=persona-save]")
-        page.wait_for_function(
-            "() => document.querySelector('[data-testid=persona-description]').value.includes('revised')"
-        )
+        # The input holds the new text as soon as it is typed: wait for the save itself.
+        with page.expect_response(lambda r: r.url.endswith("/v1/personas/glim") and r.request.method == "PATCH") as saved:
+            page.click("[data-testid=persona-save]")
+        assert saved.value.ok
         assert httpx.get(f"{s.url}/v1/personas/glim").json()["description"] == "The lighthouse guide, revised"
 
         if _persona_serving_available(s.url, "glim"):
