@@ -115,13 +115,26 @@ def _log_to_stderr() -> None:
     """Warnings from the tune package (truncated examples, ...) as `herd: warning: ...` lines."""
     import logging
 
+    class StderrHandler(logging.StreamHandler):
+        # sys.stderr as it is when a record is emitted, not when the handler was made: an
+        # in-process caller (tests, a host app) may swap or close the stream in between.
+        @property
+        def stream(self):
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, _value) -> None:
+            pass
+
     logger = logging.getLogger("openherd.tune")
-    if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
+    if not any(getattr(h, "_herd_cli", False) for h in logger.handlers):
+        h = StderrHandler()
+        h._herd_cli = True
         h.setFormatter(logging.Formatter("herd: %(levelname)s: %(message)s"))
         logger.addHandler(h)
         logger.setLevel(logging.INFO)
-        logger.propagate = False
+        # Records still propagate: the CLI's root logger has no handlers (no duplicates),
+        # and an embedding app's or pytest's root handlers see them too.
 
 
 def _torch_threads() -> None:
