@@ -8,10 +8,12 @@ import math
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from openherd.engine import Engine, EngineConfig, FinishEvent, GenerationRequest, GrammarSpec, SamplingParams
 from openherd.engine.detok import StreamDecoder
+from openherd.engine.runtime import ContextConfig, LlamaContext
 from openherd.errors import ContextOverflow, InvalidRequest, QueueFull
 
 
@@ -208,6 +210,155 @@ def test_many_threads_share_one_engine(engine):
     for t in threads:
         t.join(30)
     assert out == ["length"] * 10
+
+
+# --------------------------------------------------------------------------- prefix sharing and scoring
+def _submit_together(e, reqs):
+    """Submit so that the scheduler admits all of them in one step (its lock is re-entrant)."""
+    with e._cond:
+        return [e.submit(r) for r in reqs]
+
+
+def _flush(e):
+    """An unrelated two-token prompt in every slot: nothing useful stays cached."""
+    unrelated = [[e.info.bos, 300 + i] for i in range(e.config.n_parallel)]
+    for h in _submit_together(e, [GenerationRequest(p, SamplingParams(max_tokens=0)) for p in unrelated]):
+        h.result()
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def _tokens(handle):
+    events = list(handle)
+    return [ev.token for ev in events[:-1]], events[-1]
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_requests_admitted_together_compute_their_shared_prefix_once(tiny_gguf, unified):
+    e = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=4, n_threads=1, kv_unified=unified))
+    try:
+        system = e.tokenize("You keep the herd on the high plain and count every llama twice. " * 2)
+        ends = [e.tokenize(f" Question {i}: where is llama {i}?", add_special=False) for i in range(4)]
+        prompts = [system + end for end in ends]
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        alone = []
+        for p in prompts:
+            _flush(e)
+            alone.append(_tokens(e.submit(GenerationRequest(p, params)))[0])
+        _flush(e)
+        before = e.stats()
+        results = [_tokens(h) for h in _submit_together(e, [GenerationRequest(p, params) for p in prompts])]
+        after = e.stats()
+        # The first computes its whole prompt; the others wait one step, copy what they share
+        # with it (the system prompt and more) and compute only their own ends.
+        shared = [_common_prefix(prompts[0], p) for p in prompts[1:]]
+        assert all(n > len(system) for n in shared)
+        evaluated = after.evaluated_tokens - before.evaluated_tokens
+        own = [len(p) - n for p, n in zip(prompts[1:], shared, strict=True)]
+        assert evaluated == len(prompts[0]) + sum(own)
+        assert [fin.usage.cached_tokens for _, fin in results] == [0, *shared]
+        # Copied cells hold the very values each slot would have computed: the same answers.
+        assert [toks for toks, _ in results] == alone
+        assert after.active == 0
+    finally:
+        e.close()
+
+
+def test_split_kv_prefix_copy_is_bit_identical(tiny_gguf):
+    # llama.cpp's seq_cp across split-KV streams copies whole streams (and asserts on a
+    # partial range); copy_prefix moves the used cells instead, and nothing changes.
+    e = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=4, n_threads=1))
+    split = ContextConfig(n_ctx=4 * 128, n_seq_max=4, n_batch=128, n_threads=1, kv_unified=False)
+    ctx = LlamaContext(e.model, split)
+    try:
+        prefix, own, other = [e.info.bos, *range(50, 90)], [91, 92, 93], [94, 95]
+
+        def run(seq, toks, start):
+            ctx.batch.clear()
+            for i, t in enumerate(toks):
+                idx = ctx.batch.add(t, start + i, seq, i == len(toks) - 1)
+            assert ctx.decode() == 0
+            return ctx.logits(idx).copy()
+
+        computed = run(2, prefix + own, 0)
+        run(0, prefix + other, 0)
+        run(1, [7, 8, 9, 10], 0)  # the destination's old cells are replaced
+        assert ctx.copy_prefix(0, 1, len(prefix))
+        assert np.array_equal(run(1, own, len(prefix)), computed)
+        assert ctx.seq_rm(3) and ctx.copy_prefix(0, 3, 5)  # a shorter prefix of the source
+        assert np.array_equal(run(3, prefix[5:] + own, 5), computed)
+    finally:
+        ctx.close()
+        e.close()
+
+
+def test_later_choices_after_one_context_evaluate_only_their_own_tokens(tiny_gguf):
+    e = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=4, n_threads=1))
+    fresh = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=4, n_threads=1))
+    try:
+        context = e.tokenize("The keeper counts the herd at dawn, and the answer is")
+        texts = (" four llamas", " four herd", " herd", " a great many of them")
+        choices = [e.tokenize(c, add_special=False) for c in texts]
+        assert [len(c) for c in choices[:3]] == [3, 2, 1] and choices[1][0] == choices[0][0]
+
+        def work(c):
+            s0 = e.stats()
+            score = e.loglikelihood(context, c)
+            s1 = e.stats()
+            return score, (s1.evaluated_tokens - s0.evaluated_tokens, s1.steps - s0.steps)
+
+        scores, work_done = zip(*(work(c) for c in choices), strict=True)
+        assert work_done == (
+            # Prefill-only: the context and the choice but its last token, whose logits score nothing.
+            (len(context) + len(choices[0]) - 1, 1),
+            # The distributions at the context's end and after " four" stayed with the slot:
+            # " four herd" and " herd" read every log-probability from them, without a decode ...
+            (0, 0),
+            (0, 0),
+            # ... and a choice that begins differently evaluates only its own tokens (but the last).
+            (len(choices[3]) - 1, 1),
+        )
+        for (ll, greedy), c in zip(scores, choices, strict=True):
+            ref_ll, ref_greedy = fresh.loglikelihood(context, c)  # each on an empty cache
+            assert ll == pytest.approx(ref_ll, abs=1e-4) and greedy == ref_greedy
+        # Scoring never samples, and a generation request after it still evaluates its last token.
+        assert e.stats().generated_tokens == 0
+        _, fin = _tokens(e.submit(GenerationRequest(context, SamplingParams(temperature=0, max_tokens=2))))
+        assert fin.usage.cached_tokens == len(context) - 1
+    finally:
+        fresh.close()
+        e.close()
+
+
+def test_followers_of_a_cancelled_leader_still_finish_correctly(tiny_gguf):
+    # Small batches: the first request's long prompt takes several steps, so the others stay
+    # parked on it while it is cancelled half-way.
+    e = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=4, n_threads=1, n_batch=16))
+    try:
+        shared = e.tokenize("The herd moved slowly across the high plain, and the llamas kept close. " * 8)
+        prompts = [shared + e.tokenize(f" Llama {i} rests.", add_special=False) for i in range(3)]
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        alone = []
+        for p in prompts[1:]:
+            _flush(e)
+            alone.append(_tokens(e.submit(GenerationRequest(p, params)))[0])
+        _flush(e)
+        before = e.stats().evaluated_tokens
+        leader, *followers = _submit_together(e, [GenerationRequest(p, params) for p in prompts])
+        deadline = time.monotonic() + 10
+        while e.stats().evaluated_tokens == before and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        leader.cancel()  # after its first chunk: the others are parked on it
+        assert _tokens(leader)[1].reason in ("abort", "length")
+        assert [_tokens(h)[0] for h in followers] == alone
+        assert e.stats().active == 0
+    finally:
+        e.close()
 
 
 # --------------------------------------------------------------------------- detok

@@ -11,9 +11,17 @@ runs one ``llama_decode``, samples every sequence that produced logits, and
 hands the resulting events to the requests' handles. Requests join and leave
 between steps. Sequences live in fixed *slots* (llama.cpp sequence ids); a
 finished slot keeps its KV cells, and a new request reuses the slot whose
-tokens share the longest prefix with its prompt (like llama-server), or copies
-a shared prefix from a busy slot (``llama_memory_seq_cp`` is free with a
-unified KV cache). The reused length is reported as ``cached_tokens``.
+tokens share the longest prefix with its prompt (like llama-server), copies a
+longer prefix another slot holds, or waits one step for a request admitted
+with it to compute the prefix they share, then copies that: requests that
+arrive together evaluate their common prefix once. The reused length is
+reported as ``cached_tokens``.
+
+Scoring requests (``prompt_logprobs_from`` with ``max_tokens=0``, for evals)
+are prefill-only: logits only at the scored positions, never at the last
+token; the distributions from the context's end on stay with the slot, so the
+next choice after the same context evaluates only the tokens it does not share
+with the previous one.
 
     submit() --> waiting queue --> slot --> prefill chunks --> decode --> FinishEvent
                  (bounded: QueueFull)        (interleaved with other sequences)
@@ -58,9 +66,10 @@ class EngineConfig:
     lora_scale: float = 1.0
     n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp
     embed_ctx: int = 2048  # context of the lazily created embedding context
-    # Unified KV lets a new sequence share a *busy* slot's prefix cells (seq_cp), e.g.
-    # n>1 choices or many users on one system prompt; split KV decodes ~15% faster on
-    # CPU when prompts differ. Same-slot prefix reuse works either way.
+    # A prefix shared between slots (n>1 choices, users behind one system prompt, an eval
+    # wave) is computed once either way: unified KV shares its cells (seq_cp, free), split
+    # KV copies them (LlamaContext.copy_prefix) and decodes ~15% faster on CPU when prompts
+    # differ, its numbers independent of the other sequences' cells.
     kv_unified: bool = False
 
     def __post_init__(self):
@@ -82,7 +91,8 @@ class EngineStats:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     generated_tokens: int = 0
-    steps: int = 0
+    steps: int = 0  # llama_decode calls
+    evaluated_tokens: int = 0  # prompt tokens put through llama_decode (the rest came from the cache)
 
 
 class RequestHandle:
@@ -170,11 +180,48 @@ class RequestHandle:
 
 
 @dataclass
+class _Saved:
+    """Distributions a scoring request computed, at consecutive positions of its slot.
+
+    Every choice scored after the same context needs the distribution at the
+    context's last position for its first token, and choices that begin alike
+    (" 54", " 56" as " ", "5", ...) the ones after their common tokens too. Kept with
+    the slot, a later choice reuses the context and those tokens instead of
+    evaluating them again. The row at position p is valid while the slot keeps
+    tokens[:p + 1].
+    """
+
+    start: int  # position of rows[0]
+    rows: list[tuple[np.ndarray, int]]  # (log_softmax of the logits [n_vocab], its argmax) per position
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.rows)
+
+
+@dataclass
 class _Slot:
     id: int
     tokens: list[int] = field(default_factory=list)  # tokens whose KV is in the cache, in order
     seq: _Seq | None = None
     last_used: float = 0.0
+    saved: _Saved | None = None
+
+    def keep(self, n: int) -> None:
+        """Forget every cached token from position ``n`` on (the caller drops their KV)."""
+        del self.tokens[n:]
+        if self.saved is not None:
+            del self.saved.rows[max(0, n - self.saved.start) :]
+            if not self.saved.rows:
+                self.saved = None
+
+    def save(self, pos: int, logprobs: np.ndarray, argmax: int) -> None:
+        """Keep the distribution computed at ``pos`` (a scored position of this slot's request)."""
+        saved = self.saved
+        if saved is None or pos != saved.end:
+            self.saved = _Saved(pos, [(logprobs, argmax)])
+        elif len(saved.rows) < _SAVED_ROWS:
+            saved.rows.append((logprobs, argmax))
 
 
 @dataclass
@@ -194,10 +241,60 @@ class _Seq:
     t_admit: float = 0.0
     t_first: float = 0.0
     t_last: float = 0.0
+    # Parked: waiting for ``leader`` (admitted earlier, still prefilling) to have the first
+    # ``wait_for`` prompt tokens, which this sequence shares, in its slot; then copied.
+    leader: _Seq | None = None
+    wait_for: int = 0
+
+    @property
+    def score_only(self) -> bool:
+        """Prefill-only scoring (evals): logits are needed at the scored positions only."""
+        return self.params.max_tokens == 0 and self.lp_from is not None and self.lp_from < len(self.prompt)
+
+    @property
+    def n_eval(self) -> int:
+        """Prompt tokens to put through the model: all of them, except a scoring request's
+        last token, whose logits would predict nothing that is scored."""
+        return len(self.prompt) - 1 if self.score_only else len(self.prompt)
 
     @property
     def prefilling(self) -> bool:
-        return self.slot is not None and len(self.slot.tokens) < len(self.prompt)
+        return self.slot is not None and self.leader is None and len(self.slot.tokens) < self.n_eval
+
+    @property
+    def reuse_limit(self) -> int:
+        """Prompt tokens that may come from the cache: a position whose logits are needed
+        (the last one, or the first scored one) must be evaluated."""
+        limit = len(self.prompt) - 1
+        return limit if self.lp_from is None else min(limit, self.lp_from - 1)
+
+    def limit_in(self, slot: _Slot) -> int:
+        """``reuse_limit`` for a prefix taken from ``slot``: further when the slot saved the
+        distributions from this request's first scored position on (read by _use_saved)."""
+        saved = slot.saved
+        if self.score_only and saved is not None and saved.start <= self.lp_from - 1 < saved.end:
+            return min(saved.end, self.n_eval)
+        return self.reuse_limit
+
+    @property
+    def depth(self) -> int:
+        """Steps before this sequence computes anything: the length of its chain of leaders."""
+        d, t = 0, self.leader
+        while t is not None:
+            d, t = d + 1, t.leader
+        return d
+
+
+# Prefix sharing between slots (Engine._assign). On a CPU, a sequence waits for another to
+# compute a prefix they share if that saves this many prompt tokens per llama_decode the wait
+# adds (a call's fixed cost: graph build, thread wake-up, the weights streamed once more).
+_MIN_WAIT_GAIN = 2
+# Split KV: copy a prefix out of a slot only if the slot holds at most this many cells per
+# token the copy saves (the copy moves all of the source's cells; see _copy_pays).
+_COPY_CELLS_PER_TOKEN = 64
+# Distributions a slot keeps for the next scoring request (_Saved): a multiple-choice answer's
+# first few tokens; n_vocab floats each (0.2-0.5 MB for today's vocabularies).
+_SAVED_ROWS = 4
 
 
 def _lcp(a: list[int], b: list[int]) -> int:
@@ -236,6 +333,11 @@ class Engine:
         self.info: ModelInfo = model.info(name or os.path.basename(model.path), self.n_ctx_seq)
         self.template = ChatTemplate(self.info.chat_template, self.info.bos_text, self.info.eos_text)
         self._slots = [_Slot(i) for i in range(config.n_parallel)]
+        # Tokens a wait for another sequence's prefix must save per llama_decode it adds
+        # (_leader_for): on a CPU a call's fixed cost is that of a token or two of prompt;
+        # on a GPU, where a prompt token in a batch is nearly free, of a hundred or more.
+        self._wait_gain = _MIN_WAIT_GAIN if config.n_gpu_layers == 0 else 128
+        self._recurrent = model.recurrent
         self._waiting: collections.deque[_Seq] = collections.deque()
         self._active: list[_Seq] = []
         self._cond = threading.Condition()
@@ -469,37 +571,143 @@ class Engine:
                     continue
                 self._assign(s)
                 self._active.append(s)
+                self._complete_scoring(s)
 
     def _assign(self, s: _Seq) -> None:
-        """Pick a free slot, reusing the longest cached prefix (maybe from a busy slot)."""
-        limit = len(s.prompt) - 1  # at least one token must be evaluated to get logits
-        if s.lp_from is not None:
-            limit = min(limit, s.lp_from - 1)  # scored positions need fresh logits
+        """Give ``s`` a free slot and as much of its prompt's KV as the cache holds, or will hold.
+
+        By preference, in tokens saved:
+          * the free slot whose cached tokens share the longest prefix, reused in place (free);
+          * a longer prefix that another slot (busy or idle) holds, copied (``_copy_pays``);
+          * a longer prefix that a sequence admitted earlier is still prefilling: ``s`` is
+            parked on that *leader* and copies the prefix once it is computed (``_unpark``).
+            Requests admitted together (an eval wave, n choices of one prompt, users behind
+            one system prompt) so evaluate their common prefix once, not once per slot.
+        """
         free = [sl for sl in self._slots if sl.seq is None]
         best = max(free, key=lambda sl: (_lcp(sl.tokens, s.prompt), -sl.last_used))
-        n_reuse = min(_lcp(best.tokens, s.prompt), limit)
+        n_reuse = min(_lcp(best.tokens, s.prompt), s.limit_in(best))
         donor, n_donor = None, 0
-        for sl in self._slots if self.config.kv_unified else ():
-            if sl.seq is not None:
-                n = min(_lcp(sl.tokens, s.prompt), limit)
+        for sl in self._slots:
+            if sl is not best and sl.tokens:
+                n = min(_lcp(sl.tokens, s.prompt), s.limit_in(sl))
                 if n > n_donor:
                     donor, n_donor = sl, n
-        if donor is not None and n_donor > n_reuse:
-            self.ctx.seq_rm(best.id, 0, -1)
-            self.ctx.seq_cp(donor.id, best.id, 0, n_donor)
-            best.tokens = s.prompt[:n_donor]
-            n_reuse = n_donor
-        else:
-            if not self.ctx.seq_rm(best.id, n_reuse, -1):
-                self.ctx.seq_rm(best.id, 0, -1)
-                n_reuse = 0
-            del best.tokens[n_reuse:]
         best.seq = s
         s.slot = best
+        copy_now = donor is not None and self._copy_pays(len(donor.tokens), n_donor - n_reuse)
+        s.leader, s.wait_for = self._leader_for(s, n_donor if copy_now else n_reuse)
+        if copy_now and s.leader is None:
+            n_reuse = self._copy(donor, best, n_donor)
+        else:  # parked: the leader's prefix will be copied over this one anyway
+            n_reuse = self._trim(best, n_reuse)
         s.cached = n_reuse
         s.t_admit = time.perf_counter()
+        self._use_saved(s)
+
+    def _leader_for(self, s: _Seq, have: int) -> tuple[_Seq | None, int]:
+        """The prefilling sequence worth waiting for, and the prefix length to wait for.
+
+        Each step a sequence waits adds a llama_decode to the batch it belongs to, so a
+        leader that is itself parked (``depth``) must save proportionally more. Ties go
+        to the earliest admitted: the shortest chain.
+        """
+        leader, wait_for, score = None, 0, -1
+        for t in self._active:
+            if t is s or not (t.prefilling or t.leader is not None):
+                continue
+            share = min(_lcp(t.prompt, s.prompt), s.reuse_limit, t.n_eval)
+            depth = t.depth
+            gain = share - have
+            if gain < self._wait_gain * (depth + 1) or not self._copy_pays(len(t.prompt), gain):
+                continue
+            if share - self._wait_gain * depth > score:
+                leader, wait_for, score = t, share, share - self._wait_gain * depth
+        return leader, wait_for
+
+    def _unpark(self) -> None:
+        """Parked sequences whose leader now holds the shared prefix (or has stopped
+        prefilling: finished, cancelled, failed) copy what it has and start prefilling.
+
+        Runs before admission, so a leader that finished last step still has its tokens
+        in its (now free) slot when its followers copy them.
+        """
+        for s in list(self._active):
+            t = s.leader
+            if t is None:
+                continue
+            src = t.slot
+            working = src.seq is t and (t.prefilling or t.leader is not None)
+            if working and len(src.tokens) < s.wait_for:
+                continue
+            s.leader = None
+            n = min(_lcp(src.tokens, s.prompt), s.limit_in(src))
+            have = len(s.slot.tokens)
+            if n > have and self._copy_pays(len(src.tokens), n - have):
+                s.cached = self._copy(src, s.slot, n)
+                self._use_saved(s)
+                self._complete_scoring(s)
+
+    def _copy_pays(self, n_src: int, gain: int) -> bool:
+        """Whether copying a prefix out of a slot holding ``n_src`` cells beats computing ``gain`` tokens."""
+        if gain < 1 or self._recurrent:
+            return False
+        if self.config.kv_unified:
+            return True  # the cells are shared, nothing is moved
+        # Split KV moves the source's cells through host memory: on a CPU a token's KV copies
+        # some 1000x faster than it computes; with GPU offload the two cost about the same.
+        return self.config.n_gpu_layers == 0 and n_src <= _COPY_CELLS_PER_TOKEN * gain
+
+    def _copy(self, src: _Slot, dst: _Slot, n: int) -> int:
+        """Copy ``src``'s first ``n`` cells into ``dst``; the number of tokens ``dst`` now holds."""
+        if self.ctx.copy_prefix(src.id, dst.id, n):
+            dst.tokens = src.tokens[:n]
+            saved = src.saved
+            dst.saved = None if saved is None else _Saved(saved.start, list(saved.rows))
+            dst.keep(n)
+        else:
+            log.warning("copying a cached prefix between sequences failed; computing it instead")
+            dst.keep(0)
+        return len(dst.tokens)
+
+    def _trim(self, slot: _Slot, n: int) -> int:
+        """Keep ``slot``'s first ``n`` cached tokens; the number kept."""
+        if not self.ctx.seq_rm(slot.id, n, -1):  # partial removal can fail (recurrent state)
+            self.ctx.seq_rm(slot.id, 0, -1)
+            n = 0
+        slot.keep(n)
+        return n
+
+    def _use_saved(self, s: _Seq) -> None:
+        """A scoring request that reused its context and more takes the log-probabilities
+        of the reused scored tokens from the distributions its slot saved (see _Saved)."""
+        if not (s.score_only and s.cached >= s.lp_from and not s.prompt_logprobs):
+            return
+        saved = s.slot.saved
+        if saved is None or not saved.start <= s.lp_from - 1 < s.cached <= saved.end:
+            # No distributions to read them from: evaluate from the context's last token after all.
+            s.cached = self._trim(s.slot, s.lp_from - 1)
+            return
+        for pos in range(s.lp_from - 1, s.cached):
+            logprobs, argmax = saved.rows[pos - saved.start]
+            nxt = s.prompt[pos + 1]
+            s.prompt_logprobs.append((float(logprobs[nxt]), argmax == nxt))
+
+    def _complete_scoring(self, s: _Seq) -> None:
+        """Finish a scoring request that has every scored log-probability (never sampling)."""
+        if s.score_only and s.leader is None and s.slot is not None and not s.prefilling:
+            if len(s.prompt_logprobs) == len(s.prompt) - s.lp_from and not s.handle.cancelled:
+                self._prompt_done(s, time.perf_counter())
+                self._finish(s, "length")
+
+    def _prompt_done(self, s: _Seq, now: float) -> None:
+        s.t_first = now
+        with self._cond:
+            self._stats.prompt_tokens += len(s.prompt)
+            self._stats.cached_tokens += s.cached
 
     def _step(self) -> None:
+        self._unpark()
         self._admit()
         # Cancelled sequences leave before we spend compute on them.
         for s in [s for s in self._active if s.handle.cancelled]:
@@ -516,13 +724,14 @@ class Engine:
             outputs.append((s, batch.add(s.pending, pos, s.slot.id, True), pos))
             staged.append((s, [s.pending]))
         budget = batch.free if not decoding else min(batch.free, self.config.prefill_chunk)
+        n_prompt = 0
         for s in self._active:
             if budget <= 0:
                 break
             if not s.prefilling:
                 continue
             start = len(s.slot.tokens)
-            chunk = s.prompt[start : start + budget]
+            chunk = s.prompt[start : min(s.n_eval, start + budget)]
             last = len(s.prompt) - 1
             for j, t in enumerate(chunk):
                 pos = start + j
@@ -532,6 +741,7 @@ class Engine:
                     outputs.append((s, idx, pos))
             staged.append((s, chunk))
             budget -= len(chunk)
+            n_prompt += len(chunk)
         if batch.n == 0:
             return
         rc = self.ctx.decode()
@@ -539,6 +749,7 @@ class Engine:
             self._recover_decode(rc, [s for s, _ in staged])
             return
         self._stats.steps += 1
+        self._stats.evaluated_tokens += n_prompt
         for s, toks in staged:
             s.slot.tokens.extend(toks)
             if s in decoding:
@@ -550,17 +761,19 @@ class Engine:
             if pos < len(s.prompt) - 1:  # a scored prompt position (evals)
                 lp = log_softmax(self.ctx.logits(idx))
                 nxt = s.prompt[pos + 1]
-                s.prompt_logprobs.append((float(lp[nxt]), int(np.argmax(lp)) == nxt))
+                best = int(np.argmax(lp))
+                s.prompt_logprobs.append((float(lp[nxt]), best == nxt))
+                if s.score_only:
+                    s.slot.save(pos, lp, best)
                 continue
             self._sample(s, idx, now)
+        for s, _ in staged:
+            self._complete_scoring(s)
 
     def _sample(self, s: _Seq, idx: int, now: float) -> None:
         p = s.params
         if s.n_generated == 0 and s.pending is None and s.t_first == 0.0:
-            s.t_first = now
-            with self._cond:
-                self._stats.prompt_tokens += len(s.prompt)
-                self._stats.cached_tokens += s.cached
+            self._prompt_done(s, now)
         if p.max_tokens == 0:
             self._finish(s, "length")
             return
@@ -605,7 +818,7 @@ class Engine:
         if rc == 1 and idle:
             for sl in idle:
                 self.ctx.seq_rm(sl.id, 0, -1)
-                sl.tokens.clear()
+                sl.keep(0)
             return
         victim = max(seqs, key=lambda s: len(s.slot.tokens))
         log.error("llama_decode returned %d; failing one sequence", rc)
@@ -613,6 +826,7 @@ class Engine:
                      else f"llama_decode failed ({rc})")
 
     def _finish(self, s: _Seq, reason: str, error: str | None = None) -> None:
+        s.leader = None
         with self._cond:
             if s in self._active:
                 self._active.remove(s)
@@ -621,7 +835,7 @@ class Engine:
                 s.slot.last_used = time.monotonic()
                 if reason == "error":
                     self.ctx.seq_rm(s.slot.id, 0, -1)
-                    s.slot.tokens.clear()
+                    s.slot.keep(0)
         self._push_finish(s, reason, error)
 
     def _push_finish(self, s: _Seq, reason: str, error: str | None = None) -> None:

@@ -188,6 +188,13 @@ class LlamaModel:
     def is_eog(self, token: int) -> bool:
         return bool(_llama().llama_vocab_is_eog(self.vocab, token))
 
+    @property
+    def recurrent(self) -> bool:
+        """Whether sequences carry recurrent state (Mamba-style or hybrid models): such
+        state cannot be cut back to a prefix, so cached prefixes are never reused or copied."""
+        ll = _llama()
+        return bool(ll.llama_model_is_recurrent(self.ptr) or ll.llama_model_is_hybrid(self.ptr))
+
     def close(self):
         if self.ptr:
             _llama().llama_model_free(self.ptr)
@@ -257,6 +264,37 @@ class LlamaContext:
 
     def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
         _llama().llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> bool:
+        """Make sequence ``dst`` hold exactly the KV of ``src``'s positions [0, n).
+
+        Whatever ``dst`` held before is dropped. With a unified cache the cells are
+        shared (``seq_cp`` only tags them: free). With split KV every sequence has
+        its own stream, and llama.cpp's ``seq_cp`` across streams copies the *whole*
+        stream buffer (it asserts the range covers all of it: n_ctx cells per layer,
+        however few are used), so instead the source's used cells are serialised and
+        restored into ``dst``'s stream: bytes proportional to ``src``'s length, the
+        values bit-identical and at the same cell indices as if ``dst`` had computed
+        them. Returns False (``dst`` left empty) if llama.cpp refused.
+        """
+        ll = _llama()
+        if self.cfg.kv_unified:
+            self.seq_rm(dst, 0, -1)
+            self.seq_cp(src, dst, 0, n)
+            return True
+        size = ll.llama_state_seq_get_size(self.ptr, src)
+        try:
+            buf = np.empty(size, dtype=np.uint8)  # not zero-filled: llama.cpp writes every byte it reports
+        except MemoryError:
+            self.seq_rm(dst, 0, -1)
+            return False
+        ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = ll.llama_state_seq_get_data(self.ptr, ptr, size, src)
+        restored = written > 0 and ll.llama_state_seq_set_data(self.ptr, ptr, written, dst) > 0
+        if not (restored and self.seq_rm(dst, n, -1)):  # keep the prefix: the source may hold more
+            self.seq_rm(dst, 0, -1)
+            return False
+        return True
 
     def clear(self) -> None:
         _llama().llama_memory_clear(self.mem, True)

@@ -15,7 +15,14 @@ request types, on the native engine API:
   one per sequence slot; every later wave scores the next continuation of the
   same contexts, and the engine puts each request back in the slot that holds
   its context (longest-prefix slot reuse), so a shared context is evaluated
-  once, not once per choice, while every wave still fills one batch.
+  once, not once per choice, while every wave still fills one batch. Within the
+  first wave the engine computes the prefix its contexts share (the task's
+  description, common few-shot examples) in one slot and copies it into the
+  others before they go on, and a later choice reads the log-probabilities of
+  its first token (and of any it shares with the choice before) from the
+  distributions that choice left with the slot: each token is evaluated about
+  once (bench/eval.py: within 3% of that minimum on basics-mc, below one request
+  per choice).
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, all windows of
   all texts scored together.
 * ``generate``: every request submitted at once (up to the engine's queue), so
@@ -76,19 +83,23 @@ def score_pairs(
 
     Identical pairs are scored once. Contexts are sorted by their tokens, so
     contexts that share a prefix (the description, the same few-shot examples)
-    are neighbours: a block's first wave then finds that prefix in the slots the
-    previous block left behind and evaluates only the rest.
+    are neighbours: within a block the engine computes what they share once and
+    copies it into the other slots, and a block's first wave finds that prefix
+    in the slots the previous block left behind and evaluates only the rest.
 
     Numerics: the same settings give the same numbers, run after run. Against
     scoring each pair alone they can differ in float rounding where a batch
     changes how llama.cpp splits the work (which matmul kernel, which ubatch a
     long prompt's tokens land in); GGUFs with quantized weights re-quantize the
     activations of every layer, which turns such rounding into differences of
-    up to a few tenths of a nat on a single choice (1 changed answer of 20 on
-    basics-mc 3-shot with the Q4_1 default model; none at 0-shot, where every
-    wave fits one llama_decode; ~1e-3 nats with f32 weights). The engine's split
-    (per-sequence) KV cache is kept: llama.cpp's unified cache could share a
-    block's prefix between slots, but drifts further, also at 0-shot.
+    up to a few tenths of a nat on a single choice (on basics-mc 3-shot with the
+    Q4_1 default model; identical numbers at 0-shot, where every wave fits one
+    llama_decode; ~1e-3 nats with f32 weights). The engine's split (per-sequence)
+    KV cache is kept: it shares a wave's prefix by copying the cells, values
+    bit-identical and at the same cell indices as if each slot had computed them,
+    so sharing moves no number. llama.cpp's unified cache would share the cells
+    without a copy, but there a sequence's result depends on where other
+    sequences' cells lie (0.6 nats and 2 changed answers of 20 on basics-mc 0-shot).
     """
     width = width or _n_parallel(engine)
     by_ctx: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
@@ -113,13 +124,13 @@ def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tup
     """``Engine.score_many`` for one wave, admitted by the scheduler as a whole.
 
     The same requests as score_many (prompt = context + continuation, logprobs
-    from the continuation's first position, ``max_tokens=0``: prefill only), but
-    all of them reach the scheduler's queue before it admits any. score_many
-    submits one at a time, so the scheduler may admit, run and finish the first
-    request before the next arrives; that next one, sharing a prompt prefix
-    ("Question: ..."), then takes over the finished slot and the first context is
-    lost to the later waves. ``Engine.submit`` takes the scheduler's condition
-    lock, which is re-entrant, so holding it across the loop enqueues atomically.
+    from the continuation's first position, ``max_tokens=0``: prefill only), and
+    like it, all of them reach the scheduler's queue before it admits any
+    (``Engine.submit`` takes the scheduler's condition lock, which is re-entrant,
+    so holding it across the loop enqueues atomically). Admitted in one step, the
+    wave's requests wait for the one that computes the prefix they share instead
+    of each computing it (``Engine._assign``), and no request finishes and gives
+    up its slot, with the context a later choice needs, before the rest arrive.
     """
     from ..engine.types import GenerationRequest, SamplingParams
 
@@ -395,7 +406,7 @@ def engine_config(config: EvalModelConfig, lora: str | None):
         # Generation keeps the queue this deep; scoring submits one wave (<= n_parallel) at a time.
         max_queue=4 * config.n_parallel,
         lora=lora,
-        kv_unified=False,  # split KV: batching perturbs scores least (see score_pairs)
+        kv_unified=False,  # split KV: batching and prefix sharing perturb scores least (see score_pairs)
     )
 
 

@@ -78,6 +78,7 @@ ARCHIVE_MANIFEST = "herd.json"
 KNOWLEDGE_DIR = "knowledge"
 
 RETRIEVAL_MODES = ("auto", "hybrid", "bm25", "dense")
+CONTEXT_MODES = ("sentences", "passages")  # knowledge.context: what of the retrieved passages the prompt gets
 KNOWLEDGE_EXTENSIONS = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
 
 # Limits. Generous for real personas, small enough that a hostile archive or
@@ -335,6 +336,14 @@ class KnowledgeConfig:
     # mean-pooled vectors of a small chat model rank worse than BM25 and drag the fusion below it
     # (bench/knowledge.py measures both; see docs/personas.md).
     retrieval: str = "auto"
+    # What of the retrieved passages goes into the prompt (openherd.personas.context):
+    # "sentences" = the few sentence/line units that best match the question, then the
+    # assistant's turn starts with answer_prefix; "passages" = the chunks whole, numbered.
+    # Sentences are the default because the 135M default model copies a fact from two short
+    # lines far more often than from three chunks (bench/knowledge.py, docs/personas.md).
+    context: str = "sentences"
+    sentences: int = 2  # units placed in sentences mode
+    answer_prefix: str = "From the notes:"  # '' = the assistant's turn starts empty
 
     def __post_init__(self):
         if len(self.sources) > MAX_DOCUMENTS:
@@ -362,6 +371,12 @@ class KnowledgeConfig:
             raise _invalid("knowledge.relative_score", "must be in [0, 1)")
         if self.retrieval not in RETRIEVAL_MODES:
             raise _invalid("knowledge.retrieval", f"must be one of {', '.join(RETRIEVAL_MODES)}")
+        if self.context not in CONTEXT_MODES:
+            raise _invalid("knowledge.context", f"must be one of {', '.join(CONTEXT_MODES)}")
+        if not 1 <= self.sentences <= 32:
+            raise _invalid("knowledge.sentences", "must be between 1 and 32")
+        if len(self.answer_prefix) > 200:
+            raise _invalid("knowledge.answer_prefix", "must be at most 200 characters")
 
     @property
     def mode(self) -> str:
@@ -398,6 +413,9 @@ class KnowledgeConfig:
             min_score=num("min_score", float),
             relative_score=num("relative_score", float),
             retrieval=_str(d, "retrieval", where, default="auto", limit=16),
+            context=_str(d, "context", where, default=defaults.context, limit=16),
+            sentences=num("sentences", int),
+            answer_prefix=_str(d, "answer_prefix", where, default=defaults.answer_prefix, limit=200),
         )
 
     def to_dict(self) -> dict[str, Any]:

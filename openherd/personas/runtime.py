@@ -12,9 +12,13 @@ inside the engine)::
 
 ``prepare`` builds one system message (the persona's prompt, then any system text
 the client sent), the example dialogues, and the client's history, trimmed
-oldest-first to fit the context, with the retrieved passages, numbered [1], [2],
-..., put before the question in the last user message; and the SamplingParams:
-the persona's defaults under whatever the request set.
+oldest-first to fit the context, with the retrieved knowledge put into the last
+user message; and the SamplingParams: the persona's defaults under whatever the
+request set. What of the knowledge goes in is ``knowledge.context``
+(openherd.personas.context): the few sentences of the retrieved passages that
+best match the question, with the assistant turn primed by
+``knowledge.answer_prefix`` (``sentences``, the default), or the passages whole
+(``passages``); either way marked [1], [2], ... by passage.
 
 Retrieval runs on the last user message. Before it, the knowledge index is
 brought up to date (new or changed documents are ingested, keyed by content
@@ -39,6 +43,15 @@ from ..engine.types import FinishEvent, GenerationRequest, SamplingParams
 from ..errors import ContextOverflow, InvalidRequest, StoreError
 from ..settings import Settings
 from .bundle import KnowledgeSource, Persona, PersonaStore
+from .context import (
+    ANSWER_INSTRUCTION,
+    ContextConfig,
+    Note,
+    choose_notes,
+    notes_question,
+    rank_notes,
+    render_notes,
+)
 from .knowledge import (
     KnowledgeIndex,
     Passage,
@@ -91,6 +104,10 @@ class PreparedChat:
     quarantined: list[Passage] = field(default_factory=list)  # matched but withheld by the injection shield
     dropped_turns: int = 0  # oldest history messages left out to fit the context
     decisions: list[Any] = field(default_factory=list)  # safety.policy.Decision of the injection shield (audit log)
+    notes: list[Note] = field(default_factory=list)  # knowledge.context=sentences: the units placed, in prompt order
+    # Text the prompt ends with in the assistant's voice (knowledge.answer_prefix); the answer
+    # continues it but does not contain it.
+    answer_prefix: str = ""
 
     def cited(self, answer: str) -> list[Passage]:
         """The placed passages the answer rests on: the ones it cites as [n]; when it cites none
@@ -118,6 +135,8 @@ class PreparedChat:
         }
         if answer is not None and self.sources:
             out["cited"] = cited_indices(answer, len(self.sources))
+        if self.notes:
+            out["notes"] = [{"index": n.passage.index, "text": n.text} for n in self.notes]
         if self.quarantined:
             out["quarantined"] = [p.to_dict() for p in self.quarantined]
         if self.dropped_turns:
@@ -165,6 +184,7 @@ class PersonaRuntime:
         *,
         store: PersonaStore | None = None,
         retrieval: str | None = None,  # hybrid | bm25 | dense; None = the persona's knowledge.retrieval
+        context: ContextConfig | None = None,  # None = the persona's knowledge.context settings
     ):
         self.persona = persona
         self.acquire = acquire
@@ -172,6 +192,7 @@ class PersonaRuntime:
         self.retrieval = retrieval or persona.knowledge.mode
         if self.retrieval not in ("hybrid", "bm25", "dense"):
             raise InvalidRequest(f"unknown retrieval mode {self.retrieval!r}; use hybrid, bm25 or dense")
+        self.context = context or ContextConfig.of(persona.knowledge)
 
     # ------------------------------------------------------------------ engines
 
@@ -317,10 +338,26 @@ class PersonaRuntime:
         passage_budget = persona.knowledge.max_context_tokens
         dropped = 0
         system = "\n\n".join(s for s in [persona.system.strip(), *[c.strip() for c in client_system]] if s)
+        # Sentences mode scores every unit of the retrieved passages once; the loop below only
+        # chooses within a budget that may shrink.
+        sentences = self.context.mode == "sentences" and bool(result.passages)
+        ranked = rank_notes(query, result.passages, embed=self._unit_embedder(engine, embedder)) if sentences else []
         while True:
-            context, placed = render_context(result.passages, passage_budget, count)
-            final = ([{"role": "system", "content": system}] if system else []) + examples + _ask_with(history, context)
+            for p in result.passages:
+                p.index = 0
+            notes: list[Note] = []
+            if sentences:
+                notes = choose_notes(ranked, self.context.sentences, passage_budget, count)
+                block, placed = render_notes(notes)
+                asked = _ask_with(history, block, notes=True)
+            else:
+                block, placed = render_context(result.passages, passage_budget, count)
+                asked = _ask_with(history, block)
+            final = ([{"role": "system", "content": system}] if system else []) + examples + asked
             prompt = engine.encode_chat(final, tools=tools) if tools else engine.encode_chat(final)
+            prefix = self._answer_prefix(notes, asked, tools, params)
+            if prefix:
+                prompt = prompt + engine.tokenize(prefix, add_special=False, parse_special=False)
             if len(prompt) <= budget:
                 break
             # Too long: drop the oldest history turn (keeping the last user message, and starting
@@ -343,7 +380,27 @@ class PersonaRuntime:
                 f"{n_ctx} tokens with {reserve} kept for the answer; shorten the message or lower max_tokens")
         return PreparedChat(persona=persona, engine=engine, messages=final, prompt=prompt, params=params,
                             sources=placed, quarantined=result.quarantined, dropped_turns=dropped,
-                            decisions=self._decisions(query, placed, result.quarantined))
+                            decisions=self._decisions(query, placed, result.quarantined), notes=notes,
+                            answer_prefix=prefix)
+
+    def _unit_embedder(self, engine, embedder):
+        """Sentence scoring uses the retrieval's embedder, when retrieval uses one: a sentence
+        encoder compares a question with one line as well as with a chunk, while a small chat
+        model's mean-pooled vectors are noise (bench/RESULTS.md), so BM25 mode goes without."""
+        if self.retrieval == "bm25":
+            return None
+        return _embedder(embedder or engine)
+
+    def _answer_prefix(self, notes: list[Note], asked: list[dict[str, Any]], tools, params: SamplingParams) -> str:
+        """knowledge.answer_prefix, when it applies: notes were placed in the last message, which
+        the model answers (not a client-sent assistant prefix), and nothing constrains the output
+        (tools or a grammar expect their own first tokens)."""
+        prefix = self.context.answer_prefix
+        if not prefix or not notes or tools or params.grammar is not None:
+            return ""
+        if not asked or asked[-1].get("role") != "user":
+            return ""
+        return prefix
 
     def _decisions(self, query: str, placed: list[Passage], quarantined: list[Passage]) -> list[Any]:
         """The injection shield's decisions, in safety.policy's shape, for the audit log."""
@@ -365,17 +422,23 @@ class PersonaRuntime:
         return out or [Decision("input", "injection", "allow")]
 
 
-def _ask_with(history: list[dict[str, Any]], context: str) -> list[dict[str, Any]]:
-    """History with the passages put into its last user message (a copy; memory keeps the original)."""
-    if not context:
+def _ask_with(history: list[dict[str, Any]], block: str, notes: bool = False) -> list[dict[str, Any]]:
+    """History with the retrieved text put into its last user message (a copy; memory keeps the
+    original): numbered passages before the question, or (notes) the notes before it and the
+    instruction to answer in their words after it."""
+    if not block:
         return history
     last = max(i for i, m in enumerate(history) if m.get("role") == "user")
     msg = dict(history[last])
     content = msg.get("content")
-    if isinstance(content, list):  # content parts: the passages go into a text part of their own
-        msg["content"] = [{"type": "text", "text": with_context("", context).rstrip()}, *content]
+    if isinstance(content, list):  # content parts: the retrieved text goes into parts of its own
+        if notes:
+            msg["content"] = [{"type": "text", "text": block}, *content,
+                              {"type": "text", "text": ANSWER_INSTRUCTION}]
+        else:
+            msg["content"] = [{"type": "text", "text": with_context("", block).rstrip()}, *content]
     else:
-        msg["content"] = with_context(_text(content), context)
+        msg["content"] = notes_question(_text(content), block) if notes else with_context(_text(content), block)
     return history[:last] + [msg] + history[last + 1:]
 
 
