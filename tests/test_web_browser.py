@@ -394,11 +394,16 @@ def _persona_serving_available(url: str, persona: str) -> bool:
 
 
 def _ask_side_chat(page, question: str) -> str:
+    before = page.locator(".side-chat .msg.assistant").count()
     page.fill(".side-chat [data-testid=composer]", question)
     page.press(".side-chat [data-testid=composer]", "Enter")
-    page.wait_for_selector(".side-chat .msg.assistant[data-streaming]", timeout=120_000)
+    # A new assistant message that is no longer streaming. Waiting for the streaming state
+    # itself races a reply that finishes between two polls (a short answer on a busy machine).
     page.wait_for_function(
-        "() => !document.querySelector('.side-chat .msg.assistant[data-streaming]')", timeout=180_000
+        """(n) => document.querySelectorAll('.side-chat .msg.assistant').length > n
+                  && !document.querySelector('.side-chat .msg.assistant[data-streaming]')""",
+        arg=before,
+        timeout=240_000,
     )
     return page.locator(".side-chat .msg.assistant .body").last.inner_text()
 
