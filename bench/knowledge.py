@@ -130,6 +130,8 @@ def main() -> int:
     ap.add_argument("--sentences", type=int, default=None, help="units placed in sentences mode (default: persona)")
     ap.add_argument("--answer-prefix", default=None,
                     help="text the assistant turn starts with in sentences mode; '' for none (default: persona)")
+    ap.add_argument("--complete-units", action="store_true",
+                    help="complete units cut by chunk edges from the neighbouring chunks (knowledge.complete_units)")
     ap.add_argument("--answer-retrieval", choices=("best", "bm25"), default="best",
                     help="retrieval the persona answers with: the best configuration (hybrid with the embedder) "
                          "or BM25 alone, what a persona without knowledge.embedding_model uses")
@@ -203,7 +205,8 @@ def main() -> int:
     context = ContextConfig.of(base.knowledge)
     context = ContextConfig(mode=args.context or context.mode,
                             sentences=args.sentences if args.sentences is not None else context.sentences,
-                            answer_prefix=args.answer_prefix if args.answer_prefix is not None else context.answer_prefix)
+                            answer_prefix=args.answer_prefix if args.answer_prefix is not None else context.answer_prefix,
+                            complete_units=args.complete_units or context.complete_units)
     questions = QUESTIONS[:args.limit] if args.limit else QUESTIONS
 
     engines: dict[str, Engine] = {
@@ -310,14 +313,26 @@ def main() -> int:
               "| `sentences`, 2 units of the top 5 passages | 44.7% |",
               "| `sentences`, 2 units, ranked best first / best last | 36.8% / 34.2% |",
               "| `sentences`, 2 units, prefix \"According to the notes:\" / \"Quoting the notes:\" / \"The notes say:\" | 39.5% / 39.5% / 31.6% |",
+              "| `sentences`, 2 units completed from the neighbouring chunks (`--complete-units`; 574 passages) | 18.4% (34.2% without, same day) |",
+              "",
+              "Unit selection and decoding variants measured on 2026-11-22 (574 passages), outside the persona: "
+              "units cut by a chunk's edges completed from the chunks around it (`knowledge.complete_units`) put an "
+              "answer-bearing unit among the 2 best for 23 questions (21 without) and among the 3 best for 28 (23), "
+              "but the model copied from the longer units less often (7 answers against 13), so it is off by "
+              "default. Reranking the units by the served model's log P(question | unit) (a 135M model as "
+              "cross-encoder) put the answer among the 2 best for 19 to 22 questions against 22 to 23 for the "
+              "fusion: no better, not adopted. Context-aware decoding (Shi et al., 2023: logits (1+a) with the notes "
+              "minus a without, a = 1, restricted to tokens within 10x of the best with the notes; two llama.cpp "
+              "contexts) on the first 17 questions: 5 right against 6 for greedy, no sign of a gain worth two "
+              "sequences per answer, so the engine was left as it is.",
               "",
               "The default groups the notes by passage in retrieval order (document order within a passage), "
               "so [1] is the best-ranked source as in `passages` mode, rather than by file name; on 2026-11-22 "
               "it scored 34.2% and file-name order on the same docs 39.5%: the 4 questions that "
               "differ flip on greedy near-ties (the model copies the other note, or stops early), which is "
               "noise at this size. "
-              "Where it stops: the two chosen units hold the answer for 23 of 38 questions (the top 3 chunks "
-              "for 30), and the model copies it in 16 of those 23. Units are scored by reciprocal rank fusion of "
+              "Where it stops: the two chosen units hold the answer for 21 to 23 of 38 questions (the top 3 "
+              "chunks for 29 to 30), and the model copies it in 13 to 16 of those. Units are scored by reciprocal rank fusion of "
               "BM25 over the units, MiniLM cosine and the rank of their chunk; weighting the three differently, "
               "BM25 length normalisation, or embedding units with their document title all land within one "
               "question of each other at 2 units. Given only the single answer-bearing line (an oracle), the "

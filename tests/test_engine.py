@@ -96,6 +96,26 @@ def test_prefix_cache_reuses_and_reports(engine):
     assert f3.usage.cached_tokens >= len(p)
 
 
+def test_prefix_cache_off_evaluates_every_prompt_whole(tiny_gguf):
+    e = Engine.load(str(tiny_gguf), EngineConfig(n_ctx=256, n_parallel=2, n_threads=1, prefix_cache=False))
+    try:
+        p = prompt(e, "a shared system prompt and a question")
+        first = run(e, p, temperature=0, max_tokens=6, ignore_eos=True)
+        before = e.stats().evaluated_tokens
+        again = run(e, p, temperature=0, max_tokens=6, ignore_eos=True)
+        assert again[2].usage.cached_tokens == 0
+        assert e.stats().evaluated_tokens - before == len(p)  # nothing reused from the first run
+        assert again[0] == first[0]
+        # Requests admitted together share nothing either: each evaluates its own prompt.
+        context, cont = p[:-3], p[-3:]
+        before = e.stats().evaluated_tokens
+        scores = e.score_many([(context, cont), (context, cont[:2])])
+        assert e.stats().evaluated_tokens - before == (len(p) - 1) + (len(p) - 2)
+        assert scores[0][0] < scores[1][0] <= 0
+    finally:
+        e.close()
+
+
 def test_max_tokens_zero_and_context_errors(engine):
     _, text, fin = run(engine, prompt(engine), max_tokens=0)
     assert text == "" and fin.reason == "length"

@@ -18,7 +18,7 @@ from openherd.engine import Engine, EngineConfig
 from openherd.engine.types import GrammarSpec
 from openherd.errors import ContextOverflow, InvalidRequest
 from openherd.personas.bundle import ExampleDialogue, KnowledgeConfig, Persona, PersonaStore, SamplingDefaults
-from openherd.personas.context import ContextConfig, select_notes, split_units
+from openherd.personas.context import ContextConfig, select_notes, split_units, split_window
 from openherd.personas.memory import ConversationStore
 from openherd.personas.runtime import PersonaRuntime
 from openherd.safety.policy import SafetyPolicy
@@ -225,6 +225,50 @@ def test_split_units_follows_document_structure():
         "# Heading",
     ]
     assert split_units("") == [] and split_units("---\n|---|---|\n") == []
+
+
+def test_split_window_completes_units_cut_by_chunk_edges():
+    # The chunker starts each chunk with the last words of the one before (whitespace normalised)
+    # and cuts long table rows and sentences at words: the first and last units of a chunk are
+    # fragments. With its neighbours they are completed; its inner units are unchanged.
+    prev = "Intro line.\n\n| path | what |\n|---|---|\n| `persona.yaml` | the persona, validated on every read |"
+    text = ("| the persona, validated on every read |\n| `knowledge/` | the documents |\n"
+            "pass@k is reported for every k in --k (default")
+    nxt = "for every k in --k (default 1,10,100) that every problem has. Next sentence."
+    assert split_window(text) == split_units(text)
+    assert split_window(text, prev, nxt) == [
+        "| `persona.yaml` | the persona, validated on every read |",
+        "| `knowledge/` | the documents |",
+        "pass@k is reported for every k in --k (default 1,10,100) that every problem has.",
+    ]
+    # A neighbour that does not overlap the chunk (another document, or a dropped overlap) is not
+    # glued on: one shared word is no overlap.
+    assert split_window(text, "Unrelated text ends with |", "Other (default") == split_units(text)
+    # The persona setting (knowledge.complete_units) is a checked boolean, off by default.
+    assert KnowledgeConfig().complete_units is False and ContextConfig().complete_units is False
+    assert KnowledgeConfig.from_dict({"complete_units": True}).complete_units is True
+    with pytest.raises(InvalidRequest, match="complete_units"):
+        KnowledgeConfig.from_dict({"complete_units": "yes"})
+    with pytest.raises(InvalidRequest, match="complete_units"):
+        ContextConfig(complete_units=1)
+
+
+def test_complete_units_reach_the_prompt(store, engine):
+    # 32-token chunks (12 overlap) of the tiny tokenizer cut the keeper's sentence in four:
+    # "The Glimmerfen lighthouse keeper's" / "lighthouse keeper's cat, a grey tabby that sleeps by
+    # the" / "tabby that sleeps by the lamp, is named Bartholomew" / "named Bartholomew Quince."
+    # With complete_units the note of the second chunk gets the words of the chunks around it.
+    sentence = ("The Glimmerfen lighthouse keeper's cat, a grey tabby that sleeps by the lamp, "
+                "is named Bartholomew Quince.")
+    make_persona(store, knowledge=KnowledgeConfig(top_k=1, chunk_tokens=32, chunk_overlap=12))
+    store.add_document("glim", "keeper.md", sentence.encode())
+    persona = store.get("glim")
+    ask = [{"role": "user", "content": "grey tabby"}]
+    cut = PersonaRuntime(persona, lambda n: engine, store=store, context=ContextConfig(sentences=1))
+    whole = PersonaRuntime(persona, lambda n: engine, store=store, context=ContextConfig(sentences=1, complete_units=True))
+    assert cut.prepare_sync(ask).notes[0].text == "lighthouse keeper's cat, a grey tabby that sleeps by the"
+    assert whole.prepare_sync(ask).notes[0].text == ("The Glimmerfen lighthouse keeper's cat, a grey tabby that "
+                                                     "sleeps by the lamp, is named Bartholomew")
 
 
 def test_sentences_prompt_cites_and_primes(store, engine):

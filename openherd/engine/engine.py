@@ -71,6 +71,11 @@ class EngineConfig:
     # KV copies them (LlamaContext.copy_prefix) and decodes ~15% faster on CPU when prompts
     # differ, its numbers independent of the other sequences' cells.
     kv_unified: bool = False
+    # Reuse KV cells across requests (a finished slot's tokens, a prefix another slot holds or
+    # is computing). Off, every request evaluates its whole prompt, as llama.cpp's server with
+    # cache_prompt=false or vLLM without enable_prefix_caching do: results then never depend
+    # on what ran before, at the price of recomputing shared prefixes (bench/eval.py).
+    prefix_cache: bool = True
 
     def __post_init__(self):
         if self.n_ctx < 16:
@@ -585,6 +590,12 @@ class Engine:
             one system prompt) so evaluate their common prefix once, not once per slot.
         """
         free = [sl for sl in self._slots if sl.seq is None]
+        if not self.config.prefix_cache:
+            best = min(free, key=lambda sl: sl.last_used)
+            best.seq, s.slot = s, best
+            s.cached = self._trim(best, 0)
+            s.t_admit = time.perf_counter()
+            return
         best = max(free, key=lambda sl: (_lcp(sl.tokens, s.prompt), -sl.last_used))
         n_reuse = min(_lcp(best.tokens, s.prompt), s.limit_in(best))
         donor, n_donor = None, 0

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest
@@ -47,6 +47,7 @@ __all__ = [
     "render_notes",
     "select_notes",
     "split_units",
+    "split_window",
 ]
 
 
@@ -131,6 +132,73 @@ def _has_words(text: str) -> bool:
     return any(ch.isalnum() for ch in text)
 
 
+def _overlap_start(prev: str, text: str, min_words: int = 2, max_words: int = 64) -> int | None:
+    """Where in `prev` the words that `text` starts with begin, when `text` opens with the end of
+    `prev` (the chunker starts each chunk with up to chunk_overlap tokens of the previous one's
+    end, whitespace between words normalised); None when they do not overlap. One shared word
+    ("|" of two table rows) is too weak a match to count."""
+    pw = list(re.finditer(r"\S+", prev))
+    tw = text.split()
+    for k in range(min(max_words, len(pw), len(tw)), min_words - 1, -1):
+        if [m.group() for m in pw[-k:]] == tw[:k]:
+            return pw[-k].start()
+    return None
+
+
+def _unit_spans(text: str, units: list[str]) -> list[tuple[int, int]]:
+    """(start, end) of each of split_units(text) in `text`, found word by word in order (units
+    have their whitespace normalised, and fences and table rules dropped, so offsets are not kept
+    while splitting)."""
+    spans = []
+    cursor = 0
+    for unit in units:
+        words = unit.split()
+        if unit.endswith(" ...") and len(words) > 1:  # cut at MAX_UNIT_CHARS
+            words = words[:-1]
+        start = text.find(words[0], cursor)
+        if start < 0:  # cannot happen for split_units(text); keep the rest aligned anyway
+            spans.append((cursor, cursor))
+            continue
+        end = start + len(words[0])
+        for w in words[1:]:
+            at = text.find(w, end)
+            if at < 0:
+                break
+            end = at + len(w)
+        spans.append((start, end))
+        cursor = end
+    return spans
+
+
+def split_window(text: str, prev: str = "", next: str = "") -> list[str]:
+    """split_units(text), with the units cut by the chunk's edges completed from the chunks before
+    and after it in the document. A chunk boundary falls anywhere in a table row or sentence
+    (the chunker cuts long ones at words), and a fragment such as "| the persona (schema below),
+    validated on every read |" has lost the cell that answers "in which file is a persona
+    defined?": scoring it cannot find the fact, and a small model cannot copy it. Neighbours that
+    do not overlap the chunk (another document's, or a chunk the overlap was dropped for) are not
+    used on that side."""
+    if not prev and not next:
+        return split_units(text)
+    window, start = text, 0
+    at = _overlap_start(prev, text) if prev else None
+    if at is not None:
+        window, start = prev[:at] + text, at
+    end = start + len(text)
+    at = _overlap_start(text, next) if next else None
+    if at is not None:
+        # `next` opens with the last words of `text`, from offset `at` of `text`.
+        window += next[_skip_words(next, len(text[at:].split())):]
+    units = split_units(window)
+    return [u for u, (a, b) in zip(units, _unit_spans(window, units), strict=True) if a < end and b > start]
+
+
+def _skip_words(text: str, n: int) -> int:
+    """Offset in `text` just after its first `n` words."""
+    ms = list(re.finditer(r"\S+", text))
+    return ms[n - 1].end() if n and len(ms) >= n else 0
+
+
 # ----------------------------------------------------------------------------- selection
 
 
@@ -178,14 +246,19 @@ def _ranks(scores: Sequence[float]) -> list[int]:
     return ranks
 
 
-def rank_notes(query: str, passages: Sequence[Passage], *, embed: Embed | None = None) -> list[Note]:
+def rank_notes(query: str, passages: Sequence[Passage], *, embed: Embed | None = None,
+               neighbours: Mapping[int, tuple[str, str]] | None = None) -> list[Note]:
     """Every unit of `passages` (retrieval order, best first), scored against `query` and sorted
-    best first. Units repeated by overlapping chunks are kept once."""
+    best first. Units repeated by overlapping chunks are kept once. `neighbours` (chunk id ->
+    the texts of the chunks before and after it, KnowledgeIndex.neighbours) completes the units
+    cut by a chunk's edges (split_window)."""
     from ..safety.injection import sanitize
 
     cands: list[Note] = []
     for rank, p in enumerate(passages):
-        for pos, unit in enumerate(split_units(sanitize(p.chunk.text))):
+        prev, nxt = (neighbours or {}).get(p.chunk.id, ("", ""))
+        units = split_window(sanitize(p.chunk.text), sanitize(prev), sanitize(nxt))
+        for pos, unit in enumerate(units):
             cands.append(Note(unit, p, rank, pos))
     cands = _dedupe(cands[:MAX_CANDIDATES])
     if not cands:
@@ -232,9 +305,10 @@ def select_notes(
     embed: Embed | None = None,
     max_notes: int = 2,
     budget_tokens: int = 1024,
+    neighbours: Mapping[int, tuple[str, str]] | None = None,
 ) -> list[Note]:
     """rank_notes, then choose_notes."""
-    return choose_notes(rank_notes(query, passages, embed=embed), max_notes, budget_tokens, count)
+    return choose_notes(rank_notes(query, passages, embed=embed, neighbours=neighbours), max_notes, budget_tokens, count)
 
 
 def _dedupe(cands: list[Note]) -> list[Note]:
@@ -303,6 +377,8 @@ class ContextConfig:
     # model continues it, so a cue to quote steers a small model to copy the notes instead of
     # making a value up. It is part of the prompt, not of the answer text.
     answer_prefix: str = "From the notes:"
+    # Complete units cut by a passage's edges from its neighbouring chunks (split_window).
+    complete_units: bool = False
 
     def __post_init__(self):
         if self.mode not in CONTEXT_MODES:
@@ -311,6 +387,8 @@ class ContextConfig:
             raise InvalidRequest("knowledge.sentences must be between 1 and 32", param="knowledge")
         if not isinstance(self.answer_prefix, str) or len(self.answer_prefix) > 200:
             raise InvalidRequest("knowledge.answer_prefix must be text of at most 200 characters", param="knowledge")
+        if not isinstance(self.complete_units, bool):
+            raise InvalidRequest("knowledge.complete_units must be true or false", param="knowledge")
 
     @classmethod
     def of(cls, knowledge: object) -> ContextConfig:
@@ -318,4 +396,5 @@ class ContextConfig:
         d = cls()
         return cls(mode=getattr(knowledge, "context", d.mode),
                    sentences=getattr(knowledge, "sentences", d.sentences),
-                   answer_prefix=getattr(knowledge, "answer_prefix", d.answer_prefix))
+                   answer_prefix=getattr(knowledge, "answer_prefix", d.answer_prefix),
+                   complete_units=getattr(knowledge, "complete_units", d.complete_units))

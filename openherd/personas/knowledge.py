@@ -627,6 +627,19 @@ class KnowledgeIndex:
                 sql += " WHERE flagged=1"
             return [_chunk(row) for row in self.db.execute(sql + " ORDER BY sha256, ord")]
 
+    def neighbours(self, chunks: Sequence[Chunk], chunker: str) -> dict[int, tuple[str, str]]:
+        """chunk id -> (text of the chunk before it, text of the one after it) in its document,
+        '' at the document's edges. Flagged neighbours give '': text the injection shield holds
+        back from prompts is not borrowed into one either (context.split_window)."""
+        out: dict[int, tuple[str, str]] = {}
+        with self._lock:
+            for c in chunks:
+                rows = dict(self.db.execute(
+                    "SELECT ord, text FROM chunks WHERE chunker = ? AND sha256 = ? AND ord IN (?, ?) AND flagged = 0",
+                    (chunker, c.sha256, c.ord - 1, c.ord + 1)).fetchall())
+                out[c.id] = (rows.get(c.ord - 1, ""), rows.get(c.ord + 1, ""))
+        return out
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             docs = self.db.execute("SELECT COUNT(*) FROM documents").fetchone()[0]

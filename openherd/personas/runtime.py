@@ -341,7 +341,12 @@ class PersonaRuntime:
         # Sentences mode scores every unit of the retrieved passages once; the loop below only
         # chooses within a budget that may shrink.
         sentences = self.context.mode == "sentences" and bool(result.passages)
-        ranked = rank_notes(query, result.passages, embed=self._unit_embedder(engine, embedder)) if sentences else []
+        ranked = []
+        if sentences:
+            around = None
+            if self.context.complete_units:
+                around = self.index().neighbours([p.chunk for p in result.passages], self.chunker(engine))
+            ranked = rank_notes(query, result.passages, embed=self._unit_embedder(engine, embedder), neighbours=around)
         while True:
             for p in result.passages:
                 p.index = 0
