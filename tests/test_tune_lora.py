@@ -13,6 +13,7 @@ from openherd.tune.lora import (  # noqa: E402
     LoRALinear,
     apply_lora,
     load_lora_state_dict,
+    lora_dropout,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
@@ -118,3 +119,44 @@ def test_bad_configs_and_mismatched_adapters_are_clear_errors():
     del sd["layers.0.attention.wq.lora_a"]
     with pytest.raises(InvalidRequest, match="missing"):
         load_lora_state_dict(model, sd)
+
+
+def test_lora_dropout_drops_at_rate_p_and_keeps_the_expectation():
+    x = torch.ones(256, 512)
+    torch.manual_seed(3)
+    xd, scale = lora_dropout(x, 0.1, training=True)
+    kept = (xd != 0).float().mean().item()
+    assert abs(kept - 0.9) < 0.005  # 131072 draws: 5 standard errors is ~0.004
+    assert set(xd.unique().tolist()) <= {0.0, 1.0}  # masked, not yet rescaled ...
+    assert scale == pytest.approx(1 / 0.9, rel=1e-4)  # ... the caller folds 1/(1-p) into B
+    assert (xd * scale).mean().item() == pytest.approx(1.0, abs=0.01)
+    # Seeded by torch's generator: the same seed, the same mask; the next call, another one.
+    torch.manual_seed(3)
+    again, _ = lora_dropout(x, 0.1, training=True)
+    other, _ = lora_dropout(x, 0.1, training=True)
+    assert torch.equal(xd, again) and not torch.equal(xd, other)
+    # Eval mode and p = 0 leave the input alone; gradients flow through the kept entries.
+    assert lora_dropout(x, 0.1, training=False) == (x, 1.0) and lora_dropout(x, 0.0, training=True) == (x, 1.0)
+    w = torch.randn(512, requires_grad=True)
+    torch.manual_seed(4)
+    y, _ = lora_dropout(x * w, 0.5, training=True)
+    y.sum().backward()
+    torch.manual_seed(4)
+    mask, _ = lora_dropout(x, 0.5, training=True)
+    assert torch.equal(w.grad, mask.sum(0))
+
+
+def test_lora_linear_dropout_matches_the_unfolded_formula():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(16, 8)
+    m = LoRALinear(base, rank=2, alpha=4.0, dropout=0.25)
+    with torch.no_grad():
+        m.lora_b.normal_()
+    m.train()
+    x = torch.randn(5, 16)
+    torch.manual_seed(9)
+    y = m(x)
+    torch.manual_seed(9)
+    keep, scale = lora_dropout(torch.ones_like(x), 0.25, training=True)
+    ref = base(x) + (x * keep * scale) @ m.lora_a.t() @ m.lora_b.t() * m.scaling
+    assert torch.allclose(y, ref, atol=1e-5)

@@ -29,7 +29,15 @@ from openherd.tune.lora import (  # noqa: E402
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
-from openherd.tune.sft import TuneConfig, fit, forward_hidden, latest_checkpoint, lr_at, setup  # noqa: E402
+from openherd.tune.sft import (  # noqa: E402
+    LinearCrossEntropy,
+    TuneConfig,
+    fit,
+    forward_hidden,
+    latest_checkpoint,
+    lr_at,
+    setup,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -407,3 +415,19 @@ def test_a_hugging_face_directory_base_is_converted_for_llama_cpp(tmp_path, tiny
     for i, ev in enumerate(events[:-1]):
         row = logits[len(prompt) + i - 1]
         assert int(row.argmax()) == ev.token or float(row.max() - row[ev.token]) < 2e-2
+
+
+def test_linear_cross_entropy_matches_torch_in_value_and_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(70, 16, requires_grad=True)  # more rows than one block of 32
+    w = (torch.randn(50, 16) * 2).requires_grad_(True)  # large logits: the row max must keep exp finite
+    targets = torch.randint(0, 50, (70,))
+    ours = LinearCrossEntropy.apply(h, w, targets)
+    h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h2 @ w2.t(), targets, reduction="sum")
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    (ours / 3).backward()
+    (ref / 3).backward()
+    assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+    with torch.no_grad():  # validation: forward only
+        assert LinearCrossEntropy.apply(h, w, targets).item() == pytest.approx(ref.item(), rel=1e-6)
