@@ -378,10 +378,10 @@ class KnowledgeConfig:
             raise _invalid("knowledge.retrieval", f"must be one of {', '.join(RETRIEVAL_MODES)}")
         if self.context not in CONTEXT_MODES:
             raise _invalid("knowledge.context", f"must be one of {', '.join(CONTEXT_MODES)}")
-        if not 1 <= self.sentences <= 32:
+        if not isinstance(self.sentences, int) or isinstance(self.sentences, bool) or not 1 <= self.sentences <= 32:
             raise _invalid("knowledge.sentences", "must be between 1 and 32")
-        if len(self.answer_prefix) > 200:
-            raise _invalid("knowledge.answer_prefix", "must be at most 200 characters")
+        if not isinstance(self.answer_prefix, str) or len(self.answer_prefix) > 200:
+            raise _invalid("knowledge.answer_prefix", "must be text of at most 200 characters")
         if not isinstance(self.complete_units, bool):
             raise _invalid("knowledge.complete_units", "must be true or false")
 

@@ -33,8 +33,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from ..errors import InvalidRequest
-from .bundle import CONTEXT_MODES
+from .bundle import CONTEXT_MODES, KnowledgeConfig
 from .knowledge import RRF_K, Passage, lexical_terms
 
 __all__ = [
@@ -371,30 +370,22 @@ class ContextConfig:
     # sentences: the few units of the retrieved passages that best match the question (the
     # default: small models copy from two lines far more often than from three 64-token chunks).
     # passages: the retrieved chunks whole, numbered (for bigger models and long-form answers).
-    mode: str = "sentences"
-    sentences: int = 2  # units placed in sentences mode
+    mode: str = KnowledgeConfig.context
+    sentences: int = KnowledgeConfig.sentences  # units placed in sentences mode
     # Text the assistant's turn starts with when notes are placed (sentences mode; '' = none). The
     # model continues it, so a cue to quote steers a small model to copy the notes instead of
     # making a value up. It is part of the prompt, not of the answer text.
-    answer_prefix: str = "From the notes:"
+    answer_prefix: str = KnowledgeConfig.answer_prefix
     # Complete units cut by a passage's edges from its neighbouring chunks (split_window).
-    complete_units: bool = False
+    complete_units: bool = KnowledgeConfig.complete_units
 
     def __post_init__(self):
-        if self.mode not in CONTEXT_MODES:
-            raise InvalidRequest(f"knowledge.context must be one of {', '.join(CONTEXT_MODES)}", param="knowledge")
-        if not isinstance(self.sentences, int) or not 1 <= self.sentences <= 32:
-            raise InvalidRequest("knowledge.sentences must be between 1 and 32", param="knowledge")
-        if not isinstance(self.answer_prefix, str) or len(self.answer_prefix) > 200:
-            raise InvalidRequest("knowledge.answer_prefix must be text of at most 200 characters", param="knowledge")
-        if not isinstance(self.complete_units, bool):
-            raise InvalidRequest("knowledge.complete_units must be true or false", param="knowledge")
+        # One set of rules for these settings: persona.yaml's (KnowledgeConfig raises on a bad one).
+        KnowledgeConfig(context=self.mode, sentences=self.sentences, answer_prefix=self.answer_prefix,
+                        complete_units=self.complete_units)
 
     @classmethod
-    def of(cls, knowledge: object) -> ContextConfig:
-        """The settings of a persona's KnowledgeConfig (its defaults for fields it lacks)."""
-        d = cls()
-        return cls(mode=getattr(knowledge, "context", d.mode),
-                   sentences=getattr(knowledge, "sentences", d.sentences),
-                   answer_prefix=getattr(knowledge, "answer_prefix", d.answer_prefix),
-                   complete_units=getattr(knowledge, "complete_units", d.complete_units))
+    def of(cls, knowledge: KnowledgeConfig) -> ContextConfig:
+        """The settings of a persona's KnowledgeConfig."""
+        return cls(mode=knowledge.context, sentences=knowledge.sentences, answer_prefix=knowledge.answer_prefix,
+                   complete_units=knowledge.complete_units)
