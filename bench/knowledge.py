@@ -314,6 +314,7 @@ def main() -> int:
               "| `sentences`, 2 units, ranked best first / best last | 36.8% / 34.2% |",
               "| `sentences`, 2 units, prefix \"According to the notes:\" / \"Quoting the notes:\" / \"The notes say:\" | 39.5% / 39.5% / 31.6% |",
               "| `sentences`, 2 units completed from the neighbouring chunks (`--complete-units`; 574 passages) | 18.4% (34.2% without, same day) |",
+              "| with answer types (below), 2 units of the top 3 passages / 1 unit of the top 3 / 1 unit of the top 5 / 2 units of the top 5 (the new default) | 31.6% / 39.5% / 39.5% / 39.5% |",
               "",
               "Unit selection and decoding variants measured on 2026-11-22 (574 passages), outside the persona: "
               "units cut by a chunk's edges completed from the chunks around it (`knowledge.complete_units`) put an "
@@ -331,8 +332,18 @@ def main() -> int:
               "it scored 34.2% and file-name order on the same docs 39.5%: the 4 questions that "
               "differ flip on greedy near-ties (the model copies the other note, or stops early), which is "
               "noise at this size. "
-              "Where it stops: the two chosen units hold the answer for 21 to 23 of 38 questions (the top 3 "
-              "chunks for 29 to 30), and the model copies it in 13 to 16 of those. Units are scored by reciprocal rank fusion of "
+              "Answer types (2026-11-22): units that can hold the kind of answer the question asks for (a "
+              "number for \"how many\", a file name for \"which file\", a code identifier for \"which setting\") "
+              "go first. Among the units of the top 5 passages this put an answer-bearing unit first for 21 of 38 "
+              "questions (17 by the fused score alone), among the best 2 for 28 (23) and the best 3 for 30 (25); "
+              "the top 5 passages hold it for 32. "
+              "Where it stops: with one unit placed, 15 answers held the fact, against 21 questions "
+              "whose first unit holds it (0.71, the rate of an oracle line below), so answers are bounded by "
+              "about 0.71 times the share of questions whose best unit is right: 39% today, 60% with a perfect "
+              "ranking of the retrieved units. With several units the model has to pick the right one, and as a "
+              "reader it cannot: scoring each of the top 5 units as the continuation of the prompt, it gave the "
+              "highest likelihood to an answer-bearing unit for 5 of the 32 questions whose units hold one (6 "
+              "per token). Units are scored by reciprocal rank fusion of "
               "BM25 over the units, MiniLM cosine and the rank of their chunk; weighting the three differently, "
               "BM25 length normalisation, or embedding units with their document title all land within one "
               "question of each other at 2 units. Given only the single answer-bearing line (an oracle), the "

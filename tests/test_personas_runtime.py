@@ -18,7 +18,15 @@ from openherd.engine import Engine, EngineConfig
 from openherd.engine.types import GrammarSpec
 from openherd.errors import ContextOverflow, InvalidRequest
 from openherd.personas.bundle import ExampleDialogue, KnowledgeConfig, Persona, PersonaStore, SamplingDefaults
-from openherd.personas.context import ContextConfig, select_notes, split_units, split_window
+from openherd.personas.context import (
+    ContextConfig,
+    answer_type,
+    holds_answer_type,
+    rank_notes,
+    select_notes,
+    split_units,
+    split_window,
+)
 from openherd.personas.memory import ConversationStore
 from openherd.personas.runtime import PersonaRuntime
 from openherd.safety.policy import SafetyPolicy
@@ -345,6 +353,55 @@ def test_select_notes_dedupes_overlap_and_fits_budget(store, engine):
     assert any("Bartholomew Quince" in t for t in texts)
     tight = select_notes("keeper cat name", passages, count, max_notes=3, budget_tokens=count(texts[0]) + 4)
     assert len(tight) <= 1
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("How many requests can wait in the queue?", "number"),
+    ("How long is an idle model kept?", "number"),
+    ("Which pass@k values are computed?", "number"),
+    ("In which file is a persona defined?", "file"),
+    ("Where are per-item results written?", "file"),
+    ("What kind of file does export produce?", "file"),
+    ("Which setting caps the loaded models?", "identifier"),
+    ("Which accuracy metric normalises by length?", "identifier"),
+    ("How do I require a token for the API?", "identifier"),
+    ("Who keeps the lighthouse?", None),
+    ("Why is the lamp red?", None),
+])
+def test_answer_type_of_questions(question, kind):
+    assert answer_type(question) == kind
+
+
+@pytest.mark.parametrize("kind, unit, holds", [
+    ("number", "The queue holds 64 requests.", True),
+    ("number", "[2] No digits here except the citation.", False),
+    ("file", "Results go to records.jsonl next to the run.", True),
+    ("file", "Data lives in ~/.openherd unless HERD_HOME is set.", True),
+    ("file", "Persona export writes a .herd file.", True),
+    ("file", "It ends. Then another sentence starts.", False),
+    ("identifier", "| `HERD_MAX_LOADED_MODELS` | 3 |", True),
+    ("identifier", "Pass --gate-threshold to change it.", True),
+    ("identifier", "It raises ModelNotFound.", True),
+    ("identifier", "Plain words only, no names in code.", False),
+    (None, "Anything at all.", True),
+])
+def test_holds_answer_type(kind, unit, holds):
+    assert holds_answer_type(kind, unit) is holds
+
+
+def test_rank_notes_puts_units_of_the_answer_type_first(store, engine):
+    # Both sentences share the question's words; only one holds a number, which "how many" asks for.
+    persona = store.create(Persona(name="counts", model="tiny"), [(
+        "ships.txt", b"The harbour ships are counted every spring by the harbour master. "
+                     b"The harbour has 17 ships in the spring count.")])
+    rt = PersonaRuntime(persona, lambda name: engine, store=store)
+    passages = rt.retrieve(engine, "harbour ships spring").passages
+    fused = rank_notes("harbour ships spring count master", passages)
+    assert fused[0].text.startswith("The harbour ships are counted")  # more question words
+    typed = rank_notes("How many harbour ships are in the spring count by the master?", passages)
+    assert typed[0].text == "The harbour has 17 ships in the spring count."
+    # A question without a type keeps the fused order.
+    assert [n.text for n in rank_notes("Who is the harbour ships spring count master?", passages)][0] == fused[0].text
 
 
 # ----------------------------------------------------------------------------- herd chat PERSONA
