@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
 
 from openherd.errors import InvalidRequest  # noqa: E402
 from openherd.model import ModelArgs, Transformer  # noqa: E402
@@ -14,6 +15,8 @@ from openherd.tune.lora import (  # noqa: E402
     apply_lora,
     load_lora_state_dict,
     lora_dropout,
+    lora_dropout_mask,
+    lora_projection,
     lora_state_dict,
     mark_only_lora_as_trainable,
     merge_lora_weights,
@@ -160,3 +163,37 @@ def test_lora_linear_dropout_matches_the_unfolded_formula():
     keep, scale = lora_dropout(torch.ones_like(x), 0.25, training=True)
     ref = base(x) + (x * keep * scale) @ m.lora_a.t() @ m.lora_b.t() * m.scaling
     assert torch.allclose(y, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+@pytest.mark.parametrize("bias", [False, True])
+def test_lora_projection_is_the_lora_linears_side_by_side(dropout, bias):
+    torch.manual_seed(0)
+    mods = [LoRALinear(torch.nn.Linear(16, n, bias=bias), rank=2, alpha=4.0) for n in (12, 4, 4)]  # q, k, v
+    for m in mods:
+        m.weight.requires_grad_(False)
+        if bias:
+            m.bias.requires_grad_(False)
+        with torch.no_grad():
+            m.lora_b.normal_()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    torch.manual_seed(9)
+    keep, scale = lora_dropout_mask(x, dropout, training=True)
+    weight = torch.cat([m.weight for m in mods])
+    bias_ = torch.cat([m.bias for m in mods]) if bias else None
+    a = torch.cat([m.lora_a for m in mods])
+    y = lora_projection(x, weight, bias_, keep, a, [m.lora_b for m in mods], [m.scaling * scale for m in mods])
+    grad = torch.randn_like(y)
+    params = [x] + [p for m in mods for p in (m.lora_a, m.lora_b)]
+    ours = torch.autograd.grad(y, params, grad)
+    xd = x if keep is None else x * keep * scale
+    ref = torch.cat([F.linear(x, m.weight, m.bias) + xd @ m.lora_a.t() @ m.lora_b.t() * m.scaling for m in mods], -1)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    for got, want in zip(ours, torch.autograd.grad(ref, params, grad), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # An input that needs no gradient (the first layer's) gets none, the adapters still do.
+    y0 = lora_projection(x.detach(), weight, bias_, keep, a, [m.lora_b for m in mods], [1.0] * 3)
+    y0.sum().backward()
+    assert x.grad is None and all(m.lora_b.grad is not None for m in mods)
+    with pytest.raises(RuntimeError, match="frozen"):
+        lora_projection(x, weight.requires_grad_(True), None, None, a, [m.lora_b for m in mods], [1.0] * 3)

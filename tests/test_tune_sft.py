@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from openherd import cli  # noqa: E402
 from openherd.errors import InvalidRequest, StoreError  # noqa: E402
-from openherd.model import load_torch_model  # noqa: E402
+from openherd.model import apply_rope, load_torch_model, rope_cos_sin  # noqa: E402
 from openherd.tune import sft  # noqa: E402
 from openherd.tune.data import IGNORE, ChatRenderer, Example, collate, pack_rows, single_rows, tokenize_all  # noqa: E402
 from openherd.tune.lora import (  # noqa: E402
@@ -30,7 +30,10 @@ from openherd.tune.lora import (  # noqa: E402
     mark_only_lora_as_trainable,
 )
 from openherd.tune.sft import (  # noqa: E402
+    BlockCausalAttention,
     LinearCrossEntropy,
+    Rope,
+    SwiGLU,
     TuneConfig,
     fit,
     forward_hidden,
@@ -431,3 +434,49 @@ def test_linear_cross_entropy_matches_torch_in_value_and_gradients():
     assert torch.allclose(h.grad, h2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
     with torch.no_grad():  # validation: forward only
         assert LinearCrossEntropy.apply(h, w, targets).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("n_kv_heads", [2, 6])
+def test_block_causal_attention_matches_sdpa(n_kv_heads):
+    torch.manual_seed(0)
+    B, H, T, D = 2, 6, 70, 8  # 70 tokens: the last query block is a partial one
+    qkv = torch.randn(B, T, (H + 2 * n_kv_heads) * D, requires_grad=True)
+
+    def heads():  # strided (B, nh, T, hd) views of one projection, as the training step has them
+        q, k, v = qkv.split([H * D, n_kv_heads * D, n_kv_heads * D], dim=-1)
+        return (q.view(B, T, H, D).transpose(1, 2), k.view(B, T, n_kv_heads, D).transpose(1, 2),
+                v.view(B, T, n_kv_heads, D).transpose(1, 2))  # fmt: skip
+
+    grad = torch.randn(B, H, T, D)
+    ours = BlockCausalAttention.apply(*heads())
+    (d_ours,) = torch.autograd.grad(ours, qkv, grad)
+    ref = F.scaled_dot_product_attention(*heads(), is_causal=True, enable_gqa=n_kv_heads != H)
+    (d_ref,) = torch.autograd.grad(ref, qkv, grad)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(d_ours, d_ref, atol=1e-5, rtol=1e-5)
+    # Kept probabilities are bounded: short rows qualify, long ones go to SDPA.
+    assert BlockCausalAttention.fits(256, 9, 1536) and not BlockCausalAttention.fits(1024, 9, 1536)
+
+
+def test_swiglu_matches_autograd():
+    torch.manual_seed(0)
+    gate_up = torch.randn(3, 5, 2 * 16, requires_grad=True)
+    grad = torch.randn(3, 5, 16)
+    ours = SwiGLU.apply(gate_up)
+    (d_ours,) = torch.autograd.grad(ours, gate_up, grad)
+    gate, up = gate_up.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    (d_ref,) = torch.autograd.grad(ref, gate_up, grad)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(d_ours, d_ref)
+
+
+def test_rope_matches_apply_rope():
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 5 * 16).view(2, 7, 5, 16).transpose(1, 2).detach().requires_grad_(True)  # strided heads
+    cos, sin = rope_cos_sin(torch.rand(8), torch.arange(7), torch.float32)  # (T, hd)
+    grad = torch.randn(2, 5, 7, 16)
+    for c, s in ((cos, sin), (cos.expand(2, 1, 7, 16), sin.expand(2, 1, 7, 16))):  # per-row positions (packing)
+        ours, ref = Rope.apply(x, c, s), apply_rope(x, c, s)
+        torch.testing.assert_close(ours, ref)
+        torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
