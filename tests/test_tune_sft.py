@@ -32,6 +32,7 @@ from openherd.tune.lora import (  # noqa: E402
 from openherd.tune.sft import (  # noqa: E402
     BlockCausalAttention,
     LinearCrossEntropy,
+    RMSNorm,
     Rope,
     SwiGLU,
     TuneConfig,
@@ -480,3 +481,15 @@ def test_rope_matches_apply_rope():
         ours, ref = Rope.apply(x, c, s), apply_rope(x, c, s)
         torch.testing.assert_close(ours, ref)
         torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
+
+
+def test_rms_norm_matches_torch_in_value_and_gradients():
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 16) * 4).requires_grad_(True)
+    w = (torch.randn(16) * 0.1 + 1).requires_grad_(True)  # trainable here, to check its gradient too
+    grad = torch.randn(3, 5, 16)
+    ours = RMSNorm.apply(x, w, 1e-5)
+    ref = F.rms_norm(x, (16,), w, 1e-5)
+    torch.testing.assert_close(ours, ref)
+    for got, want in zip(torch.autograd.grad(ours, (x, w), grad), torch.autograd.grad(ref, (x, w), grad), strict=True):
+        torch.testing.assert_close(got, want)
