@@ -28,8 +28,10 @@ PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 def lora_model(gguf_path: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0):
     """The GGUF's torch model with a LoRA whose B is random (a fresh adapter would be a no-op)."""
     model, tok = load_torch_model(gguf_path, device="cpu", dtype=torch.float32)
-    apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, dropout=0.0))
+    # A and B both from the seeded generator: with torch's global RNG for A, the adapter (and
+    # so whether a tiny q4_0 model's greedy answer is empty) depended on which tests ran first.
     g = torch.Generator().manual_seed(seed)
+    apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, dropout=0.0), generator=g)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):

@@ -421,10 +421,14 @@ def test_a_hugging_face_directory_base_is_converted_for_llama_cpp(tmp_path, tiny
         assert int(row.argmax()) == ev.token or float(row.max() - row[ev.token]) < 2e-2
 
 
-def test_linear_cross_entropy_matches_torch_in_value_and_gradients():
+@pytest.mark.parametrize("vocab_block", [16, LinearCrossEntropy.VOCAB_BLOCK])
+def test_linear_cross_entropy_matches_torch_in_value_and_gradients(vocab_block, monkeypatch):
+    # Slabs of 16 columns over a vocabulary of 50: three whole slabs and a partial one, so the
+    # per-slab maxima, their combination and the targets' places in the buffer are all exercised.
+    monkeypatch.setattr(LinearCrossEntropy, "VOCAB_BLOCK", vocab_block)
     torch.manual_seed(0)
-    h = torch.randn(70, 16, requires_grad=True)  # more rows than one block of 32
-    w = (torch.randn(50, 16) * 2).requires_grad_(True)  # large logits: the row max must keep exp finite
+    h = torch.randn(70, 16, requires_grad=True)
+    w = (torch.randn(50, 16) * 4).requires_grad_(True)  # large logits: each slab's max must keep exp finite
     targets = torch.randint(0, 50, (70,))
     ours = LinearCrossEntropy.apply(h, w, targets)
     h2, w2 = h.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
