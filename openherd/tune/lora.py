@@ -150,10 +150,8 @@ def lora_dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, float]:
     generator is seeded from torch's, so ``--seed`` and ``--resume`` (which restore
     torch's RNG state) still reproduce a run. Elsewhere torch's own dropout is cheap.
     """
-    if not training or p <= 0:
-        return x, 1.0
     if x.device.type != "cpu":
-        return F.dropout(x, p, True), 1.0
+        return F.dropout(x, p, training), 1.0
     keep, scale = lora_dropout_mask(x, p, training)
     return (x, 1.0) if keep is None else (x * keep, scale)
 

@@ -675,19 +675,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:  # (N, dim), (V, dim), (N,)
         n, vocab = h.shape[0], weight.shape[0]
-        bounds = list(range(0, vocab, LinearCrossEntropy.VOCAB_BLOCK)) + [vocab]
         buf = torch.empty(n * vocab, dtype=torch.float32, device=h.device)  # fp32 statistics whatever the dtype
-        tops = torch.empty(len(bounds) - 1, n, dtype=torch.float32, device=h.device)  # (blocks, N) slab row maxes
+        slabs = LinearCrossEntropy._slabs(buf, n, vocab, targets)
+        tops = torch.empty(len(slabs), n, dtype=torch.float32, device=h.device)  # (blocks, N) slab row maxes
         sums = torch.empty_like(tops)  # (blocks, N): sum of exp(logit - slab max)
         picked = torch.empty(n, dtype=torch.float32, device=h.device)  # the targets' logits
-        block = targets // LinearCrossEntropy.VOCAB_BLOCK
-        for j, (s, e) in enumerate(pairwise(bounds)):
-            slab = buf[n * s : n * e].view(n, e - s)
+        for j, (s, e, slab, rows) in enumerate(slabs):
             if h.dtype == torch.float32:
                 torch.mm(h, weight[s:e].t(), out=slab)
             else:
                 slab.copy_(F.linear(h, weight[s:e]))
-            rows = (block == j).nonzero().squeeze(1)
             picked[rows] = slab[rows, targets[rows] - s]
             torch.amax(slab, dim=-1, out=tops[j])
             torch.sum(slab.sub_(tops[j][:, None]).exp_(), dim=-1, out=sums[j])
@@ -698,19 +695,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (total.log() + top - picked).sum()
 
     @staticmethod
+    def _slabs(buf: Tensor, n: int, vocab: int, targets: Tensor) -> list[tuple[int, int, Tensor, Tensor]]:
+        """(first column, end column, the (n, end - first) slab of `buf`, the rows whose target
+        falls in it) for each VOCAB_BLOCK columns of the vocabulary."""
+        b = LinearCrossEntropy.VOCAB_BLOCK
+        block = targets // b
+        return [(s, e, buf[n * s : n * e].view(n, e - s), (block == j).nonzero().squeeze(1))
+                for j, (s, e) in enumerate(pairwise([*range(0, vocab, b), vocab]))]
+
+    @staticmethod
     def backward(ctx, grad: Tensor):
         h, weight, targets, buf, factor = ctx.saved_tensors  # factor (blocks, N): exp(m_j - M) / sum
-        n, vocab = h.shape[0], weight.shape[0]
-        bounds = list(range(0, vocab, LinearCrossEntropy.VOCAB_BLOCK)) + [vocab]
         g = grad.to(buf.dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dh = torch.zeros_like(h) if need_h else None
         dw = torch.empty_like(weight) if need_w else None
-        block = targets // LinearCrossEntropy.VOCAB_BLOCK
-        for j, (s, e) in enumerate(pairwise(bounds)):
-            slab = buf[n * s : n * e].view(n, e - s)
+        for j, (s, e, slab, rows) in enumerate(LinearCrossEntropy._slabs(buf, h.shape[0], weight.shape[0], targets)):
             slab.mul_((factor[j] * g)[:, None])  # softmax * g, in place of exp(logit - slab max)
-            rows = (block == j).nonzero().squeeze(1)
             slab[rows, targets[rows] - s] -= g  # minus g at the targets
             d = slab if slab.dtype == h.dtype else slab.to(h.dtype)
             if need_h:
