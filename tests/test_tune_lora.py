@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -147,6 +148,19 @@ def test_lora_dropout_drops_at_rate_p_and_keeps_the_expectation():
     torch.manual_seed(4)
     mask, _ = lora_dropout(x, 0.5, training=True)
     assert torch.equal(w.grad, mask.sum(0))
+
+
+@pytest.mark.parametrize("drop", [1, 100, 3277, 32768, 65535])  # p = drop / 65536, ties on either byte
+def test_keep_mask_drops_at_the_16_bit_rate(drop):
+    # The high byte alone would give floor or ceil(drop / 256) / 256: 28 standard errors off
+    # for drop = 3277 at this size, so a mask that skipped the low-byte draws would fail.
+    from openherd.tune.lora import _keep_mask
+
+    n = 1 << 22
+    keep = _keep_mask(np.random.SFC64(7), n, drop)
+    assert keep.dtype == np.float32 and keep.shape == (n,) and set(np.unique(keep)) <= {0.0, 1.0}
+    p = drop / 65536
+    assert abs((1 - keep.mean()) - p) < 5 * (p * (1 - p) / n) ** 0.5 + 1e-9
 
 
 def test_lora_linear_dropout_matches_the_unfolded_formula():

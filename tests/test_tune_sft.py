@@ -32,8 +32,8 @@ from openherd.tune.lora import (  # noqa: E402
 from openherd.tune.sft import (  # noqa: E402
     BlockCausalAttention,
     LinearCrossEntropy,
+    QKVRope,
     RMSNorm,
-    Rope,
     SwiGLU,
     TuneConfig,
     fit,
@@ -476,15 +476,25 @@ def test_swiglu_matches_autograd():
     torch.testing.assert_close(d_ours, d_ref)
 
 
-def test_rope_matches_apply_rope():
+def test_qkv_rope_matches_apply_rope():
     torch.manual_seed(0)
-    x = torch.randn(2, 7, 5 * 16).view(2, 7, 5, 16).transpose(1, 2).detach().requires_grad_(True)  # strided heads
-    cos, sin = rope_cos_sin(torch.rand(8), torch.arange(7), torch.float32)  # (T, hd)
-    grad = torch.randn(2, 5, 7, 16)
-    for c, s in ((cos, sin), (cos.expand(2, 1, 7, 16), sin.expand(2, 1, 7, 16))):  # per-row positions (packing)
-        ours, ref = Rope.apply(x, c, s), apply_rope(x, c, s)
-        torch.testing.assert_close(ours, ref)
-        torch.testing.assert_close(torch.autograd.grad(ours, x, grad)[0], torch.autograd.grad(ref, x, grad)[0])
+    B, T, H, KV, D = 2, 7, 6, 2, 16
+    qkv = torch.randn(B, T, (H + 2 * KV) * D, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.rand(D // 2), torch.arange(T), torch.float32)  # (T, hd)
+    grads = torch.randn(B, H, T, D), torch.randn(B, KV, T, D), torch.randn(B, KV, T, D)
+    for c, s in ((cos, sin), (cos.expand(B, 1, T, D), sin.expand(B, 1, T, D))):  # per-row positions (packing)
+        ours = QKVRope.apply(qkv, c, s, H, KV)
+        q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+        q, k, v = (t.view(B, T, -1, D).transpose(1, 2) for t in (q, k, v))
+        ref = apply_rope(q, c, s), apply_rope(k, c, s), v
+        for o, r in zip(ours, ref, strict=True):
+            assert o.is_contiguous()
+            torch.testing.assert_close(o, r)
+        torch.testing.assert_close(torch.autograd.grad(ours, qkv, grads)[0], torch.autograd.grad(ref, qkv, grads)[0])
+    # An output that gets no gradient (a head unused downstream) contributes zeros.
+    q, k, v = QKVRope.apply(qkv, cos, sin, H, KV)
+    (d,) = torch.autograd.grad((q * grads[0]).sum(), qkv)
+    assert d[..., H * D :].abs().max() == 0 and d[..., : H * D].abs().max() > 0
 
 
 def test_rms_norm_matches_torch_in_value_and_gradients():

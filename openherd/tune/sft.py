@@ -86,7 +86,7 @@ __all__ = [
     "BlockCausalAttention",
     "LinearCrossEntropy",
     "RMSNorm",
-    "Rope",
+    "QKVRope",
     "SwiGLU",
     "batch_loss",
     "finish",
@@ -438,47 +438,78 @@ class RMSNorm(torch.autograd.Function):
 
 def _attention(a: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, blocks: bool) -> Tensor:
     B, T, _ = x.shape
-    nq, nkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
     qkv = _fused_proj(a, ("wq", "wk", "wv"), x)  # (B, T, nq + 2 nkv)
-    q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
-    q = q.view(B, T, a.n_heads, a.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-    k = k.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-    v = v.view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-    q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+    q, k, v = QKVRope.apply(qkv, cos, sin, a.n_heads, a.n_kv_heads)  # (B, nh | n_kv, T, hd), contiguous
     if mask is None and blocks:
         y = BlockCausalAttention.apply(q, k, v)  # (B, nh, T, hd)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=a.n_kv_heads != a.n_heads)  # (B, nh, T, hd)  # fmt: skip
-    return _fused_proj(a, ("wo",), y.transpose(1, 2).reshape(B, T, nq))
+    return _fused_proj(a, ("wo",), y.transpose(1, 2).reshape(B, T, a.n_heads * a.head_dim))
 
 
-class Rope(torch.autograd.Function):
-    """``openherd.model.apply_rope``, x * cos + rotate_half(x) * sin, for (B, nh, T, hd) x.
+def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
+    """out = x * cos + rotate_half(x) * sin (``openherd.model.apply_rope``), or its transpose
+    (the rotation backward), per half of a head: out1 = x1 cos1 -+ x2 sin, out2 = x2 cos2 +- x1 sin,
+    two fused multiply-adds into ``out`` where autograd's version negates, concatenates, and
+    multiplies and adds whole heads (about five passes each way)."""
+    h = x.shape[-1] // 2
+    sign = 1 if inverse else -1
+    # Forward pairs x2 with sin's first half and x1 with its second; the transpose swaps them.
+    sin1, sin2 = (sin[..., h:], sin[..., :h]) if inverse else (sin[..., :h], sin[..., h:])
+    torch.mul(x[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(x[..., h:], sin1, value=sign)
+    torch.mul(x[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(x[..., :h], sin2, value=-sign)
+    return out
 
-    Per half of a head, out1 = x1 cos1 - x2 sin1 and out2 = x2 cos2 + x1 sin2: two fused
-    multiply-adds into the output, where autograd's version negates, concatenates, and
-    multiplies and adds whole heads (about five passes forward and as many backward).
-    Backward is the transposed rotation. tests/test_tune_sft.py checks it against apply_rope.
+
+class QKVRope(torch.autograd.Function):
+    """The fused q/k/v projection (B, T, (nh + 2 n_kv) hd) -> RoPE'd q (B, nh, T, hd), RoPE'd
+    k and v (B, n_kv, T, hd), each contiguous, for attention.
+
+    Splitting with views and rotating q and k separately leaves autograd to concatenate the
+    three head gradients back into one (B, T, ...) tensor, a full copy of the projection
+    output each layer, and hands attention strided heads it copies again. Here the rotations
+    write contiguous heads, and backward writes dq, dk and dv straight into one gradient of
+    the projection. cos and sin broadcast to the heads: (T, hd), or (B, 1, T, hd) for packed
+    rows. tests/test_tune_sft.py checks it against apply_rope.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # cos, sin: broadcast to x
-        h = x.shape[-1] // 2
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        torch.mul(x[..., :h], cos[..., :h], out=out[..., :h]).addcmul_(x[..., h:], sin[..., :h], value=-1)
-        torch.mul(x[..., h:], cos[..., h:], out=out[..., h:]).addcmul_(x[..., :h], sin[..., h:])
+    def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int):
+        B, T, width = qkv.shape
+        hd = width // (n_heads + 2 * n_kv_heads)
+        q_in, k_in, v_in = _heads(qkv, n_heads, n_kv_heads)
+        q = _rope_into(torch.empty(B, n_heads, T, hd, dtype=qkv.dtype, device=qkv.device), q_in, cos, sin)
+        k = _rope_into(torch.empty(B, n_kv_heads, T, hd, dtype=qkv.dtype, device=qkv.device), k_in, cos, sin)
         ctx.save_for_backward(cos, sin)
-        return out
+        ctx.heads = (n_heads, n_kv_heads)
+        return q, k, v_in.contiguous()
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None):
         cos, sin = ctx.saved_tensors
-        h = grad.shape[-1] // 2
-        dx = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
-        torch.mul(grad[..., :h], cos[..., :h], out=dx[..., :h]).addcmul_(grad[..., h:], sin[..., h:])
-        torch.mul(grad[..., h:], cos[..., h:], out=dx[..., h:]).addcmul_(grad[..., :h], sin[..., :h], value=-1)
-        return dx, None, None
+        ref = next(g for g in (dq, dk, dv) if g is not None)
+        B, _, T, hd = ref.shape
+        n_heads, n_kv_heads = ctx.heads
+        dqkv = torch.empty(B, T, (n_heads + 2 * n_kv_heads) * hd, dtype=ref.dtype, device=ref.device)
+        dq_in, dk_in, dv_in = _heads(dqkv, n_heads, n_kv_heads)
+        for out, g, rotated in ((dq_in, dq, True), (dk_in, dk, True), (dv_in, dv, False)):
+            if g is None:
+                out.zero_()
+            elif rotated:
+                _rope_into(out, g, cos, sin, inverse=True)
+            else:
+                out.copy_(g)
+        return dqkv, None, None, None, None
+
+
+def _heads(qkv: Tensor, n_heads: int, n_kv_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, nh, T, hd), (B, n_kv, T, hd), (B, n_kv, T, hd) strided views of a fused q/k/v tensor."""
+    B, T, width = qkv.shape
+    hd = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], dim=-1)
+    return (q.view(B, T, n_heads, hd).transpose(1, 2), k.view(B, T, n_kv_heads, hd).transpose(1, 2),
+            v.view(B, T, n_kv_heads, hd).transpose(1, 2))  # fmt: skip
 
 
 class BlockCausalAttention(torch.autograd.Function):
@@ -512,33 +543,39 @@ class BlockCausalAttention(torch.autograd.Function):
         kf, vf = k.reshape(BK, T, D), v.reshape(BK, T, D)
         future = torch.full((c, c), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
         out = torch.empty_like(qg)
-        probs = []
+        blocks, probs = [], []
         for s in range(0, T, c):
             e = min(T, s + c)
-            scores = torch.bmm(qg[:, :, s:e].reshape(BK, -1, D), kf[:, :e].transpose(1, 2)).mul_(scale)  # (BK, G n, e)
+            q_s = qg[:, :, s:e].reshape(BK, -1, D)  # (BK, G n, D): a copy, kept for backward
+            scores = torch.bmm(q_s, kf[:, :e].transpose(1, 2)).mul_(scale)  # (BK, G n, e)
             scores.view(BK, G, e - s, e)[..., s:e].add_(future[: e - s, : e - s])  # the diagonal block
             p = torch.softmax(scores, dim=-1)
             out[:, :, s:e] = torch.bmm(p, vf[:, :e]).view(BK, G, e - s, D)
+            blocks.append(q_s)
             probs.append(p)
-        ctx.save_for_backward(qg, kf, vf, *probs)
+        ctx.n_blocks = len(blocks)
+        ctx.save_for_backward(kf, vf, *blocks, *probs)
         return out.view(B, H, T, D)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        qg, kf, vf, *probs = ctx.saved_tensors
-        BK, G, T, D = qg.shape
+        kf, vf, *kept = ctx.saved_tensors
+        blocks, probs = kept[: ctx.n_blocks], kept[ctx.n_blocks :]
+        B, H, T, D = grad.shape
+        BK = kf.shape[0]
+        G = H // (BK // B)  # query heads per K/V head
         c, scale = BlockCausalAttention.BLOCK, 1.0 / math.sqrt(D)
         go = grad.reshape(BK, G, T, D)
-        dq, dk, dv = torch.empty_like(qg), torch.zeros_like(kf), torch.zeros_like(vf)
-        for s, p in zip(range(0, T, c), probs, strict=True):
+        dq, dk, dv = torch.empty_like(go), torch.zeros_like(kf), torch.zeros_like(vf)
+        for s, q_s, p in zip(range(0, T, c), blocks, probs, strict=True):
             e = min(T, s + c)
-            go_s, q_s = go[:, :, s:e].reshape(BK, -1, D), qg[:, :, s:e].reshape(BK, -1, D)  # (BK, G n, D)
-            dv[:, :e].baddbmm_(p.transpose(1, 2), go_s)
+            go_s = go[:, :, s:e].reshape(BK, -1, D)  # (BK, G n, D)
+            # bmm then add: a baddbmm_ into the strided dk/dv[:, :e] runs as one small addmm_ per batch.
+            dv[:, :e] += torch.bmm(p.transpose(1, 2), go_s)
             dp = torch.bmm(go_s, vf[:, :e].transpose(1, 2))  # (BK, G n, e)
             ds = torch._softmax_backward_data(dp, p, -1, p.dtype)
             dq[:, :, s:e] = torch.bmm(ds, kf[:, :e]).mul_(scale).view(BK, G, e - s, D)
-            dk[:, :e].baddbmm_(ds.transpose(1, 2), q_s, alpha=scale)
-        B, H = grad.shape[:2]
+            dk[:, :e] += torch.bmm(ds.transpose(1, 2), q_s).mul_(scale)
         return dq.view(B, H, T, D), dk.view(B, -1, T, D), dv.view(B, -1, T, D)
 
 
@@ -552,27 +589,27 @@ class SwiGLU(torch.autograd.Function):
 
     Autograd's version chunks the input, so its backward concatenates the two halves'
     gradients into a new tensor (a full copy of the widest activation), and it multiplies
-    through separate temporaries. Here backward writes d gate and d up straight into
-    their halves of one gradient: three elementwise passes instead of six, about 2% of a
-    CPU step with the default model. tests/test_tune_sft.py checks it against autograd.
+    through separate temporaries. Here forward also keeps up * silu'(gate) next to
+    silu(gate), interleaved as (..., 2, hidden) in the order of [gate, up]: backward is
+    then one broadcast product, d [gate, up] = d out * [up silu'(gate), silu(gate)], that
+    reads d out once and writes the gradient whole. Four elementwise passes instead of five,
+    and one activation less kept. tests/test_tune_sft.py checks it against autograd.
     """
 
     @staticmethod
     def forward(ctx, gate_up: Tensor) -> Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
-        act = F.silu(gate)  # kept: backward's d up is exactly d out * silu(gate)
-        ctx.save_for_backward(gate_up, act)
+        kept = torch.empty(*gate.shape[:-1], 2, gate.shape[-1], dtype=gate.dtype, device=gate.device)
+        d_act, act = kept.unbind(-2)  # views: up * silu'(gate), silu(gate)
+        torch.ops.aten.silu.out(gate, out=act)
+        torch.ops.aten.silu_backward.grad_input(up, gate, grad_input=d_act)  # up * silu'(gate)
+        ctx.save_for_backward(kept)
         return act * up
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        gate_up, act = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        d = torch.empty_like(gate_up)
-        d_gate, d_up = d.chunk(2, dim=-1)
-        torch.mul(grad, act, out=d_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)  # d out * up * silu'(gate)
-        return d
+        (kept,) = ctx.saved_tensors
+        return (grad.unsqueeze(-2) * kept).flatten(-2)
 
 
 def _fused_proj(parent: Any, names: tuple[str, ...], x: Tensor) -> Tensor:
