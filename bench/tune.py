@@ -10,10 +10,12 @@ copies ours). Each side runs in its own process, so peak RSS is its own.
 
 Reported: train tokens/s over steps 2..N (step 1 warms caches and allocators up), the
 same per CPU-second of the process (robust to a busy shared machine), peak RSS, and the
-loss at the last step (the goal is within 2%: the same maths).
+loss at the last step (the goal is within 2%: the same maths). With --runs N the two sides
+alternate N times (ours, peer, ours, peer, ...), so a slow spell of a shared machine hits
+both, and the table gives each side's median and the median of the per-run ratios.
 
     python bench/tune.py [--model smollm2|PATH.gguf] [--steps 50] [--seq-len 256] [--batch-size 4]
-                         [--threads N] [--tiny] [--no-write]
+                         [--runs 1] [--threads N] [--tiny] [--no-write]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -202,6 +205,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--runs", type=int, default=1, help="alternate the two sides this many times; medians reported")
     ap.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--args", default=None, help=argparse.SUPPRESS)
@@ -229,17 +233,32 @@ def main() -> None:
                  run_dir=str(work / "run"), init=str(work / "init.safetensors"))  # fmt: skip
         os.environ.setdefault("HERD_HOME", str(work / "home"))
         prepare(a, work)
-        ours = run_worker("ours", a)
-        peer = run_worker("peer", a)
+        runs = []
+        for r in range(args.runs):
+            runs.append((run_worker("ours", a), run_worker("peer", a)))
+            if args.runs > 1:
+                o, p = runs[-1]
+                print(f"run {r + 1}: ours {o['tok_s']:.1f} tok/s, peer {p['tok_s']:.1f} tok/s, "
+                      f"{o['tok_s'] / p['tok_s']:.3f}x", flush=True)  # fmt: skip
 
+    def median(key: str, side: int) -> float:
+        return statistics.median(r[side][key] for r in runs)
+
+    ours, peer = runs[-1]  # losses and RSS: every run trains the same steps
+    ours = {**ours, "tok_s": median("tok_s", 0), "cpu_tok_s": median("cpu_tok_s", 0)}
+    peer = {**peer, "tok_s": median("tok_s", 1), "cpu_tok_s": median("cpu_tok_s", 1)}
     n = args.steps
     rel = abs(ours["losses"][-1] - peer["losses"][-1]) / peer["losses"][-1]
-    speedup, cpu_speedup = ours["tok_s"] / peer["tok_s"], ours["cpu_tok_s"] / peer["cpu_tok_s"]
+    ratios = [o["tok_s"] / p["tok_s"] for o, p in runs]
+    speedup = statistics.median(ratios)
+    cpu_speedup = statistics.median(o["cpu_tok_s"] / p["cpu_tok_s"] for o, p in runs)
     model_name = "tiny generated llama (4 layers, 128 dims)" if args.tiny else f"`{args.model}` ({Path(gguf).name[:19]}…, dequantized)"
     import peft
     import transformers
 
-    body = f"""`python bench/tune.py{' --tiny' if args.tiny else ''} --steps {n}` on {date.today()}: {model_name}, \
+    runs_note = "" if args.runs == 1 else (
+        f" Median of {args.runs} interleaved runs; per-run ratios " + ", ".join(f"{x:.2f}x" for x in ratios) + ".")
+    body = f"""`python bench/tune.py{' --tiny' if args.tiny else ''} --steps {n}{f' --runs {args.runs}' if args.runs > 1 else ''}` on {date.today()}: {model_name}, \
 LoRA r=8 alpha=16 dropout=0.05 on q/k/v/o/gate/up/down, seq len {args.seq_len}, batch {args.batch_size}, fp32, \
 {threads} torch threads, {n} steps of AdamW (lr {args.lr}, warmup + cosine, clip 1.0) on the same rows in the same \
 order, loss on assistant tokens only. torch {torch.__version__}, transformers {transformers.__version__}, \
@@ -251,7 +270,7 @@ peft {peft.__version__}, {platform.machine()} `{platform.processor() or platform
 | transformers + PEFT | {peer['tok_s']:.0f} | {peer['cpu_tok_s']:.0f} | {peer['rss_mb']:.0f} MB | {peer['losses'][-1]:.4f} |
 
 Speed-up {speedup:.2f}x wall ({cpu_speedup:.2f}x per CPU-second; goal 1.5x); loss at step {n} differs by \
-{100 * rel:.2f}% (goal < 2%; LoRA dropout masks differ between the two, the rest is the same maths).
+{100 * rel:.2f}% (goal < 2%; LoRA dropout masks differ between the two, the rest is the same maths).{runs_note}
 """
     print(body)
     print("losses ours:", " ".join(f"{x:.3f}" for x in ours["losses"]))
