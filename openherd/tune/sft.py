@@ -546,7 +546,7 @@ class BlockCausalAttention(torch.autograd.Function):
         blocks, probs = [], []
         for s in range(0, T, c):
             e = min(T, s + c)
-            q_s = qg[:, :, s:e].reshape(BK, -1, D)  # (BK, G n, D): a copy, kept for backward
+            q_s = qg[:, :, s:e].reshape(BK, -1, D)  # (BK, G n, D), kept for backward (no copy to redo)
             scores = torch.bmm(q_s, kf[:, :e].transpose(1, 2)).mul_(scale)  # (BK, G n, e)
             scores.view(BK, G, e - s, e)[..., s:e].add_(future[: e - s, : e - s])  # the diagonal block
             p = torch.softmax(scores, dim=-1)
