@@ -177,10 +177,12 @@ def _keep_mask(bits: np.random.BitGenerator, n: int, drop: int) -> np.ndarray:
     random byte each.
 
     A 16-bit draw d drops when d < drop. Its high byte decides alone unless it equals
-    drop's high byte (one element in 256); only those elements draw their low byte. Half
+    drop's high byte (one element in 256); only those elements draw their low byte: half
     the random bits of 16-bit draws for the same distribution, and the comparison writes
-    float32 directly (torch's bool-to-float conversion is a pass of its own): 1.1 ms
-    against 1.7 for a 1.5M-element mask. SFC64's raw outputs cost a third less than PCG64's.
+    float32 directly instead of a bool array torch converts in a pass of its own. With
+    warm buffers that is 1.1 ms against 1.7 for a 1.5M-element mask; inside a training
+    step, where each mask is memory the step's activations just left, the two measured
+    the same (bench/tune.py's step: ~170 ms of masks either way).
     """
     hi, lo = divmod(drop, 256)
     draws = bits.random_raw((n + 7) // 8).view(np.uint8)[:n]  # each raw 64-bit output is 8 draws
