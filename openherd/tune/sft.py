@@ -449,10 +449,11 @@ def _attention(a: Any, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
 
 
 def _rope_into(out: Tensor, x: Tensor, cos: Tensor, sin: Tensor, inverse: bool = False) -> Tensor:
-    """out = x * cos + rotate_half(x) * sin (``openherd.model.apply_rope``), or its transpose
-    (the rotation backward), per half of a head: out1 = x1 cos1 -+ x2 sin, out2 = x2 cos2 +- x1 sin,
-    two fused multiply-adds into ``out`` where autograd's version negates, concatenates, and
-    multiplies and adds whole heads (about five passes each way)."""
+    """out = x * cos + rotate_half(x) * sin (``openherd.model.apply_rope``), per half of a
+    head out1 = x1 cos1 - x2 sin1 and out2 = x2 cos2 + x1 sin2; with ``inverse``, the
+    transposed rotation (its backward), out1 = x1 cos1 + x2 sin2 and out2 = x2 cos2 - x1 sin1.
+    Two fused multiply-adds into ``out``, where autograd's version negates, concatenates,
+    and multiplies and adds whole heads (about five passes each way)."""
     h = x.shape[-1] // 2
     sign = 1 if inverse else -1
     # Forward pairs x2 with sin's first half and x1 with its second; the transpose swaps them.
