@@ -144,9 +144,9 @@ def lora_dropout(x: Tensor, p: float, training: bool) -> tuple[Tensor, float]:
     instead of applied: the caller folds it into B (r columns), which saves a full-size
     elementwise pass forward and backward.
 
-    On the CPU the mask comes from 16-bit draws of numpy's SFC64 compared against
-    round(p * 65536) (``_keep_mask``): torch's ``bernoulli_`` costs about 6 ns an element
-    there, as much as the rank-r GEMMs the mask feeds, these draws about 0.5 ns. The
+    On the CPU the mask comes from numpy's SFC64, p rounded to a multiple of 1/65536
+    (``_keep_mask``): torch's ``bernoulli_`` costs about 6 ns an element there, as much as
+    the rank-r GEMMs the mask feeds, these draws about 1 ns. The
     generator is seeded from torch's, so ``--seed`` and ``--resume`` (which restore
     torch's RNG state) still reproduce a run. Elsewhere torch's own dropout is cheap.
     """

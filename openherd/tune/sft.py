@@ -477,9 +477,8 @@ class QKVRope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qkv: Tensor, cos: Tensor, sin: Tensor, n_heads: int, n_kv_heads: int):
-        B, T, width = qkv.shape
-        hd = width // (n_heads + 2 * n_kv_heads)
-        q_in, k_in, v_in = _heads(qkv, n_heads, n_kv_heads)
+        q_in, k_in, v_in = _heads(qkv, n_heads, n_kv_heads)  # (B, heads, T, hd) views
+        B, _, T, hd = q_in.shape
         q = _rope_into(torch.empty(B, n_heads, T, hd, dtype=qkv.dtype, device=qkv.device), q_in, cos, sin)
         k = _rope_into(torch.empty(B, n_kv_heads, T, hd, dtype=qkv.dtype, device=qkv.device), k_in, cos, sin)
         ctx.save_for_backward(cos, sin)
