@@ -326,7 +326,10 @@ def test_many_sandboxes_in_parallel_are_independent():
     srcs = [f"print({i} * 2)" for i in range(12)]
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(lambda s: run_program(s, timeout=20.0), srcs))
-    assert [r.stdout.strip() for r in results] == [str(i * 2) for i in range(12)]
+    # Each failure with its status, detail and stderr: CI once saw one program print nothing.
+    wrong = [(i, r.status, r.detail, r.stderr[-500:]) for i, r in enumerate(results) if r.stdout.strip() != str(i * 2)]
+    assert not wrong
+    assert all(r.passed for r in results)
 
 
 def test_rlimits_fallback_still_limits_time_and_memory():
