@@ -122,6 +122,11 @@ def _compile(source: str):
         return env.from_string(source)
     except TemplateError as e:
         raise InvalidModelFile(f"the model's chat template does not compile: {e}") from None
+    except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
+        # Jinja passes some templates through to Python's compiler unchecked ("{% break %}"
+        # outside a loop, found by tests/test_fuzz_formats.py); they fail there.
+        problem = e.msg if isinstance(e, SyntaxError) else type(e).__name__
+        raise InvalidModelFile(f"the model's chat template does not compile: {problem}") from None
 
 
 class ChatTemplate:

@@ -1160,7 +1160,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
     try:
         with zf.open(info) as f:
             data = _read_limited(f, min(limit, info.file_size), f"member {display(info.filename)}")
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    # ValueError: a header offset that points before the file ("negative seek value"),
+    # NotImplementedError: an unknown compression method; both found by tests/fuzz_targets.py.
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
         raise _archive_error(f"member {display(info.filename)} is corrupt ({type(e).__name__})") from None
     if len(data) != info.file_size:
         raise _archive_error(f"member {display(info.filename)} is truncated")
