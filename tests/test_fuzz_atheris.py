@@ -23,8 +23,8 @@ import pytest
 from test_fuzz_formats import ARCHIVE_SEED, DOC_SEEDS, PERSONA_YAML, TUNE_JSONL
 
 HERE = Path(__file__).resolve().parent
-RUNS = 3000
-SECONDS = 7
+RUNS = 2000
+SECONDS = 5
 LONG_SECONDS = int(os.environ.get("ATHERIS_SECONDS", "300"))
 TIMEOUT = 10  # per input: a chat template may use its whole 2 s budget, on a busy machine
 RSS_MB = 2048
