@@ -309,6 +309,7 @@ _PIECES = [
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}", "{{ f(0) }}", "{{ 'x' * 99999 }}", "{{ 10 ** 99 }}",
     "{{ messages[0].content * 3 }}", "{{ strftime_now('%Y') }}", "{{ undefined_thing.attr }}", "text", "{%", "}}",
     "{{ ''.__class__ }}", "{{ lipsum }}", "{{ cycler }}", "{% break %}", "{{ m.content[::-1] }}",
+    "{{ m.content|center(99999999) }}", "{{ '%*s' % (99999999, 'x') }}", "{{ m.content ~ m.content }}",
 ]
 
 
