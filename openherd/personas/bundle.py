@@ -1052,7 +1052,8 @@ class PersonaStore:
             name = validate_persona_name(name)
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        # NotImplementedError: a "version needed to extract" past what zipfile knows (atheris found it).
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
             raise InvalidRequest("not a .herd file (not a zip archive); create one with `herd persona export`",
                                  code="invalid_archive") from None
         with zf:
