@@ -24,6 +24,14 @@ from openherd.tune.sft import register_tuned
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
+def hf_fp32() -> dict:
+    """from_pretrained's float32 argument: `dtype=` in transformers 5, `torch_dtype=` in the
+    4.x releases that pyproject also allows (>= 4.44)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
+
+
 def lora_model(gguf_path: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0):
     """The GGUF's torch model with a LoRA whose B is random (a fresh adapter would be a no-op)."""
     model, tok = load_torch_model(gguf_path, device="cpu", dtype=torch.float32)
@@ -189,7 +197,7 @@ def test_safetensors_export_loads_in_transformers_with_the_same_logits(tiny, tmp
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert not [k for k in f.keys() if "lora" in k]
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(out, **hf_fp32()).eval()
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
@@ -211,7 +219,7 @@ def test_peft_export_loads_on_the_hf_base_with_the_same_logits(tmp_path, herd_ho
     register_tuned("tiny-peft", str(base_gguf), base_gguf, adapter, {})
     out = tmp_path / "peft"
     assert cli.main(["export", "tiny-peft", "--format", "peft", "--out", str(out), "--base-model-id", str(base_hf)]) == 0
-    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, dtype=torch.float32), out).eval()
+    hf = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_hf, **hf_fp32()), out).eval()
     ids = tok.encode("The herd moved slowly across the plain.", add_special=False)
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0]
