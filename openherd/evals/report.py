@@ -16,25 +16,10 @@ import math
 import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-@dataclass
-class EvalSummary:
-    task: str
-    type: str  # the task type
-    subject: str  # what was evaluated: a model name, or "samples:FILE"
-    metrics: dict[str, float]  # e.g. {"acc": 0.7, "acc_norm": 0.75} or {"pass@1": 0.5}
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> 95% CI (low, high)
-    counts: dict[str, int] = field(default_factory=dict)  # items, problems, samples, errors...
-    settings: dict = field(default_factory=dict)  # fewshot, limit, timeout...: what reproduces the run
-    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["intervals"] = {k: list(v) for k, v in self.intervals.items()}
-        return d
+from .compare import comparison_table
+from .results import Comparison, EvalSummary
 
 
 def default_out_dir(home: Path, task: str) -> Path:
@@ -139,11 +124,9 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def write_comparison(
-    out_dir: Path, comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]
+    out_dir: Path, comparison: Comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]
 ) -> dict[str, Path]:
     """A comparison's directory: comparison.json, report.md, chart.png, and each run's own files in a/ and b/."""
-    from .compare import comparison_table
-
     out_dir.mkdir(parents=True, exist_ok=True)
     for side, (summary, records) in results.items():
         write_report(out_dir / side, summary, records)

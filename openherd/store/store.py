@@ -23,7 +23,7 @@ from pathlib import Path
 from ..errors import InvalidName, InvalidRequest, ModelNotFound, StoreError
 from ..settings import Settings, get_settings
 from .blobs import Blob, BlobStore, Progress, ProgressFn, Reporter, atomic_write_text, store_lock
-from .catalog import CATALOG, CatalogEntry
+from .catalog import CATALOG, QUANTS, CatalogEntry
 from .manifest import (
     DEFAULT_TAG,
     Manifest,
@@ -35,7 +35,7 @@ from .manifest import (
     utcnow,
     validate_name,
 )
-from .sources import QUANTS, HFDirSource, default_name, fetch, looks_like_path, parse_source
+from .sources import HFDirSource, default_name, fetch, looks_like_path, parse_source
 
 log = logging.getLogger("openherd.store")
 
