@@ -8,7 +8,7 @@ The request path, outermost first::
     CORS           only when HERD_ORIGINS lists browser origins (off by default)
     auth           Bearer API key on every route but /health, when keys are set
     size limits    headers (431); Content-Length checked up front, streamed bodies counted (413)
-    routes         /v1 (openai.py, moderation.py, personas.api), /api (ollama.py), /health, /metrics
+    routes         /v1 (openai.py, moderations.py, personas.api), /api (ollama.py), /health, /metrics
 
 Every error leaves through ``error_response``: OpenAI's ``{"error": {message,
 type, param, code}}`` everywhere except under ``/api/``, where Ollama clients
@@ -49,7 +49,7 @@ from ..settings import Settings
 from ..web import check_csrf, is_public_path, mount_web, session_auth
 from . import metrics as _metrics
 from .moderation import Shields
-from .moderation import router as moderation_router
+from .moderations import router as moderation_router
 from .ollama import router as ollama_router
 from .openai import router as openai_router
 from .protocol import KEEP_FOREVER
