@@ -6,11 +6,19 @@ no attribute access to Python internals, no mutation of passed-in objects. The
 environment matches what Hugging Face ``apply_chat_template`` provides
 (``trim_blocks``, ``lstrip_blocks``, ``raise_exception``, ``strftime_now``,
 ``tojson``), because templates are written against that runtime.
+
+The sandbox stops escapes, not loops: a template may recurse, nest ``range`` loops or
+build a 20 MB string, and each request that renders it pays. So rendering has a budget,
+``RENDER_SECONDS`` of time (checked on every line of the compiled template) and
+``MAX_RENDER_CHARS`` of output (counted as it streams, before any tokenising), and
+``*``, ``**`` and ``+`` refuse results past that size before computing them.
 """
 
 from __future__ import annotations
 
 import json
+import sys
+import time
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -18,7 +26,13 @@ from typing import Any
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import InvalidModelFile, InvalidRequest
+from .errors import ContextOverflow, InvalidModelFile, InvalidRequest
+
+RENDER_SECONDS = 2.0  # real templates render in well under 10 ms
+# About 250k tokens: past any context herd serves, so a longer prompt could only be refused
+# after tokenising it, which for 20 MB took 10-24 s.
+MAX_RENDER_CHARS = 1 << 20
+_TEMPLATE_FILE = "<template>"  # co_filename of the code Jinja compiles from_string templates to
 
 # Used when a model carries no template (base models, some conversions). ChatML is
 # what SmolLM2/Qwen use and what most fine-tuning data is formatted as.
@@ -47,9 +61,51 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _OverBudget(Exception):
+    pass
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, (str, bytes, list, tuple)) else 0
+
+
+class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    # Intercepted operators are also kept out of compile-time constant folding, where
+    # "{{ 9 ** 9 ** 9 }}" would hang the compile itself.
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            if right * left.bit_length() > 64 * MAX_RENDER_CHARS:
+                raise _OverBudget(f"computes {left} ** {right}")
+        elif operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(n, int) and _size(seq) * n > MAX_RENDER_CHARS:
+                    raise _OverBudget(f"builds a sequence of {_size(seq) * n} items")
+        elif operator == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
+            raise _OverBudget(f"builds a sequence of {_size(left) + _size(right)} items")
+        return super().call_binop(context, operator, left, right)
+
+
+def _deadline_tracer(deadline: float):
+    """A sys.settrace function that raises _OverBudget on the first line of template code
+    run after ``deadline``. Only frames of compiled template code get the line tracer, so
+    the cost is one call per Python function entered while rendering."""
+
+    def on_line(frame, event, arg):
+        if event == "line" and time.monotonic() > deadline:
+            raise _OverBudget(f"ran for more than {RENDER_SECONDS:g} s")
+        return on_line
+
+    def on_call(frame, event, arg):
+        return on_line if frame.f_code.co_filename == _TEMPLATE_FILE else None
+
+    return on_call
+
+
 @lru_cache(maxsize=32)
 def _compile(source: str):
-    env = ImmutableSandboxedEnvironment(
+    env = _BudgetedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
@@ -85,7 +141,13 @@ class ChatTemplate:
         if tools:
             ctx["tools"] = tools
         try:
-            return self._template.render(**ctx)
+            return self._render_budgeted(ctx)
+        except _OverBudget as e:
+            raise InvalidModelFile(f"the model's chat template {e}; refusing to render it") from None
+        except RecursionError:
+            raise InvalidModelFile("the model's chat template recurses too deeply") from None
+        except (OverflowError, MemoryError) as e:  # the sandbox's range() limit, a huge join
+            raise InvalidModelFile(f"the model's chat template is too costly to render ({e})") from None
         except _TemplateRaise as e:
             # The template itself rejected the conversation (e.g. roles must alternate).
             raise InvalidRequest(f"the model's chat template rejected these messages: {e}") from None
@@ -93,6 +155,26 @@ class ChatTemplate:
             raise InvalidRequest(f"could not render the model's chat template: {e}") from None
         except (TypeError, ValueError, KeyError, AttributeError) as e:
             raise InvalidRequest(f"could not render the model's chat template: {e}") from None
+
+
+    def _render_budgeted(self, ctx: dict[str, Any]) -> str:
+        """Render as a stream: output is counted as it comes, time by the tracer."""
+        previous = sys.gettrace()  # a debugger's or coverage's, restored after
+        sys.settrace(_deadline_tracer(time.monotonic() + RENDER_SECONDS))
+        try:
+            parts: list[str] = []
+            total = 0
+            for chunk in self._template.generate(**ctx):
+                total += len(chunk)
+                if total > MAX_RENDER_CHARS:
+                    raise ContextOverflow(
+                        f"the chat template renders these messages to more than {MAX_RENDER_CHARS} characters, "
+                        "more than any context holds; send less"
+                    )
+                parts.append(chunk)
+            return "".join(parts)
+        finally:
+            sys.settrace(previous)
 
 
 def _normalise(message: dict) -> dict:

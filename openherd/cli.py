@@ -6,7 +6,8 @@ import their heavy machinery (llama.cpp, torch, FastAPI) inside the handler, so
 ``herd --help`` stays well under a second.
 
 Every handler is ``fn(args) -> int``. A ``HerdError`` anywhere becomes one line
-on stderr and its exit code; nothing a user types produces a traceback.
+on stderr and its exit code; any other exception becomes one ``herd: error:`` line
+too, with exit 1: nothing a user types produces a traceback.
 """
 
 from __future__ import annotations
@@ -59,4 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # Disk full, permissions...: say what and where, without a traceback.
         print(f"herd: error: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except (RecursionError, MemoryError):
+        # Input past a limit that no check of ours caught first (a fuzzer's find).
+        print("herd: error: the input is too large or nested too deeply to process", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # A bug, but still one line: whatever a user types must not end in a traceback.
+        first = (str(e).splitlines() or [""])[0][:200]
+        print(f"herd: error: internal error ({type(e).__name__}{': ' + first if first else ''}); "
+              "please report it", file=sys.stderr)
         return 1

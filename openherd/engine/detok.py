@@ -51,10 +51,13 @@ class StreamDecoder:
         return out
 
     def flush(self) -> str:
-        """End of generation: release held text (and any dangling partial bytes)."""
+        """End of generation: release held text. Bytes of a character that the last token
+        left unfinished (max_tokens cut inside an emoji) are dropped: decoding them would
+        print a U+FFFD that the model never wrote."""
         if self.stopped:
             return ""
-        out = self._hold + self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        out = self._hold
         self._hold = ""
         self.text += out
         return out

@@ -91,6 +91,8 @@ LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SANDBOX_UID = 1000  # the program's uid inside the user namespace when the harness is root
 NOBODY = 65534  # what SANDBOX_UID maps to outside: the overflow uid/gid, which owns nothing
 WORKDIR = "/tmp"  # inside the jail: a private, size-limited tmpfs
+# Directories the jail replaces with private tmpfs mounts (WORKDIR first).
+PRIVATE_DIRS = (WORKDIR, "/var/tmp", "/dev/shm", "/run")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -486,7 +488,12 @@ def setup_filesystem(cfg: dict, root: bool) -> None:
             dev_fds[name] = os.open(f"/dev/{name}", os.O_PATH)
         except OSError:
             pass
-    masks = _plan_masks(cfg.get("expose", [])) if root else {}
+    expose = [p for p in cfg.get("expose", []) if os.path.isdir(p)]
+    # An exposed directory inside one that gets a private tmpfs below (a venv under /tmp)
+    # would vanish with it: hold it open now and bind it back read-only afterwards.
+    private = [p for p in expose if _under_private(p)]
+    private_fds = [(p, os.open(p, os.O_PATH)) for p in _outermost(private)]
+    masks = _plan_masks([p for p in expose if p not in private]) if root else {}
     mask_fds = {a: [(p, os.open(p, os.O_PATH)) for p in paths] for a, paths in masks.items()}
 
     _set_mount_attrs("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=True)
@@ -538,11 +545,31 @@ def setup_filesystem(cfg: dict, root: bool) -> None:
 
     tmp_opts = f"mode=1777,size={int(cfg['limits']['tmp_bytes'])},nr_inodes=4096"
     _mount("tmpfs", WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, tmp_opts)
-    for extra in ("/var/tmp", "/dev/shm", "/run"):
+    for extra in PRIVATE_DIRS[1:]:
         # /run holds daemons' unix sockets (docker, dbus): reachable by path even from a
         # network namespace, so hide them.
         if os.path.isdir(extra) and not os.path.islink(extra):
             _mount("tmpfs", extra, "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=1m,nr_inodes=256")
+    for path, fd in private_fds:
+        # Parents are made 0755 on the fresh tmpfs, so `nobody` can walk to the interpreter even
+        # where the host's were 0700 (mkdtemp); nothing else of the host directory comes back.
+        os.makedirs(path, mode=0o755, exist_ok=True)
+        _mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
+        _set_mount_attrs(path, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, recursive=True)
+        os.close(fd)
+
+
+def _under_private(path: str) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in PRIVATE_DIRS)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    """The paths not inside another of them (one bind covers what is below it)."""
+    kept: list[str] = []
+    for p in sorted(set(paths)):
+        if not any(p == k or p.startswith(k + "/") for k in kept):
+            kept.append(p)
+    return kept
 
 
 def _plan_masks(expose: list[str]) -> dict[str, list[str]]:
@@ -562,13 +589,7 @@ def _plan_masks(expose: list[str]) -> dict[str, list[str]]:
                 masks.setdefault(ancestor, []).append(path)
                 break
     # A path inside another exposed path is covered by the outer bind.
-    for mask, paths in masks.items():
-        paths.sort()
-        kept: list[str] = []
-        for p in paths:
-            if not any(p == k or p.startswith(k + "/") for k in kept):
-                kept.append(p)
-        masks[mask] = kept
+    masks = {mask: _outermost(paths) for mask, paths in masks.items()}
     # Nested masks (/root and /root/x) collapse into the outer one.
     return {m: p for m, p in masks.items() if not any(m.startswith(o + "/") for o in masks)}
 

@@ -33,6 +33,7 @@ import os
 import selectors
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -500,7 +501,12 @@ def _program_env(extra: Mapping[str, str] | None) -> dict[str, str]:
 
 @lru_cache(maxsize=1)
 def _interpreter_paths() -> list[str]:
-    """Directories the interpreter needs; exposed through any home directory `nobody` cannot enter."""
+    """Directories the interpreter needs, read-only in the jail wherever they live: through a
+    home directory `nobody` cannot enter, or under /tmp, which the jail replaces with its own.
+
+    The prefixes hold the standard library and the venv's pyvenv.cfg; site-packages (the
+    venv's, or the system's for --system-site-packages) usually sit inside them but need not
+    (Debian's dist-packages, a prefix reached through a symlink)."""
     paths = {
         sys.prefix,
         sys.base_prefix,
@@ -508,8 +514,9 @@ def _interpreter_paths() -> list[str]:
         sys.base_exec_prefix,
         os.path.dirname(sys.executable),
         os.path.dirname(os.path.realpath(sys.executable)),
+        *site.getsitepackages(),
     }
-    return sorted(os.path.realpath(p) for p in paths if p)
+    return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
 
 
 @lru_cache(maxsize=2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import gzip
-import json
 import random
 import re
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, NotFound, TaskError
+from ..untrusted import BadYAML, NotJSON, compose_yaml, load_yaml, loads_json
 
 TASK_TYPES = ("multiple_choice", "generation", "humaneval", "perplexity")
 # A perplexity task's data may be plain text: the whole file is one document.
@@ -259,7 +259,7 @@ def text_task(path: Path, *, limit: int | None = None) -> Task:
 
 
 def parse_spec(path: Path) -> TaskSpec:
-    import yaml
+    import yaml  # for the node types of the composed tree
 
     label = str(path)
     try:
@@ -267,13 +267,13 @@ def parse_spec(path: Path) -> TaskSpec:
     except UnicodeDecodeError:
         raise TaskError(f"{label}: not UTF-8 text") from None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{label}:{mark.line + 1}" if mark is not None else label
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise TaskError(f"{where}: malformed YAML: {problem}") from None
+        # Limits first (depth, size, aliases: untrusted.load_yaml); then the node tree,
+        # only for the line numbers of the keys.
+        raw = load_yaml(text, label)
+        root = compose_yaml(text, label)
+    except BadYAML as e:
+        where = f"{label}:{e.line}" if e.line else label
+        raise TaskError(f"{where}: malformed YAML: {e.problem}") from None
     if not isinstance(raw, dict) or root is None:
         raise TaskError(
             f"{label}: a task file must be a YAML mapping of fields (name, type, data, prompt, ...)"
@@ -479,11 +479,15 @@ def read_jsonl(
                 if not line.strip():
                     continue
                 try:
-                    obj = json.loads(line)
+                    text = line.decode("utf-8")
                 except UnicodeDecodeError:
                     raise error(f"{label}:{lineno}: not UTF-8 text") from None
-                except ValueError as e:
-                    raise error(f"{label}:{lineno}: invalid JSON: {e.args[0].split(':')[0]}") from None
+                try:
+                    obj = loads_json(text, f"{label}:{lineno}")
+                except NotJSON as e:
+                    raise error(f"{label}:{lineno}: invalid JSON: {e.problem}") from None
+                except InvalidRequest as e:  # too deep, a number too long, a lone surrogate
+                    raise error(e.message) from None
                 if not isinstance(obj, dict):
                     raise error(f"{label}:{lineno}: {not_object}")
                 yield Doc(index, obj, f"{label}:{lineno}")

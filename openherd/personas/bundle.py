@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+from .. import untrusted
 from ..errors import HerdError, InvalidName, InvalidRequest, NotFound, PayloadTooLarge, StoreError
 from ..settings import Settings, get_settings
 from ..store.manifest import NAME_RE, display, utcnow
@@ -502,6 +503,12 @@ class Persona:
     @classmethod
     def from_dict(cls, data: object) -> Persona:
         d = _mapping(data, "persona.yaml")
+        # A lone surrogate ("\ud800" in JSON, "\uD800" in YAML) survives a YAML dump and
+        # load but no UTF-8 encode: refused here, before anything is written, it cannot
+        # leave a persona that every later listing and chat fails on.
+        bad = untrusted.find_surrogate(d)
+        if bad is not None:
+            raise _invalid(bad, "holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
         schema = d.get("schema", SCHEMA_VERSION)
         if isinstance(schema, bool) or not isinstance(schema, int):
             raise _invalid("schema", "must be an integer")
@@ -572,10 +579,10 @@ class Persona:
 
 
 def load_yaml(text: str | bytes, where: str = PERSONA_FILE) -> Any:
-    """Safe YAML with anchors/aliases refused: an alias bomb ("billion laughs") builds a
-    structure that is tiny on disk and exponential to walk, and personas never need them."""
-    import yaml
-
+    """Safe YAML within untrusted.load_yaml's limits: depth checked before any parser
+    runs (a 1 KB document 100,000 levels deep kept PyYAML busy for minutes), a node budget,
+    no numbers past MAX_INT_DIGITS, and no anchors/aliases: an alias bomb ("billion
+    laughs") is tiny on disk and exponential to walk, and personas never need them."""
     if isinstance(text, bytes):
         if len(text) > MAX_YAML_BYTES:
             raise _invalid(where, f"is larger than {MAX_YAML_BYTES} bytes")
@@ -586,15 +593,10 @@ def load_yaml(text: str | bytes, where: str = PERSONA_FILE) -> Any:
     if len(text) > MAX_YAML_BYTES:
         raise _invalid(where, f"is larger than {MAX_YAML_BYTES} bytes")
     try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                raise _invalid(where, "uses YAML aliases (*name), which personas do not allow")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise _invalid(where, f"{problem}{at}") from None
+        return untrusted.load_yaml(text, where)
+    except untrusted.BadYAML as e:
+        at = f" at line {e.line}" if e.line else ""
+        raise _invalid(where, f"{e.problem}{at}") from None
 
 
 # ----------------------------------------------------------------------------- merge patch
@@ -1168,9 +1170,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
 def _read_manifest(zf: zipfile.ZipFile, plan: dict[str, zipfile.ZipInfo]) -> dict[str, Any]:
     raw = _read_member(zf, plan[ARCHIVE_MANIFEST], MAX_YAML_BYTES)
     try:
-        manifest = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise _archive_error("herd.json is not valid JSON") from None
+        manifest = untrusted.loads_json(raw, "herd.json")
+    except InvalidRequest as e:
+        raise _archive_error("herd.json is not valid JSON" if isinstance(e, untrusted.NotJSON) else e.message) from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise _archive_error("herd.json does not describe an openherd persona")
     version = manifest.get("version")

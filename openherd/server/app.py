@@ -8,6 +8,7 @@ The request path, outermost first::
     CORS           only when HERD_ORIGINS lists browser origins (off by default)
     auth           Bearer API key on every route but /health, when keys are set
     size limits    headers (431); Content-Length checked up front, streamed bodies counted (413)
+    body check     JSON too deep, numbers too long, lone surrogates -> 400 (untrusted.check_json)
     routes         /v1 (openai.py, moderations.py, personas.api), /api (ollama.py), /health, /metrics
 
 Every error leaves through ``error_response``: OpenAI's ``{"error": {message,
@@ -27,6 +28,7 @@ from urllib.parse import urlsplit
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -46,6 +48,7 @@ from ..errors import (
 )
 from ..personas.api import router as personas_router
 from ..settings import Settings
+from ..untrusted import check_json
 from ..web import check_csrf, is_public_path, mount_web, session_auth
 from . import metrics as _metrics
 from .moderation import Shields
@@ -219,6 +222,20 @@ def _is_local_name(hostname: str) -> bool:
     return hostname in LOOPBACK_NAMES or hostname.endswith(".localhost")
 
 
+def _origin_key(origin: str) -> str:
+    """'HTTP://LocalHost:80/' -> 'http://localhost' (default ports dropped); '' if not http(s)."""
+    parts = urlsplit(origin.strip().lower().rstrip("/"))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ""
+    try:
+        port = parts.port
+    except ValueError:
+        return ""
+    default = {"http": 80, "https": 443}[parts.scheme]
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
+
+
 class HostOriginMiddleware:
     """Blocks DNS rebinding: a web page on evil.example that re-points its DNS name at
     127.0.0.1 reaches us with ``Host: evil.example``; a cross-site fetch carries its
@@ -227,6 +244,7 @@ class HostOriginMiddleware:
 
     def __init__(self, app: ASGIApp, settings: Settings):
         self.app = app
+        self.keyless = not settings.api_keys
         bound = settings.host.lower()
         self.any_host = _is_wildcard(bound)  # 0.0.0.0 needs API keys, which stop rebinding anyway
         extra = [o.strip().lower().rstrip("/") for o in settings.allowed_origins if o.strip()]
@@ -251,6 +269,19 @@ class HostOriginMiddleware:
             return False  # "null" (file://, sandboxed frames), extensions...
         return _is_local_name(parts.hostname) or parts.hostname in self.hosts
 
+    def writes_from_elsewhere(self, scope: Scope, host: str | None, origin: str | None) -> bool:
+        """Without keys nothing else stops a page on another local port (a dev server, a
+        notebook) or on *.localhost from posting here: there, a request that changes state
+        must come from the origin herd itself serves, or from one HERD_ORIGINS lists. Reads
+        stay open to local pages; CORS is off, so they cannot see the answers anyway."""
+        if not self.keyless or origin is None or self.any_origin:
+            return False
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
+            return False
+        o = _origin_key(origin)
+        return not o or (o != _origin_key(f"{scope.get('scheme', 'http')}://{host or ''}")
+                         and o not in {_origin_key(a) for a in self.origins})
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             host = _header(scope, b"host")
@@ -267,6 +298,16 @@ class HostOriginMiddleware:
                     scope,
                     send,
                     Forbidden(f"origin {(origin or '')[:100]!r} is not allowed; add it to HERD_ORIGINS"),
+                )
+                return
+            if self.writes_from_elsewhere(scope, host, origin):
+                await send_error(
+                    scope,
+                    send,
+                    Forbidden(
+                        f"cross-origin {scope.get('method')} from {(origin or '')[:100]!r} refused: without API keys "
+                        "only this server's own pages may change state; add the origin to HERD_ORIGINS"
+                    ),
                 )
                 return
         await self.app(scope, receive, send)
@@ -374,6 +415,56 @@ class SizeLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
+class BodyCheckMiddleware:
+    """Reads each request body whole (SizeLimitMiddleware, outside, has bounded it) and
+    refuses, with a 400, JSON that no parser here should see: nested past MAX_DEPTH, a
+    number past MAX_INT_DIGITS, a lone surrogate (``untrusted.check_json``). Then every
+    route, whichever decoder it calls, parses only what is safe, and this is checked once.
+
+    A client that disconnects while sending the body gets nothing and leaves one debug
+    line: nobody is listening, and it is not a server error."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        try:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    log.debug("%s %s: client left while sending the body", scope.get("method"), scope.get("path"))
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+        except HerdError as e:  # the size limit, counted as the body streamed in
+            await send_error(scope, send, e)
+            return
+        body = b"".join(chunks)
+        try:
+            if len(body) > 65536:  # megabytes of JSON take milliseconds; keep them off the event loop
+                await run_in_threadpool(check_json, body)
+            else:
+                check_json(body)
+        except HerdError as e:
+            await send_error(scope, send, e)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: http.disconnect, for streaming responses
+
+        await self.app(scope, replay, send)
+
+
 class MetricsMiddleware:
     def __init__(self, app: ASGIApp, metrics: _metrics.Metrics):
         self.app = app
@@ -469,6 +560,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
     mount_web(app, settings)  # the browser app at / (its GET / precedes Ollama's banner)
 
     # add_middleware wraps what is already there: add innermost first.
+    app.add_middleware(BodyCheckMiddleware)
     app.add_middleware(SizeLimitMiddleware, max_body=settings.max_body)
     browser_origins = [o for o in settings.allowed_origins if "://" in o or o == "*"]
     app.add_middleware(AuthMiddleware, keys=settings.api_keys, cors=bool(browser_origins))

@@ -42,6 +42,7 @@ from ..safety.llama_guard import LlamaGuardShield, Verdict
 from ..safety.pii import find_pii
 from ..safety.policy import Decision, SafetyPolicy, TopicMatcher, aapply_input, merge_policies, refusal
 from ..settings import Settings
+from ..untrusted import load_yaml
 
 log = logging.getLogger("openherd.server")
 
@@ -92,8 +93,6 @@ S_CODE_TO_OPENAI: dict[str, tuple[str, ...]] = {
 def load_policy_file(path: str | Path) -> SafetyPolicy:
     """A SafetyPolicy from a YAML or JSON file (JSON is YAML). YAML aliases are refused:
     a policy never needs them and an alias bomb is tiny on disk, exponential in memory."""
-    import yaml
-
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_POLICY_BYTES + 1)
@@ -101,18 +100,7 @@ def load_policy_file(path: str | Path) -> SafetyPolicy:
         raise InvalidRequest(f"HERD_SAFETY: cannot read the safety policy file ({e.strerror or e})") from None
     if len(raw) > MAX_POLICY_BYTES:
         raise InvalidRequest(f"HERD_SAFETY: the safety policy file is larger than {MAX_POLICY_BYTES} bytes")
-    try:
-        text = raw.decode("utf-8")
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                raise InvalidRequest("HERD_SAFETY: the safety policy uses YAML aliases (*name); write it out")
-        data = yaml.safe_load(text)
-    except UnicodeDecodeError:
-        raise InvalidRequest("HERD_SAFETY: the safety policy file is not UTF-8 text") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise InvalidRequest(f"HERD_SAFETY: the safety policy is not valid YAML/JSON{at}") from None
+    data = load_yaml(raw, "HERD_SAFETY: the safety policy")  # not UTF-8, aliases, too deep: one 400
     if data is None:
         data = {}
     if not isinstance(data, dict):

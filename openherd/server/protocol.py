@@ -14,7 +14,6 @@ clients routinely send vendor extras (``user``, ``metadata``, ``store`` ...).
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from ..errors import InvalidRequest
+from ..untrusted import loads_json
 
 MAX_N = 8  # choices per request; each is a sequence in the batch
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -78,19 +78,10 @@ def validation_message(err: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
-def _no_constants(name: str):
-    # Python's json accepts NaN/Infinity; JSON does not, and they poison sampling math.
-    raise json.JSONDecodeError(f"{name} is not valid JSON", name, 0)
-
-
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
     """Bytes of a JSON body -> a validated request model, or InvalidRequest (400)."""
-    try:
-        obj = json.loads(body, parse_constant=_no_constants) if body else None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidRequest(f"request body is not valid JSON: {e}") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
+    # Depth, integer size, NaN and lone surrogates are refused by untrusted.loads_json (400).
+    obj = loads_json(body, "request body") if body else None
     if not isinstance(obj, dict):
         raise InvalidRequest("request body must be a JSON object")
     try:

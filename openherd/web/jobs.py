@@ -732,15 +732,19 @@ async def start_tune(request: Request) -> Response:
     jobs._admit()
     job = Job(id=new_job_id(), kind="tune", params=params)
     d = jobs.root / job.id
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "data.jsonl").write_bytes(body)
     try:
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "data.jsonl").write_bytes(body)
         params["examples"] = await run_in_threadpool(check_training_data, d / "data.jsonl")
-    except HerdError as e:
+    except BaseException as e:
+        # Whatever stopped it (a bad line, a disk error, a bug, a cancelled request), the
+        # job directory goes: an unregistered job is listed nowhere and never cleaned up.
         shutil.rmtree(d, ignore_errors=True)
-        raise InvalidRequest(
-            jobs.redact(e.message).replace("$HERD_HOME/jobs/" + job.id + "/", ""), param="data"
-        ) from None
+        if isinstance(e, HerdError):
+            raise InvalidRequest(
+                jobs.redact(e.message).replace("$HERD_HOME/jobs/" + job.id + "/", ""), param="data"
+            ) from None
+        raise
     params["data_bytes"] = len(body)
     jobs._register(job)
     return JSONResponse(job.to_dict(), status_code=201)
