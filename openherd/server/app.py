@@ -51,6 +51,7 @@ from ..settings import Settings
 from ..untrusted import check_json
 from ..web import check_csrf, is_public_path, mount_web, session_auth
 from . import metrics as _metrics
+from .models import router as models_router
 from .moderation import Shields
 from .moderations import router as moderation_router
 from .ollama import router as ollama_router
@@ -554,6 +555,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
         return Response(text, media_type=_metrics.CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(models_router)
     app.include_router(moderation_router)
     app.include_router(personas_router)  # /v1/personas: CRUD (personas are served as model ids above)
     app.include_router(ollama_router)

@@ -14,7 +14,6 @@ them for every ``/api/`` path), which is what the official clients parse.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -29,19 +28,17 @@ from .. import __version__
 from ..context import DROP_OLDEST
 from ..engine.backend import Backend
 from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent, Usage
-from ..errors import HerdError, InvalidRequest, ModelNotFound
-from ..store.manifest import validate_name
+from ..errors import InvalidRequest
 from . import protocol as p
-from .personas import Turn, find_persona, list_personas, screen_turn
+from .personas import Turn, find_persona
 from .pipeline import (
     ChatRequest,
     ChoiceStream,
     Prepared,
-    check_capabilities,
+    PromptRequest,
     finish_whole,
-    persona_overrides,
     prepare_chat,
-    raw_prompt,
+    prepare_prompts,
     sampling,
     stream_choices,
 )
@@ -50,7 +47,6 @@ from .serving import (
     Generation,
     ServerState,
     check_dimensions,
-    check_token_ids,
     error_in_stream,
     request_id,
     run_unless_disconnected,
@@ -74,7 +70,7 @@ def now_iso() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _iso(ts: float | None) -> str:
+def iso_time(ts: float | None) -> str:
     if ts is None:  # forever: Ollama reports a date centuries away
         return (datetime.now(UTC) + timedelta(days=365 * 100)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -84,7 +80,7 @@ def _ns(seconds: float) -> int:
     return int(seconds * 1e9)
 
 
-def _line(obj: dict) -> str:
+def ndjson_line(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
@@ -206,8 +202,8 @@ def _refused(req: p.OllamaChatRequest | p.OllamaGenerateRequest, turn: Turn, t0:
         return JSONResponse(final)
 
     async def stream() -> AsyncIterator[str]:
-        yield _line({"model": req.model, "created_at": final["created_at"], key: final[key], "done": False})
-        yield _line({**final, key: reply("")})
+        yield ndjson_line({"model": req.model, "created_at": final["created_at"], key: final[key], "done": False})
+        yield ndjson_line({**final, key: reply("")})
 
     return EventStream(stream(), media_type=NDJSON)
 
@@ -298,7 +294,7 @@ async def _chat_stream(
         obj = {"model": req.model, "created_at": now_iso(), "message": message, "done": False}
         if lps is not None:
             obj["logprobs"] = lps
-        return _line(obj)
+        return ndjson_line(obj)
 
     choice = ChoiceStream(prep.turn, prep.plan, incremental=False)
     try:
@@ -312,10 +308,10 @@ async def _chat_stream(
                 final = {"model": req.model, "created_at": now_iso(), "message": {"role": "assistant", "content": ""},
                          "done_reason": _done_reason(step.finish), "done": True,
                          **_stats(t0, prep.load_s, step.event)}
-                yield _line(_herd(final, step.herd))
+                yield ndjson_line(_herd(final, step.herd))
                 return
     except Exception as e:
-        yield _line({"error": error_in_stream(e).message})
+        yield ndjson_line({"error": error_in_stream(e).message})
     finally:
         gen.cancel()
 
@@ -338,45 +334,16 @@ async def generate(request: Request) -> Response:
     persona = await find_persona(state, req.model)
     if persona is not None:
         _check_persona_generate(req, persona)
-    policy = state.shields.policy_for(persona)
-    context = list(req.context or [])
-    engine: Backend | None = None
-    load_s = 0.0
-    # The persona and the input shields come first, as in chat. Only a token context needs
-    # the model before them: it is screened as the text it stands for.
-    if persona is None and (policy is None or context):
-        engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
-    messages = ([{"role": "system", "content": req.system}] if req.system else []) + [
-        {"role": "user", "content": req.prompt or ""}
-    ]
-    context_text = None
-    if policy is not None and context:
-        check_token_ids(engine, context, "context")
-        context_text = await run_in_threadpool(engine.detokenize, context)
-        messages.insert(len(messages) - 1, {"role": "user", "content": context_text})
-    turn = await screen_turn(state, req.model, persona, messages, rid)
+    native = PromptRequest(
+        model=req.model, prompts=[req.prompt or ""], defaults={}, sent=_sent(opts), grammar=_grammar(req.format),
+        logprobs=_logprobs(req), template=not req.raw, system=req.system or None, context=list(req.context or []),
+        keep_alive=keep_alive, num_ctx=opts.num_ctx,
+    )  # fmt: skip
+    engine, load_s, [plan] = await prepare_prompts(state, native, persona, rid)
+    turn = plan.turn
     if turn.refusal is not None:
         return _refused(req, turn, t0)
-    grammar, logprobs = _grammar(req.format), _logprobs(req)
-    if persona is not None:
-        engine, load_s = await state.engine(persona.served_model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
-        prep = await turn.prepare(
-            state, persona_overrides({}, _sent(opts), persona, grammar, logprobs), None,
-            keep_alive=keep_alive, num_ctx=opts.num_ctx,
-        )  # fmt: skip
-        engine, prompt, params = prep.engine, prep.prompt, prep.params
-    else:
-        if engine is None:
-            engine, load_s = await state.engine(req.model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
-        if context_text is not None and turn.messages[-2]["content"] != context_text:
-            # A shield rewrote the context (PII redaction): the rewritten text, tokenised.
-            context = await run_in_threadpool(engine.tokenize, turn.messages[-2]["content"], False, True)
-        system = turn.messages[0]["content"] if req.system else None
-        text = turn.messages[-1]["content"]
-        params = sampling({}, _sent(opts), engine, grammar, logprobs)
-        tokens = await run_in_threadpool(_generate_prompt, engine, req, context, system, text)
-        prompt = raw_prompt(engine, tokens, params)
-    check_capabilities(engine, grammar, logprobs)
+    prompt, params = plan.tokens, plan.params[0]
     gen = await start_generation(state, engine, [(prompt, params)], t0, rid)
     # A persona's prompt is its own (system prompt, examples, passages): it hands out no
     # token context, and takes none (see _check_persona_generate).
@@ -417,20 +384,6 @@ def _check_persona_generate(req: p.OllamaGenerateRequest, persona) -> None:
         )
 
 
-def _generate_prompt(engine: Backend, req: p.OllamaGenerateRequest, context: list[int], system: str | None,
-                     text: str) -> list[int]:
-    """context + this turn: the prompt as is when raw, else rendered by the chat template."""
-    check_token_ids(engine, context, "context")
-    if req.raw:
-        toks = engine.tokenize(text, add_special=not context, parse_special=True) if text else []
-    else:
-        messages = [{"role": "system", "content": system}] if system else []
-        toks = engine.encode_chat([*messages, {"role": "user", "content": text}])
-        if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
-            toks = toks[1:]  # the context already starts the sequence
-    return context + toks
-
-
 async def _tokens_of(engine: Backend, text: str) -> list[int]:
     """The tokens of text the shields let through, for the returned context: the context must
     not hand back what they redacted or withheld."""
@@ -455,7 +408,7 @@ async def _generate_stream(
         obj = {"model": req.model, "created_at": now_iso(), "response": text, "done": False}
         if lps is not None:
             obj["logprobs"] = lps
-        return _line(obj)
+        return ndjson_line(obj)
 
     choice = ChoiceStream(turn, None)
     tokens: list[int] = []
@@ -479,233 +432,12 @@ async def _generate_stream(
                 screened = choice.screen.guard is not None
                 obj["context"] = prompt + (await _tokens_of(engine, sent) if screened else tokens)
             obj.update(_stats(t0, load_s, step.event))
-            yield _line(_herd(obj, step.herd))
+            yield ndjson_line(_herd(obj, step.herd))
             return
     except Exception as e:
-        yield _line({"error": error_in_stream(e).message})
+        yield ndjson_line({"error": error_in_stream(e).message})
     finally:
         gen.cancel()
-
-
-# ============================================================================
-# Models: /api/tags, /api/show, /api/ps, /api/pull, /api/delete
-# ============================================================================
-
-
-def _parameter_size(n: int) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.1f}B"
-    if n >= 1e6:
-        return f"{n / 1e6:.0f}M"
-    if n >= 1e3:
-        return f"{n / 1e3:.0f}K"
-    return str(n)
-
-
-def _details(m) -> dict:
-    return {
-        "parent_model": m.base or "",
-        "format": m.format,
-        "family": m.architecture,
-        "families": [m.architecture] if m.architecture else None,
-        "parameter_size": _parameter_size(m.parameters),
-        "quantization_level": m.quantization,
-    }
-
-
-def _modified(m) -> str:
-    return m.created_at or now_iso()
-
-
-@router.get("/api/tags")
-async def tags(request: Request) -> Response:
-    manifests = await run_in_threadpool(_state(request).store.list)
-    models = [
-        {
-            "name": m.name,
-            "model": m.name,
-            "modified_at": _modified(m),
-            "size": m.size,
-            "digest": m.sha256,
-            "details": _details(m),
-        }
-        for m in manifests
-    ]
-    for persona in await list_personas(_state(request)):
-        card = persona.model_card()
-        models.append(
-            {
-                "name": persona.name,
-                "model": persona.name,
-                "modified_at": persona.updated_at or now_iso(),
-                "size": 0,
-                "digest": "",
-                "details": {"parent_model": persona.served_model, "format": "persona", "family": "persona",
-                            "families": None, "parameter_size": "", "quantization_level": ""},
-                "herd": card["herd"],
-            }
-        )
-    return JSONResponse({"models": models})
-
-
-def _resolve(state: ServerState, name: str):
-    validate_name(name)
-    manifest = state.store.get(name)
-    if manifest is None:
-        raise ModelNotFound(name)
-    return manifest
-
-
-@router.post("/api/show")
-async def show(request: Request) -> Response:
-    state = _state(request)
-    req = p.parse_request(p.OllamaShowRequest, await request.body())
-    m = await run_in_threadpool(_resolve, state, req.model)
-    arch = m.architecture or "llama"
-    info: dict = {
-        "general.architecture": arch,
-        "general.parameter_count": m.parameters,
-        f"{arch}.context_length": m.context_length,
-    }
-    for key, gguf_key in (
-        ("block_count", "block_count"),
-        ("embedding_length", "embedding_length"),
-        ("head_count", "attention.head_count"),
-        ("head_count_kv", "attention.head_count_kv"),
-    ):
-        if m.details.get(key):
-            info[f"{arch}.{gguf_key}"] = m.details[key]
-    if m.details.get("model_name"):
-        info["general.name"] = m.details["model_name"]
-    template = m.chat_template or ""
-    modelfile = f"# Modelfile generated by openherd\nFROM {m.name}\n"
-    if template:
-        modelfile += f'TEMPLATE """{template}"""\n'
-    body = {
-        "license": m.details.get("license", ""),
-        "modelfile": modelfile,
-        "parameters": "",
-        "template": template,
-        "details": _details(m),
-        "model_info": info,
-        # Tools work with any chat model here (see tools.py); embeddings with any model.
-        "capabilities": ["completion", "tools"],
-        "modified_at": _modified(m),
-    }
-    return JSONResponse(body)
-
-
-@router.get("/api/ps")
-async def ps(request: Request) -> Response:
-    models = []
-    for lm in _state(request).manager.loaded():
-        m = lm.manifest
-        models.append(
-            {
-                "name": lm.name,
-                "model": lm.name,
-                "size": lm.size,
-                "digest": getattr(m, "sha256", ""),
-                "details": _details(m),
-                "expires_at": _iso(lm.expires_at),
-                "size_vram": 0,  # llama.cpp CPU build: nothing in GPU memory
-                "context_length": lm.engine.info.n_ctx,
-            }
-        )
-    return JSONResponse({"models": models})
-
-
-class _PullCancelled(Exception):
-    pass
-
-
-def _pullable(state: ServerState, name: str) -> str:
-    """Over HTTP only catalog names and hub references can be pulled: a path would let a
-    client import any file the server can read. (`herd pull PATH` is for local files.)"""
-    from ..store.hub import is_hub_ref
-
-    if is_hub_ref(name):
-        return name
-    validate_name(name)
-    key = name[: -len(":latest")] if name.endswith(":latest") else name
-    if key not in state.store.catalog:
-        known = ", ".join(sorted(state.store.catalog)) or "none"
-        raise ModelNotFound(
-            name, f"model '{name}' is not in the catalog (known: {known}); or pull hf:OWNER/REPO/FILE.gguf"
-        )
-    return key
-
-
-@router.post("/api/pull")
-async def pull(request: Request) -> Response:
-    state = _state(request)
-    req = p.parse_request(p.OllamaPullRequest, await request.body())
-    source = _pullable(state, req.model)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = False
-
-    def progress(ev) -> None:
-        if cancelled:  # the client went away: stop the download between chunks
-            raise _PullCancelled()
-        line = {"status": ev.status}
-        if ev.digest:
-            line["digest"] = ev.digest
-        if ev.total:
-            line["total"], line["completed"] = ev.total, ev.completed
-        loop.call_soon_threadsafe(queue.put_nowait, line)
-
-    def work() -> None:
-        state.store.pull(source, progress=progress)
-
-    task = asyncio.ensure_future(run_in_threadpool(work))
-    # A pull whose client left ends in _PullCancelled; nobody awaits it then.
-    task.add_done_callback(lambda t: t.cancelled() or t.exception())
-
-    if req.stream is False:
-        try:
-            await run_unless_disconnected(request, asyncio.shield(task))
-        except BaseException:
-            cancelled = True
-            raise
-        return JSONResponse({"status": "success"})
-
-    async def stream() -> AsyncIterator[str]:
-        nonlocal cancelled
-        try:
-            while True:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-                if getter in done:
-                    line = getter.result()
-                    yield _line(line)
-                    if line["status"] == "success":
-                        await task
-                        return
-                    continue
-                getter.cancel()
-                while not queue.empty():
-                    yield _line(queue.get_nowait())
-                exc = task.exception()
-                if exc is not None:
-                    raise exc
-                return
-        except Exception as e:
-            err = e if isinstance(e, HerdError) else error_in_stream(e)
-            yield _line({"error": err.message})
-        finally:
-            cancelled = True
-
-    return EventStream(stream(), media_type=NDJSON)
-
-
-@router.delete("/api/delete")
-async def delete(request: Request) -> Response:
-    state = _state(request)
-    req = p.parse_request(p.OllamaDeleteRequest, await request.body())
-    await state.unload(req.model)
-    await run_in_threadpool(state.store.remove, req.model)
-    return Response(status_code=200)
 
 
 # ============================================================================

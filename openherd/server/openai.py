@@ -20,11 +20,9 @@ Every generation route (chat and legacy completions) takes a persona id as
 from __future__ import annotations
 
 import base64
-import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter
@@ -33,22 +31,20 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..context import ERROR
-from ..engine.backend import Backend
 from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
-from ..errors import InvalidRequest, ModelNotFound
-from ..store.manifest import is_valid_name
+from ..errors import InvalidRequest
 from . import protocol as p
-from .personas import Turn, find_persona, list_personas, screen_turn
+from .personas import Turn, find_persona
 from .pipeline import (
     ChatRequest,
     ChoiceStream,
     Prepared,
+    PromptPlan,
+    PromptRequest,
     Whole,
-    check_capabilities,
     finish_whole,
-    persona_overrides,
     prepare_chat,
-    raw_prompt,
+    prepare_prompts,
     sampling,
     stream_choices,
 )
@@ -62,7 +58,6 @@ from .serving import (
     error_in_stream,
     request_id,
     run_unless_disconnected,
-    seeds,
     start_generation,
 )
 from .tools import CallDelta
@@ -79,43 +74,6 @@ def _state(request: Request) -> ServerState:
 
 def json_response(model, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
-
-
-# ============================================================================
-# Models
-# ============================================================================
-
-
-def _created(manifest) -> int:
-    from datetime import datetime
-
-    try:
-        return int(datetime.fromisoformat(manifest.created_at.replace("Z", "+00:00")).timestamp())
-    except (ValueError, AttributeError):
-        return 0
-
-
-@router.get("/v1/models")
-async def list_models(request: Request) -> Response:
-    state = _state(request)
-    manifests = await run_in_threadpool(state.store.list)
-    cards = [p.ModelCard(id=m.name, created=_created(m)) for m in manifests]
-    cards += [p.ModelCard(**c) for c in (x.model_card() for x in await list_personas(state))]
-    return json_response(p.ModelList(data=cards))
-
-
-@router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, request: Request) -> Response:
-    state = _state(request)
-    if not is_valid_name(model_id):
-        raise ModelNotFound(model_id, f"model '{model_id[:80]}' not found")
-    manifest = await run_in_threadpool(state.store.get, model_id)
-    if manifest is None:
-        persona = await find_persona(state, model_id)
-        if persona is None:
-            raise ModelNotFound(model_id)
-        return json_response(p.ModelCard(**persona.model_card()))
-    return json_response(p.ModelCard(id=manifest.name, created=_created(manifest)))
 
 
 # ============================================================================
@@ -395,17 +353,7 @@ def _completion_logprobs(events: list[TokenEvent], offset: int) -> p.CompletionL
     return p.CompletionLogprobs(text_offset=offsets, token_logprobs=lps, tokens=tokens, top_logprobs=tops)
 
 
-@dataclass
-class PromptPlan:
-    """One prompt of a completions request: its turn (persona, shields) and what to run."""
-
-    turn: Turn
-    tokens: list[int]  # the prompt for the engine ([] when an input shield refused it)
-    echo: str  # what `echo` puts before the completion: the prompt as screened
-    params: list[SamplingParams]  # one per choice
-
-
-def _persona_text_prompts(req: p.CompletionRequest, persona) -> list[str]:
+def _persona_text_prompts(req: p.CompletionRequest, persona) -> None:
     prompts = req.prompts()
     if any(not isinstance(x, str) for x in prompts):
         raise InvalidRequest(
@@ -414,71 +362,19 @@ def _persona_text_prompts(req: p.CompletionRequest, persona) -> list[str]:
         )
     if any(not x.strip() for x in prompts):
         raise InvalidRequest("the prompt is empty", param="prompt")
-    return prompts  # type: ignore[return-value]
 
 
-def _screened_tokens(engine: Backend, original: str | list[int], text: str, screened: str) -> list[int]:
-    """The prompt's tokens after the input shields: the client's own tokens unless a shield
-    rewrote the text (PII redaction), in which case the rewritten text, tokenised."""
-    if screened == text and isinstance(original, list):
-        return original
-    return engine.tokenize(screened if screened != text else original, add_special=True, parse_special=True)
-
-
-def _prompt_texts(engine: Backend, prompts: list[str | list[int]]) -> list[str]:
-    """The text of each prompt (token prompts checked against the vocabulary and decoded)."""
-    out = []
-    for x in prompts:
-        if isinstance(x, list):
-            check_token_ids(engine, x, "prompt")
-            out.append(engine.detokenize(x))
-        else:
-            out.append(x)
-    return out
-
-
-async def completion_plans(
-    state: ServerState, req: p.CompletionRequest, persona, rid: str
-) -> tuple[Backend | None, list[PromptPlan]]:
-    """(engine, one plan per prompt). Each prompt is its own turn: the input shields run on it
-    as the user's message before it is tokenised for generation; a persona answers it as a
-    one-message conversation (its system prompt, examples and knowledge around it). The
-    engine is None when every prompt was refused (nothing needed loading)."""
-    n = req.n or 1
-    grammar = _grammar(req.response_format)
-    sent = _sent(req, req.max_tokens if "max_tokens" in req.model_fields_set else None)
-    engine: Backend | None = None
-    if persona is not None:
-        prompts: list[str | list[int]] = list(_persona_text_prompts(req, persona))
-        texts = list(prompts)
-    else:
-        prompts = req.prompts()
-        texts = [x for x in prompts if isinstance(x, str)]
-        if len(texts) < len(prompts) or state.shields.policy_for(None) is None:
-            engine, _ = await state.engine(req.model)
-            texts = await run_in_threadpool(_prompt_texts, engine, prompts)
-    plans: list[PromptPlan] = []
-    for prompt, text in zip(prompts, texts, strict=True):
-        turn = await screen_turn(state, req.model, persona, [{"role": "user", "content": text}], rid)
-        screened = turn.messages[0]["content"]  # PII redacted, when the policy says so
-        plan = PromptPlan(turn, [], screened if req.echo else "", [])
-        plans.append(plan)
-        if turn.refusal is not None:
-            continue
-        if persona is not None:
-            overrides = persona_overrides(OPENAI_COMPLETION_SAMPLING, sent, persona, grammar, req.logprobs)
-            prep = await turn.prepare(state, overrides)
-            engine, plan.tokens, base = prep.engine, prep.prompt, prep.params
-            check_token_ids(engine, list(base.logit_bias), "logit_bias")
-        else:
-            if engine is None:  # text prompts under a policy: loaded once one passed the shields
-                engine, _ = await state.engine(req.model)
-            base = sampling(OPENAI_COMPLETION_SAMPLING, sent, engine, grammar, req.logprobs)
-            tokens = await run_in_threadpool(_screened_tokens, engine, prompt, text, screened)
-            plan.tokens = raw_prompt(engine, tokens, base)
-        check_capabilities(engine, grammar, req.logprobs)
-        plan.params = [dataclasses.replace(base, seed=s) for s in seeds(base.seed, n)]
-    return engine, plans
+def native_prompts(req: p.CompletionRequest) -> PromptRequest:
+    return PromptRequest(
+        model=req.model,
+        prompts=req.prompts(),
+        defaults=OPENAI_COMPLETION_SAMPLING,
+        sent=_sent(req, req.max_tokens if "max_tokens" in req.model_fields_set else None),
+        grammar=_grammar(req.response_format),
+        n=req.n or 1,
+        logprobs=req.logprobs,
+        echo=bool(req.echo),
+    )
 
 
 @router.post("/v1/completions")
@@ -492,7 +388,9 @@ async def completions(request: Request) -> Response:
     # As for chat: the persona and the input shields come first. Choice i*n+j is choice j of
     # prompt i, refused or generated.
     persona = await find_persona(state, req.model)
-    engine, plans = await completion_plans(state, req, persona, rid)
+    if persona is not None:
+        _persona_text_prompts(req, persona)
+    engine, _, plans = await prepare_prompts(state, native_prompts(req), persona, rid)
     jobs: list[tuple[list[int], SamplingParams]] = []
     choice_of: list[int] = []  # job -> choice index
     for i, plan in enumerate(plans):

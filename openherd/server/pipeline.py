@@ -37,7 +37,7 @@ from ..context import ERROR, ContextPolicy, fit_messages, fit_prompt
 from ..engine.backend import Backend, require
 from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
 from ..errors import InvalidRequest
-from .personas import OutputScreen, Turn, begin_turn
+from .personas import OutputScreen, Turn, begin_turn, screen_turn
 from .serving import ChoiceResult, Generation, ServerState, check_token_ids, raise_for_finish, seeds
 from .tools import (
     ParsedCall,
@@ -52,6 +52,8 @@ from .tools import (
 __all__ = [
     "ChatRequest",
     "ChoiceStream",
+    "PromptPlan",
+    "PromptRequest",
     "Prepared",
     "Step",
     "ToolPlan",
@@ -59,6 +61,7 @@ __all__ = [
     "finish_whole",
     "persona_overrides",
     "prepare_chat",
+    "prepare_prompts",
     "sampling",
     "stream_choices",
 ]
@@ -226,6 +229,121 @@ def raw_prompt(engine: Backend, tokens: list[int], params: SamplingParams) -> li
     if not tokens:
         raise InvalidRequest("the prompt is empty", param="prompt")
     return fit_prompt(tokens, engine.info.n_ctx, params.max_tokens)
+
+
+# ----------------------------------------------------------------------------
+# The native prompt request (completions, generate), prepared
+# ----------------------------------------------------------------------------
+
+
+@dataclass
+class PromptRequest:
+    """Raw prompts in native terms: OpenAI's legacy completions (one or many prompts, text or
+    tokens) and Ollama's generate (one prompt, maybe a system prompt and a token context)."""
+
+    model: str
+    prompts: list[str | list[int]]  # each prompt is its own turn, its choices n apart
+    defaults: dict[str, Any]
+    sent: dict[str, Any]
+    grammar: GrammarSpec | None = None
+    n: int = 1
+    logprobs: int | None = None
+    echo: bool = False  # the screened prompt goes before each completion
+    template: bool = False  # render system + prompt as a one-turn chat (Ollama without raw)
+    system: str | None = None
+    context: list[int] = field(default_factory=list)  # token context the prompt continues (Ollama)
+    keep_alive: float | None = None
+    num_ctx: int | None = None
+
+
+@dataclass
+class PromptPlan:
+    """One prompt after its turn (persona, shields): what to run, or the refusal."""
+
+    turn: Turn
+    tokens: list[int]  # the prompt for the engine ([] when an input shield refused it)
+    echo: str  # what `echo` puts before the completion: the prompt as screened
+    params: list[SamplingParams]  # one per choice
+
+
+def _prompt_texts(engine: Backend, prompts: list[str | list[int]]) -> list[str]:
+    """The text of each prompt (token prompts checked against the vocabulary and decoded)."""
+    out = []
+    for x in prompts:
+        if isinstance(x, list):
+            check_token_ids(engine, x, "prompt")
+            out.append(engine.detokenize(x))
+        else:
+            out.append(x)
+    return out
+
+
+def _plain_tokens(engine: Backend, req: PromptRequest, original: str | list[int], text: str,
+                  messages: list[dict], context_text: str | None) -> list[int]:
+    """A plain model's prompt after the input shields: the client's own tokens unless a shield
+    rewrote the text (PII redaction), in which case the rewritten text, tokenised; the token
+    context (rewritten the same way) in front."""
+    context = req.context
+    check_token_ids(engine, context, "context")
+    if context_text is not None and messages[-2]["content"] != context_text:
+        context = engine.tokenize(messages[-2]["content"], False, True)
+    screened = messages[-1]["content"]
+    if req.template:
+        system = [{"role": "system", "content": messages[0]["content"]}] if req.system else []
+        toks = engine.encode_chat([*system, {"role": "user", "content": screened}])
+        if context and toks and toks[0] == engine.info.bos and engine.info.add_bos:
+            toks = toks[1:]  # the context already starts the sequence
+    elif screened == text and isinstance(original, list):
+        toks = original
+    else:
+        toks = engine.tokenize(screened, add_special=not context, parse_special=True) if screened else []
+    return context + toks
+
+
+async def prepare_prompts(state: ServerState, req: PromptRequest, persona,
+                          rid: str) -> tuple[Backend | None, float, list[PromptPlan]]:
+    """(engine, seconds loading, one plan per prompt). As for chat, the persona and the input
+    shields come first: each prompt is screened as the user's message (its system prompt and
+    token context beside it) before it is tokenised for generation; a persona answers it as a
+    one-message conversation. Only token prompts or a token context need the model before the
+    shields (they are screened as the text they stand for). The engine is None when every
+    prompt was refused (nothing needed loading)."""
+    policy = state.shields.policy_for(persona)
+    engine: Backend | None = None
+    load_s = 0.0
+    prompts, texts = req.prompts, [x for x in req.prompts if isinstance(x, str)]
+    if persona is None and (policy is None or len(texts) < len(prompts) or req.context):
+        engine, load_s = await state.engine(req.model, keep_alive=req.keep_alive, num_ctx=req.num_ctx)
+        texts = await run_in_threadpool(_prompt_texts, engine, prompts)
+    context_text = None
+    if policy is not None and req.context:
+        check_token_ids(engine, req.context, "context")
+        context_text = await run_in_threadpool(engine.detokenize, req.context)
+    plans: list[PromptPlan] = []
+    for original, text in zip(prompts, texts, strict=True):
+        messages = ([{"role": "system", "content": req.system}] if req.system else []) + (
+            [{"role": "user", "content": context_text}] if context_text is not None else []
+        ) + [{"role": "user", "content": text}]
+        turn = await screen_turn(state, req.model, persona, messages, rid)
+        plan = PromptPlan(turn, [], turn.messages[-1]["content"] if req.echo else "", [])
+        plans.append(plan)
+        if turn.refusal is not None:
+            continue
+        if persona is not None:
+            engine, load_s = await state.engine(persona.served_model, keep_alive=req.keep_alive, num_ctx=req.num_ctx)
+            overrides = persona_overrides(req.defaults, req.sent, persona, req.grammar, req.logprobs)
+            prep = await turn.prepare(state, overrides, keep_alive=req.keep_alive, num_ctx=req.num_ctx)
+            engine, plan.tokens, base = prep.engine, prep.prompt, prep.params
+            check_token_ids(engine, list(base.logit_bias), "logit_bias")
+        else:
+            if engine is None:  # text prompts under a policy: loaded once one passed the shields
+                engine, load_s = await state.engine(req.model, keep_alive=req.keep_alive, num_ctx=req.num_ctx)
+            base = sampling(req.defaults, req.sent, engine, req.grammar, req.logprobs)
+            tokens = await run_in_threadpool(_plain_tokens, engine, req, original, text, turn.messages, context_text)
+            plan.tokens = raw_prompt(engine, tokens, base)
+        check_capabilities(engine, req.grammar, req.logprobs)
+        plan.params = [dataclasses.replace(base, seed=s) for s in seeds(base.seed, req.n)]
+    return engine, load_s, plans
 
 
 # ----------------------------------------------------------------------------
