@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from ..atomic import atomic_write
 from .compare import comparison_table
 from .results import Comparison, EvalSummary
 
@@ -101,9 +101,9 @@ def write_report(out_dir: Path, summary: EvalSummary, records: Iterable[dict]) -
         "records": out_dir / "records.jsonl",
         "report": out_dir / "report.md",
     }
-    _atomic_write(paths["records"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(paths["results"], json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["report"], markdown_table(summary))
+    atomic_write(paths["records"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(paths["results"], json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["report"], markdown_table(summary))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -112,12 +112,6 @@ def write_report(out_dir: Path, summary: EvalSummary, records: Iterable[dict]) -
     write_chart(chart, summary)
     paths["chart"] = chart
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- comparisons
@@ -131,8 +125,8 @@ def write_comparison(
     for side, (summary, records) in results.items():
         write_report(out_dir / side, summary, records)
     paths = {"comparison": out_dir / "comparison.json", "report": out_dir / "report.md"}
-    _atomic_write(paths["comparison"], json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["report"], comparison_table(comparison))
+    atomic_write(paths["comparison"], json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["report"], comparison_table(comparison))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

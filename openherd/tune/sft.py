@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..atomic import atomic_write, fsync_dir
 from ..errors import GateFailed, InvalidRequest, StoreError
 from ..model import Transformer, load_torch_model, rope_cos_sin
 from .data import (
@@ -891,15 +892,6 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _ckpt_name(step: int) -> str:
     return f"{CHECKPOINT_PREFIX}{step:07d}"
 
@@ -939,9 +931,9 @@ def save_checkpoint(run: Run) -> Path:
         _write_durably(tmp / "optimizer.safetensors", save(moments) if moments else save({"__empty__": torch.zeros(0)}))
         _write_durably(tmp / "rng.safetensors", save(rng))
         _write_durably(tmp / "state.json", (json.dumps(state, indent=1) + "\n").encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         prev = latest_checkpoint(ckpt_dir)
@@ -958,24 +950,10 @@ def save_checkpoint(run: Run) -> Path:
 def _write_run_files(run: Run) -> None:
     """history.json and loss.png next to the checkpoints (best effort: they are views)."""
     try:
-        _atomic_bytes(run.run_dir / "history.json", (json.dumps(run.state.history) + "\n").encode())
+        atomic_write(run.run_dir / "history.json", (json.dumps(run.state.history) + "\n").encode())
         plot_loss(run.state.history, run.run_dir / "loss.png", title=f"herd tune {run.cfg.out}")
     except OSError as e:
         log.warning("could not write the loss curve: %s", e.strerror or e)
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def _jsonable_random_state() -> list:
@@ -1184,7 +1162,7 @@ def gate_adapter(run: Run, base_gguf: Path, adapter: Path, progress: Callable[[s
                         candidate_adapter=str(adapter), progress=progress, names=(cfg.base, cfg.out))  # fmt: skip
     run.gate = result
     try:
-        _atomic_bytes(run.run_dir / "gate.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
+        atomic_write(run.run_dir / "gate.json", (json.dumps(result.to_dict(), indent=1) + "\n").encode())
     except OSError as e:  # the verdict still stands; the file is a record of it
         log.warning("could not write gate.json: %s", e.strerror or e)
     return result

@@ -50,6 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..atomic import atomic_write
 from ..errors import HerdError, InvalidRequest, ModelNotFound, NotFound, QueueFull
 from ..settings import Settings
 
@@ -244,11 +245,7 @@ class JobManager:
             self.jobs[job.id] = job
 
     def _save(self, job: Job) -> None:
-        d = self.root / job.id
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "job.json.tmp"
-        tmp.write_text(json.dumps(job.to_dict()))
-        os.replace(tmp, d / "job.json")
+        atomic_write(self.root / job.id / "job.json", json.dumps(job.to_dict()))
 
     # ------------------------------------------------------------------ submit / cancel
 
