@@ -1,12 +1,14 @@
-"""The Ollama API (``/api``) as a translation layer over the native engine.
+"""The Ollama API (``/api``): a translation over the native pipeline.
 
-Not a second server: each handler translates Ollama's request shape (``options``,
-``format``, ``keep_alive``, ``context``) into the same token prompts and
-``SamplingParams`` the OpenAI layer produces, starts a ``Generation`` through
-``serving``, and renders the events as Ollama does: NDJSON lines while
-streaming (the default), then a final object with ``done: true`` and Ollama's
-statistics in nanoseconds (total_duration, load_duration, prompt_eval_count,
-prompt_eval_duration, eval_count, eval_duration).
+Not a second server: each handler maps Ollama's request shape (``options``,
+``format``, ``keep_alive``, ``context``) into the same native request the OpenAI
+layer builds (``pipeline.ChatRequest``, ``pipeline.PromptRequest``), and renders
+the pipeline's steps as Ollama does: NDJSON lines while streaming (the default),
+then a final object with ``done: true`` and Ollama's statistics in nanoseconds
+(total_duration, load_duration, prompt_eval_count, prompt_eval_duration,
+eval_count, eval_duration). Ollama's convention for an over-long conversation is
+to drop the oldest turns and keep the system prompt (``openherd.context.DROP_OLDEST``).
+The model store routes (tags, show, ps, pull, delete) are ``models.py``.
 
 Errors are ``{"error": "message"}`` with the HTTP status (``app.py`` renders
 them for every ``/api/`` path), which is what the official clients parse.

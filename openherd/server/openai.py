@@ -1,9 +1,11 @@
-"""The OpenAI API (``/v1``) over the native engine.
+"""The OpenAI API (``/v1``): a translation over the native pipeline.
 
-Each handler parses its request (``protocol``), translates it into token
-prompts and ``SamplingParams``, starts a ``Generation`` (``serving``) and
-returns one of three things: a full JSON response, an SSE stream in OpenAI's
-exact chunk format, or (by raising a ``HerdError``) an OpenAI error body.
+Each handler parses its request (``protocol``), maps its fields into the native
+request (``pipeline.ChatRequest`` or ``pipeline.PromptRequest``), and renders
+the pipeline's steps in one of three shapes: a full JSON response, an SSE stream
+in OpenAI's exact chunk format, or (by raising a ``HerdError``) an OpenAI error
+body. OpenAI's convention for an over-long conversation is the 400
+``context_length_exceeded`` with the numbers (``openherd.context.ERROR``).
 
 SSE format, as OpenAI sends it: one ``data: {json}\\n\\n`` per chunk; the first
 chunk of each choice carries ``delta.role``; the last carries ``finish_reason``
@@ -14,7 +16,7 @@ index, id, type and function name (arguments ``""``), then deltas with fragments
 of its arguments as the model writes them (``tools.ToolCallStreamer``).
 
 Every generation route (chat and legacy completions) takes a persona id as
-``model`` and runs the input and output shields (``personas.Turn``).
+``model``; the pipeline runs the persona turn and the input and output shields.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from ..context import ERROR
+from ..engine.backend import Backend
 from ..engine.types import FinishEvent, GrammarSpec, SamplingParams, TokenEvent
 from ..errors import InvalidRequest
 from . import protocol as p
@@ -121,7 +124,7 @@ def _sent(req: p.ChatCompletionRequest | p.CompletionRequest, max_tokens: int | 
     return out
 
 
-def sampling_params(req, engine, max_tokens: int | None, grammar: GrammarSpec | None, logprobs: int | None,
+def sampling_params(req, engine: Backend, max_tokens: int | None, grammar: GrammarSpec | None, logprobs: int | None,
                     seed) -> SamplingParams:
     """OpenAI fields -> SamplingParams for a plain model (pipeline.sampling's one rule)."""
     sent = {**_sent(req), "max_tokens": max_tokens, "seed": seed}
