@@ -81,10 +81,17 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
         elif operator == "*":
             for seq, n in ((left, right), (right, left)):
                 if isinstance(n, int) and _size(seq) * n > MAX_RENDER_CHARS:
-                    raise _OverBudget(f"builds a sequence of {_size(seq) * n} items")
+                    raise _too_long()
         elif operator == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
-            raise _OverBudget(f"builds a sequence of {_size(left) + _size(right)} items")
+            raise _too_long()  # long messages, or a template doubling a string
         return super().call_binop(context, operator, left, right)
+
+
+def _too_long() -> ContextOverflow:
+    return ContextOverflow(
+        f"the chat template renders these messages to more than {MAX_RENDER_CHARS} characters, "
+        "more than any context holds; send less"
+    )
 
 
 def _deadline_tracer(deadline: float):
@@ -167,10 +174,7 @@ class ChatTemplate:
             for chunk in self._template.generate(**ctx):
                 total += len(chunk)
                 if total > MAX_RENDER_CHARS:
-                    raise ContextOverflow(
-                        f"the chat template renders these messages to more than {MAX_RENDER_CHARS} characters, "
-                        "more than any context holds; send less"
-                    )
+                    raise _too_long()
                 parts.append(chunk)
             return "".join(parts)
         finally:

@@ -35,6 +35,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_INT_DIGITS",
     "BadYAML",
+    "JSONRefused",
     "NotJSON",
     "check_json",
     "find_surrogate",
@@ -51,6 +52,15 @@ _DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
 # decode to a lone surrogate, so the walk over the parsed value is skipped without one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class JSONRefused(InvalidRequest):
+    """JSON with a hazard in it. ``problem`` is the part after ``what``, for callers that
+    name the place themselves ("data.jsonl:3: nested more than 64 levels deep")."""
+
+    def __init__(self, what: str, problem: str):
+        super().__init__(f"{what}: {problem}")
+        self.problem = problem
 
 
 class NotJSON(InvalidRequest):
@@ -75,13 +85,13 @@ def bracket_depth(text: str, *, json_strings: bool = True) -> int:
 def _check_depth(text: str, what: str) -> None:
     # No deeper than its number of openers: the common case, without a pass of its own.
     if text.count("[") + text.count("{") > MAX_DEPTH and bracket_depth(text) > MAX_DEPTH:
-        raise InvalidRequest(f"{what} is nested more than {MAX_DEPTH} levels deep")
+        raise JSONRefused(what, f"nested more than {MAX_DEPTH} levels deep")
 
 
 def _int_parser(what: str) -> Callable[[str], int]:
     def parse_int(digits: str) -> int:
         if len(digits.lstrip("-")) > MAX_INT_DIGITS:
-            raise InvalidRequest(f"{what} has a number longer than {MAX_INT_DIGITS} digits")
+            raise JSONRefused(what, f"a number longer than {MAX_INT_DIGITS} digits")
         return int(digits)
 
     return parse_int
@@ -91,7 +101,7 @@ def _float_parser(what: str) -> Callable[[str], float]:
     def parse_float(text: str) -> float:
         value = float(text)
         if value in (float("inf"), float("-inf")):  # 1e400: JSON has no infinity
-            raise InvalidRequest(f"{what} has a number too large for a float ({text[:20]}...)")
+            raise JSONRefused(what, f"a number too large for a float ({text[:20]})")
         return value
 
     return parse_float
@@ -133,7 +143,7 @@ def _decode(raw: str | bytes, what: str) -> str:
         # body cannot slip past these checks in an encoding the route would still accept.
         return raw.decode(json.detect_encoding(raw), errors="strict")
     except UnicodeDecodeError as e:
-        raise InvalidRequest(f"{what} is not UTF-8 text (byte {e.start + 1})") from None
+        raise JSONRefused(what, f"not UTF-8 text (byte {e.start + 1})") from None
 
 
 def loads_json(raw: str | bytes, what: str = "the request body") -> Any:
@@ -150,13 +160,11 @@ def loads_json(raw: str | bytes, what: str = "the request body") -> Any:
     except json.JSONDecodeError as e:
         raise NotJSON(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", e.msg) from None
     except RecursionError:  # unreachable below MAX_DEPTH; kept so that no limit change can 500
-        raise InvalidRequest(f"{what} is nested too deeply") from None
+        raise JSONRefused(what, "nested too deeply") from None
     if _SURROGATE_ESCAPE.search(text):
         where = find_surrogate(value)
         if where is not None:
-            raise InvalidRequest(
-                f"{what}: {where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text"
-            )
+            raise JSONRefused(what, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")
     return value
 
 
@@ -250,11 +258,11 @@ def _check_yaml(text: str, what: str, aliases: bool) -> None:
     import yaml
 
     if yaml_depth(text) > MAX_DEPTH:
-        raise BadYAML(what, f"is nested more than {MAX_DEPTH} levels deep")
+        raise BadYAML(what, f"nested more than {MAX_DEPTH} levels deep")
     for n, event in enumerate(yaml.parse(text, Loader=_loader())):
         line = event.start_mark.line + 1 if event.start_mark is not None else None
         if n > MAX_YAML_EVENTS:
-            raise BadYAML(what, f"has more than {MAX_YAML_EVENTS} YAML nodes", line)
+            raise BadYAML(what, f"more than {MAX_YAML_EVENTS} YAML nodes", line)
         if isinstance(event, yaml.AliasEvent) and not aliases:
             raise BadYAML(what, "uses YAML aliases (*name), which are not allowed; write the value out", line)
         if (
@@ -263,7 +271,7 @@ def _check_yaml(text: str, what: str, aliases: bool) -> None:
             and len(event.value) > MAX_INT_DIGITS
             and _YAML_INT.fullmatch(event.value)
         ):
-            raise BadYAML(what, f"has a number longer than {MAX_INT_DIGITS} digits", line)
+            raise BadYAML(what, f"a number longer than {MAX_INT_DIGITS} digits", line)
 
 
 def _yaml_error(what: str, e: Exception) -> BadYAML:

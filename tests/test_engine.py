@@ -129,11 +129,23 @@ def test_max_tokens_zero_and_context_errors(engine):
         engine.submit(GenerationRequest([10**7], SamplingParams()))
 
 
+@pytest.mark.timeout(60)  # a cancel that is never honoured must fail, not hang
 def test_cancel_frees_the_slot_within_a_step(engine):
-    h = engine.submit(GenerationRequest(prompt(engine), SamplingParams(max_tokens=200, ignore_eos=True)))
+    budget = engine.n_ctx_seq - len(prompt(engine)) - 1  # all the context allows: it cannot end on its own
+    h = engine.submit(GenerationRequest(prompt(engine), SamplingParams(max_tokens=budget, ignore_eos=True)))
     it = iter(h)
     next(it)
-    it.close()  # leaving the iteration cancels
+    # Holding the scheduler's (re-entrant) lock stops it at its next step, so the cancel lands
+    # long before the budget is spent however fast the tiny model decodes.
+    with engine._cond:
+        steps = engine.stats().steps
+        it.close()  # leaving the iteration cancels
+    rest = list(h)  # what the scheduler pushed until it saw the cancel, and the FinishEvent
+    fin = rest[-1]
+    assert isinstance(fin, FinishEvent) and fin.reason == "abort"
+    assert fin.usage.completion_tokens == 1 + len(rest) - 1 < budget
+    # At most the step in flight when the cancel came finished; no step ran after it.
+    assert engine.stats().steps - steps <= 1
     deadline = time.monotonic() + 2
     while engine.stats().active and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -200,11 +212,18 @@ def test_logprobs_are_consistent_with_scoring(engine):
 
 
 def test_embeddings_are_normalised(engine):
-    vecs, n = engine.embed(["the cat sat", "the cat sat", "quantum chromodynamics"])
-    assert n > 0 and len(vecs) == 3 and len(vecs[0]) == engine.info.n_embd
+    texts = ["the cat sat", "the cat sat", "the cat sat on the mat", "quantum chromodynamics"]
+    vecs, n = engine.embed(texts)
+    assert n > 0 and len(vecs) == 4 and len(vecs[0]) == engine.info.n_embd
     for v in vecs:
         assert math.isclose(sum(x * x for x in v), 1.0, rel_tol=1e-5)
     assert vecs[0] == pytest.approx(vecs[1], abs=1e-6)
+    # A constant (or input-blind) vector passes the checks above; these it cannot.
+    cos = np.array(vecs) @ np.array(vecs).T
+    assert cos[0, 3] < 0.9, cos  # different texts, different vectors (measured 0.61)
+    # Mean pooling over a random model: texts that share most of their tokens are nearer
+    # (measured 0.97 against 0.61).
+    assert cos[0, 2] > cos[0, 3] + 0.2, cos
 
 
 def test_async_iteration(engine):
@@ -355,6 +374,7 @@ def test_later_choices_after_one_context_evaluate_only_their_own_tokens(tiny_ggu
         e.close()
 
 
+@pytest.mark.timeout(60)
 def test_followers_of_a_cancelled_leader_still_finish_correctly(tiny_gguf):
     # Small batches: the first request's long prompt takes several steps, so the others stay
     # parked on it while it is cancelled half-way.
@@ -369,13 +389,25 @@ def test_followers_of_a_cancelled_leader_still_finish_correctly(tiny_gguf):
             alone.append(_tokens(e.submit(GenerationRequest(p, params)))[0])
         _flush(e)
         before = e.stats().evaluated_tokens
-        leader, *followers = _submit_together(e, [GenerationRequest(p, params) for p in prompts])
-        deadline = time.monotonic() + 10
-        while e.stats().evaluated_tokens == before and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        leader.cancel()  # after its first chunk: the others are parked on it
-        assert _tokens(leader)[1].reason in ("abort", "length")
-        assert [_tokens(h)[0] for h in followers] == alone
+        # The leader could not finish on its own: no end-of-generation, the whole context to fill.
+        endless = SamplingParams(temperature=0, max_tokens=e.n_ctx_seq - len(prompts[0]) - 1, ignore_eos=True)
+        leader, *followers = _submit_together(
+            e, [GenerationRequest(prompts[0], endless)] + [GenerationRequest(p, params) for p in prompts[1:]]
+        )
+        prefilled, deadline = 0, time.monotonic() + 10
+        while not prefilled and time.monotonic() < deadline:
+            with e._cond:  # the scheduler stops at its next step while this is held
+                prefilled = e.stats().evaluated_tokens - before
+                if prefilled:
+                    leader.cancel()  # after its first chunk: the others are parked on it
+            time.sleep(0)  # a poll of a few steps' length: no sleep that could outlast the prefill
+        # Cancelled part-way through its prompt (n_batch tokens a step), before any token:
+        assert 0 < prefilled < len(prompts[0])
+        tokens, fin = _tokens(leader)
+        assert fin.reason == "abort" and tokens == [] and fin.usage.completion_tokens == 0
+        results = [_tokens(h) for h in followers]
+        assert [toks for toks, _ in results] == alone
+        assert all(f.reason == "length" for _, f in results)
         assert e.stats().active == 0
     finally:
         e.close()

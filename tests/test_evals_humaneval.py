@@ -216,7 +216,9 @@ def test_extra_sample_fields_are_kept_in_records(tmp_path):
 
 
 def _herd(*args: str, home: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HERD_HOME": str(home)}
+    # The developer's own HERD_* settings (a store, API keys, thread counts) must not reach the CLI.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERD_")}
+    env["HERD_HOME"] = str(home)
     return subprocess.run(
         [sys.executable, "-m", "openherd", *args],
         capture_output=True,

@@ -647,8 +647,16 @@ def test_gguf_and_hf_dir_are_the_same_model(tmp_path: Path, arch: str, tie: bool
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(ours, ref, atol=2e-2, rtol=0)
-    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    atol = 2e-2
+    np.testing.assert_allclose(ours, ref, atol=atol, rtol=0)
+    # The same next token wherever the reference's best logit leads its runner-up by more
+    # than the two can differ (2 * atol). A random tiny model has near-ties, and which side
+    # of one a position lands on depends on the CPU's kernels (AVX2 against AVX-512 sums
+    # in another order): those positions are covered by the allclose above instead.
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * atol
+    assert clear.sum() >= len(ids) // 2  # the check below is not vacuous
+    assert (ours.argmax(-1)[clear] == ref.argmax(-1)[clear]).all()
 
 
 def test_hf_dir_chat_template_renders_chatml(tiny_hf_dir: Path):

@@ -23,6 +23,7 @@ from openherd.personas.knowledge import (
     lexical_terms,
     render_context,
 )
+from openherd.safety.injection import scan
 
 
 def make_pdf(lines: list[str]) -> bytes:
@@ -258,8 +259,15 @@ def test_neighbours_are_the_chunks_around_and_skip_flagged(tmp_path, engine):
     assert around[chunks[-1].id] == (chunks[-2].text, "")
     # A flagged chunk is never borrowed from: its clean neighbours see '' on its side.
     evil = sorted((c for c in idx.chunks() if c.sha256 != lamp), key=lambda c: c.ord)
-    bad = [c.ord for c in evil if c.flagged]
-    assert bad and all(c.flagged for c in evil if c.ord in bad)
+    # Which chunks must be flagged comes from the shield itself, not from the index's flags.
+    bad = {c.ord for c in evil if scan(c.text).flagged}
+    assert {c.ord for c in evil if c.flagged} == bad
+    assert any("Ignore all previous instructions" in c.text for c in evil if c.ord in bad)
+    by_ord = {c.ord: c.text for c in evil}
+    clean = [c for c in evil if c.ord not in bad]
+    # Not vacuous: clean chunks sit on both sides of the flagged ones.
+    assert any(c.ord + 1 in bad for c in clean) and any(c.ord - 1 in bad for c in clean)
+    around = idx.neighbours(evil, chunker)
     for c in evil:
-        if c.ord + 1 in bad:
-            assert idx.neighbours([c], chunker)[c.id][1] == ""
+        want = tuple("" if o in bad else by_ord.get(o, "") for o in (c.ord - 1, c.ord + 1))
+        assert around[c.id] == want, c.ord

@@ -98,15 +98,16 @@ def test_options_seed_and_stop(client):
     a = client.chat(model=MODEL, messages=MSG, options=opts).message.content
     b = client.chat(model=MODEL, messages=MSG, options=opts).message.content
     assert a == b
-    greedy = client.generate(
-        model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0}
-    ).response
-    if len(greedy) > 8:  # the model may end early; then there is nothing to cut
-        stop = greedy[3:6]
-        cut = client.generate(
-            model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0, "stop": [stop]}
-        )
-        assert cut.response == greedy[: greedy.find(stop)] and cut.done_reason == "stop"
+    greedy = client.generate(model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0})
+    # The tiny model's weights are fixed, and its greedy answer to this prompt runs all 30
+    # tokens (Ollama has no logit_bias to force that): there is always something to cut.
+    assert greedy.done_reason == "length" and len(greedy.response) > 8
+    stop = greedy.response[3:6]
+    cut = client.generate(
+        model=MODEL, prompt="The herd", options={"num_predict": 30, "temperature": 0, "stop": [stop]}
+    )
+    assert cut.response == greedy.response[: greedy.response.find(stop)] and cut.done_reason == "stop"
+    assert cut.eval_count < greedy.eval_count
 
 
 def test_chat_format_schema(client):
@@ -150,6 +151,14 @@ def test_chat_with_tool_history(client):
     ]
     r = client.chat(model=MODEL, messages=messages, tools=tools, options={"num_predict": 4})
     assert r.done and r.message.role == "assistant"
+    # The call and its result reached the prompt: without the result it is shorter, and a
+    # longer result makes it longer.
+    without = client.chat(model=MODEL, messages=messages[:2], tools=tools, options={"num_predict": 1})
+    assert without.prompt_eval_count < r.prompt_eval_count
+    longer = [*messages[:2], {**messages[2], "content": "21 C and sunny, with a light wind from the west"}]
+    assert client.chat(model=MODEL, messages=longer, tools=tools, options={"num_predict": 1}).prompt_eval_count > (
+        r.prompt_eval_count
+    )
 
 
 def test_tool_calls(server, client, llama3_gguf):
@@ -232,6 +241,13 @@ def test_embed(client):
     assert max(abs(a - b) for a, b in zip(single, r.embeddings[0], strict=True)) < 1e-4
     legacy = client.embeddings(model=MODEL, prompt="a llama").embedding
     assert max(abs(a - b) for a, b in zip(legacy, single, strict=True)) < 1e-4
+    # A constant or input-blind vector passes everything above. Mean pooling over the random
+    # model puts texts that share most tokens near each other (cosine measured 0.97) and an
+    # unrelated one far away (-0.40).
+    assert max(abs(a - b) for a, b in zip(*r.embeddings, strict=True)) > 1e-2
+    v = client.embed(model=MODEL, input=["a llama", "a llama in the field", "quantum chromodynamics"]).embeddings
+    cos = [sum(a * b for a, b in zip(v[0], o, strict=True)) for o in v[1:]]
+    assert cos[1] < 0.9 and cos[0] > cos[1] + 0.5, cos
 
 
 # ---------------------------------------------------------------------------- ps, keep_alive, delete

@@ -83,20 +83,33 @@ def test_prefix_cache_reported_as_cached_tokens(client):
 
 
 def test_text_content_parts_and_roles(client):
+    kw = dict(model=MODEL, max_tokens=6, temperature=0, logit_bias=NO_EOS)
+    tail = [{"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again?"}]
     r = client.chat.completions.create(
-        model=MODEL,
         messages=[
             {"role": "developer", "content": "Be brief."},
             {
                 "role": "user",
                 "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "there."}],
             },
-            {"role": "assistant", "content": "Hi."},
-            {"role": "user", "content": "Again?"},
+            *tail,
         ],
-        max_tokens=3,
+        **kw,
     )
     assert r.choices[0].message.role == "assistant"
+    # The parts are joined and "developer" is the system role: the very prompt of the plain
+    # form, token for token, and so the same greedy answer.
+    plain = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, there."}, *tail],
+        **kw,
+    )
+    assert r.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert r.choices[0].message.content == plain.choices[0].message.content
+    # ... and neither the developer message nor a part is dropped on the way.
+    shorter = client.chat.completions.create(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello, "}]}, *tail], **kw
+    )
+    assert shorter.usage.prompt_tokens < r.usage.prompt_tokens
 
 
 def test_n_choices(client):
@@ -472,19 +485,26 @@ def test_tool_result_round_trip(client):
         parallel_tool_calls=False,
     )
     call = r.choices[0].message.tool_calls[0]
-    follow = client.chat.completions.create(
-        model=MODEL,
-        messages=[
+
+    def follow_up(result: str | None):
+        history = [
             {"role": "user", "content": "Weather in Paris?"},
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 21}'},
-        ],
-        tools=TOOLS,
-        tool_choice="none",
-        max_tokens=5,
-    )
+        ]
+        if result is not None:
+            history.append({"role": "tool", "tool_call_id": call.id, "content": result})
+        return client.chat.completions.create(
+            model=MODEL, messages=history, tools=TOOLS, tool_choice="none", max_tokens=5
+        )
+
+    follow = follow_up('{"temp": 21}')
     assert follow.choices[0].message.tool_calls is None
     assert follow.choices[0].finish_reason in ("stop", "length")
+    # The call and its result are in the prompt: each one makes it longer, and a longer
+    # result a longer prompt still.
+    assert follow_up(None).usage.prompt_tokens < follow.usage.prompt_tokens
+    longer = follow_up('{"temp": 21, "sky": "clear", "wind": "light from the west"}')
+    assert longer.usage.prompt_tokens > follow.usage.prompt_tokens
 
 
 def test_llama3_style_template_tools(server, client, llama3_gguf):
@@ -500,23 +520,59 @@ def test_llama3_style_template_tools(server, client, llama3_gguf):
     assert r.choices[0].finish_reason == "tool_calls"
     [call] = r.choices[0].message.tool_calls
     _check_call(call)
-    follow = client.chat.completions.create(
-        model="tiny-l3",
-        messages=[
-            {"role": "user", "content": "Weather?"},
-            {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-            {"role": "tool", "tool_call_id": call.id, "content": "sunny"},
-        ],
-        tools=TOOLS,
-        max_tokens=3,
-    )
+
+    def follow_up(result: str):
+        return client.chat.completions.create(
+            model="tiny-l3",
+            messages=[
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": result},
+            ],
+            tools=TOOLS,
+            max_tokens=3,
+        )
+
+    follow = follow_up("sunny")
     assert follow.choices[0].message.role == "assistant"
+    # The template renders the tools, the call and the (ipython) result: the result's words
+    # reach the prompt.
+    assert follow_up("sunny, 24 C, a light wind from the west").usage.prompt_tokens > follow.usage.prompt_tokens
+    bare = client.chat.completions.create(
+        model="tiny-l3", messages=[{"role": "user", "content": "Weather?"}], max_tokens=1
+    )
+    assert bare.usage.prompt_tokens < follow.usage.prompt_tokens
 
 
-def test_tool_choice_auto_returns_content_or_calls(client):
-    r = chat(client, "Hi", tools=TOOLS, max_tokens=8)
+def test_tool_choice_auto_returns_content_or_calls(server, client, llama3_gguf):
+    # Text under "auto": the random model's words come back as content, with no calls.
+    r = chat(client, "Hi", tools=TOOLS, max_tokens=8, temperature=0, logit_bias=NO_EOS)
     msg = r.choices[0].message
-    assert msg.content is not None or msg.tool_calls
+    assert msg.tool_calls is None and msg.content and r.choices[0].finish_reason == "length"
+    # A call under "auto": with a llama3-style template a call is a bare JSON object, so a
+    # schema can make the model write one, and "auto" must hand it back as a call.
+    register_model(server.home, llama3_gguf, name="tiny-l3-auto")
+    call_schema = {
+        "type": "object",
+        "properties": {"name": {"const": "get_time"}, "parameters": TOOLS[1]["function"]["parameters"]},
+        "required": ["name", "parameters"],
+        "additionalProperties": False,
+    }
+    kw = dict(
+        model="tiny-l3-auto",
+        messages=[{"role": "user", "content": "What time is it?"}],
+        tools=TOOLS,
+        max_tokens=80,
+        response_format={"type": "json_schema", "json_schema": {"name": "call", "schema": call_schema}},
+    )
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls" and not r.choices[0].message.content
+    [call] = r.choices[0].message.tool_calls
+    _check_call(call, ("get_time",))
+    # "none" reads no calls: the same kind of text stays content.
+    r = client.chat.completions.create(**kw, tool_choice="none")
+    assert r.choices[0].message.tool_calls is None
+    assert json.loads(r.choices[0].message.content)["name"] == "get_time"
 
 
 # ---------------------------------------------------------------------------- completions, embeddings
@@ -534,12 +590,12 @@ def test_completions(client):
     assert c.logprobs.text_offset[0] == len("The herd")
     r = client.completions.create(model=MODEL, prompt=["one", "two"], n=2, max_tokens=2, logit_bias=NO_EOS)
     assert [c.index for c in r.choices] == [0, 1, 2, 3]
-    text = "".join(
-        c.choices[0].text
-        for c in client.completions.create(model=MODEL, prompt="x", max_tokens=3, stream=True)
-        if c.choices
-    )
-    assert isinstance(text, str)
+    kw = dict(model=MODEL, prompt="x", max_tokens=3, temperature=0, logit_bias=NO_EOS)
+    chunks = list(client.completions.create(stream=True, **kw))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    whole = client.completions.create(**kw)
+    assert text == whole.choices[0].text and whole.usage.completion_tokens == 3
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
 
 
 def test_embeddings(client):
@@ -551,6 +607,15 @@ def test_embeddings(client):
     f = client.embeddings.create(model=MODEL, input="a llama", encoding_format="float")
     assert max(abs(a - b) for a, b in zip(f.data[0].embedding, r.data[0].embedding, strict=True)) < 1e-5
     assert r.usage.prompt_tokens > 0
+    # A constant or input-blind vector passes everything above. Mean pooling over the random
+    # model puts texts that share most tokens near each other (cosine measured 0.97) and an
+    # unrelated one far away (-0.40).
+    v = client.embeddings.create(
+        model=MODEL, input=["a llama", "a llama in the field", "quantum chromodynamics"], encoding_format="float"
+    ).data
+    cos = [sum(a * b for a, b in zip(v[0].embedding, o.embedding, strict=True)) for o in v[1:]]
+    assert cos[1] < 0.9 and cos[0] > cos[1] + 0.5, cos
+    assert max(abs(a - b) for a, b in zip(r.data[0].embedding, r.data[1].embedding, strict=True)) > 1e-2
 
 
 # ---------------------------------------------------------------------------- errors
@@ -696,31 +761,47 @@ def test_busy_server_answers_429_and_503_with_retry_after(tmp_path, serve_gguf):
 
 
 def test_sigterm_finishes_in_flight_streams_and_exits_0(tmp_path, serve_gguf):
+    import socket
+
+    budget = 1500  # no end-of-text: the stream runs its whole budget
     with live_server(tmp_path, serve_gguf, args=("--model", MODEL)) as s:
         # --model preloads before the server reports healthy
         assert [m["name"] for m in httpx.get(f"{s.url}/api/ps", timeout=10).json()["models"]] == [MODEL]
         body = {
             "model": MODEL,
             "messages": [{"role": "user", "content": "x"}],
-            "max_tokens": 120,
+            "max_tokens": budget,
             "stream": True,
             "stream_options": {"include_usage": True},
             "logit_bias": NO_EOS,
         }
+        # A small receive window and nothing read until the server has begun shutting down:
+        # the ~200 KB stream cannot have been sent in full by then, however fast the tiny
+        # model generates, so it is in flight while the server shuts down.
+        small = httpx.HTTPTransport(socket_options=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
         lines = []
-        with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
+        with httpx.Client(transport=small, timeout=60) as slow, slow.stream(
+            "POST", f"{s.url}/v1/chat/completions", json=body
+        ) as r:
             it = r.iter_lines()
             lines.append(next(it))
             code = {}
             stopper = threading.Thread(target=lambda: code.setdefault("rc", s.stop()))
             stopper.start()
-            time.sleep(0.3)
-            with pytest.raises(httpx.ConnectError):  # no longer accepting
-                httpx.get(f"{s.url}/health", timeout=2)
+            deadline = time.monotonic() + 30
+            while True:  # the listening socket closes as soon as the SIGTERM is handled
+                try:
+                    httpx.get(f"{s.url}/health", timeout=2)
+                except httpx.ConnectError:
+                    break
+                assert time.monotonic() < deadline, "still accepting connections 30 s after SIGTERM"
+                time.sleep(0.01)
+            assert s.proc.poll() is None  # waiting for the stream, not gone
             lines.extend(it)
         stopper.join(60)
         assert code["rc"] == 0
     lines = [ln for ln in lines if ln]
     assert lines[-1] == "data: [DONE]"
     usage = json.loads([ln for ln in lines if ln.startswith("data: {")][-1][len("data: ") :])["usage"]
-    assert usage["completion_tokens"] == 120
+    assert usage["completion_tokens"] == budget
+    assert sum(1 for ln in lines if '"content":' in ln) >= budget // 2  # and its tokens all came

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import httpx
@@ -295,14 +296,44 @@ def test_streaming_output_guard_cancels_the_generation(server):
 
 
 def test_streaming_output_guard_over_ollama(server):
+    def finished(reason: str) -> float:
+        return server.metric(f'herd_sequences_total{{model="{MODEL}",finish_reason="{reason}"}}', 0.0)
+
+    def counts() -> dict[str, float]:
+        return {r: finished(r) for r in ("abort", "cancelled", "stop", "length")}
+
+    # Ollama's options have no logit_bias: a schema whose only sentence repeats the blocked
+    # topic makes the model say it, far longer than the guard needs to see it.
+    herd_schema = {
+        "type": "object",
+        "properties": {"say": {"const": " ".join(["herd"] * 1800)}},
+        "required": ["say"],
+        "additionalProperties": False,
+    }
+    before = counts()
     with httpx.stream("POST", f"{server.url}/api/chat", json={
         "model": MODEL, "messages": [{"role": "user", "content": "Say something."}],
-        "options": {"temperature": 0, "num_predict": 200},
+        "format": herd_schema, "options": {"temperature": 0, "num_predict": 1900},
     }, timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200
         lines = [json.loads(x) for x in r.iter_lines() if x]
-    # No bias in Ollama's options: the random model says whatever it says, so only the
-    # shape is checked here (the blocking path is the OpenAI test above).
-    assert lines[-1]["done"] is True and lines[-1]["done_reason"] in ("stop", "length", "content_filter")
+    assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "content_filter"
+    assert all(not x["done"] for x in lines[:-1])
+    text = "".join(x["message"]["content"] for x in lines)
+    # What streamed is the answer up to the blocked word (the object's opening), and not a
+    # word of it after; the refusal is sent only when nothing was.
+    assert "herd" not in text.lower() and text.replace(" ", "") == '{"say":"'
+    # The stream was cut, not run out: the server cancelled the sequence, and none of this
+    # request's ended by itself (the guard's cancel is counted as "cancelled" or, when the
+    # engine's abort is read first, "abort").
+    deadline = time.monotonic() + 10
+    while sum(counts().values()) == sum(before.values()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    after = counts()
+    assert after["abort"] + after["cancelled"] == before["abort"] + before["cancelled"] + 1, (before, after)
+    assert (after["stop"], after["length"]) == (before["stop"], before["length"])
+    rows = [r for r in audit_rows(server.home) if r["direction"] == "output" and r["shield"] == "topics"]
+    assert rows[-1]["action"] == "block" and json.loads(rows[-1]["categories"]) == ["herd"]
 
 
 def test_llama_guard_runs_on_the_guard_models_engine(server):

@@ -9,11 +9,9 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-
-from openherd.errors import InvalidRequest  # noqa: E402
-from openherd.model import load_torch_model  # noqa: E402
-from openherd.tune.data import (  # noqa: E402
+from openherd.errors import InvalidRequest
+from openherd.model import load_torch_model
+from openherd.tune.data import (
     IGNORE,
     ChatRenderer,
     Example,

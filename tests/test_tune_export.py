@@ -7,20 +7,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from openherd import cli  # noqa: E402
-from openherd.errors import InvalidRequest  # noqa: E402
-from openherd.model import load_torch_model  # noqa: E402
-from openherd.tune.export import (  # noqa: E402
+from openherd import cli
+from openherd.errors import InvalidRequest
+from openherd.model import load_torch_model
+from openherd.tune.export import (
     export_gguf,
     load_tuned,
     read_adapter_gguf,
     write_adapter_gguf,
 )
-from openherd.tune.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict  # noqa: E402
-from openherd.tune.sft import register_tuned  # noqa: E402
+from openherd.tune.lora import LoRAConfig, LoRALinear, apply_lora, lora_state_dict
+from openherd.tune.sft import register_tuned
 
 PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch  # noqa: F401  (a declared test dependency: a broken install fails here)
 
-pytest.importorskip("torch")
-
-from openherd import cli  # noqa: E402
-from openherd.evals.lm import EvalModelConfig, open_model  # noqa: E402
-from openherd.evals.runner import run_task  # noqa: E402
-from openherd.evals.tasks import load_task  # noqa: E402
-from openherd.store import Store  # noqa: E402
-from openherd.web.jobs import parse_progress_json  # noqa: E402
+from openherd import cli
+from openherd.evals.lm import EvalModelConfig, open_model
+from openherd.evals.runner import run_task
+from openherd.evals.tasks import load_task
+from openherd.store import Store
+from openherd.web.jobs import parse_progress_json
 
 REPO = Path(__file__).resolve().parent.parent
 CHOICES = ["grass", "water", "stone", "sky"]

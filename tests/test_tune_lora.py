@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-
-from openherd.errors import InvalidRequest  # noqa: E402
-from openherd.model import ModelArgs, Transformer  # noqa: E402
-from openherd.tune.lora import (  # noqa: E402
+from openherd.errors import InvalidRequest
+from openherd.model import ModelArgs, Transformer
+from openherd.tune.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,

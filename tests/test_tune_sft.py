@@ -13,23 +13,22 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
-torch = pytest.importorskip("torch")
-import torch.nn.functional as F  # noqa: E402
-
-from openherd import cli  # noqa: E402
-from openherd.errors import InvalidRequest, StoreError  # noqa: E402
-from openherd.model import apply_rope, load_torch_model, rope_cos_sin  # noqa: E402
-from openherd.tune import sft  # noqa: E402
-from openherd.tune.data import IGNORE, ChatRenderer, Example, collate, pack_rows, single_rows, tokenize_all  # noqa: E402
-from openherd.tune.lora import (  # noqa: E402
+from openherd import cli
+from openherd.errors import InvalidRequest, StoreError
+from openherd.model import apply_rope, load_torch_model, rope_cos_sin
+from openherd.tune import sft
+from openherd.tune.data import IGNORE, ChatRenderer, Example, collate, pack_rows, single_rows, tokenize_all
+from openherd.tune.lora import (
     LoRAConfig,
     LoRALinear,
     apply_lora,
     lora_state_dict,
     mark_only_lora_as_trainable,
 )
-from openherd.tune.sft import (  # noqa: E402
+from openherd.tune.sft import (
     BlockCausalAttention,
     LinearCrossEntropy,
     QKVRope,

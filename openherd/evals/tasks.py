@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequest, NotFound, TaskError
-from ..untrusted import BadYAML, NotJSON, compose_yaml, load_yaml, loads_json
+from ..untrusted import BadYAML, JSONRefused, NotJSON, compose_yaml, load_yaml, loads_json
 
 TASK_TYPES = ("multiple_choice", "generation", "humaneval", "perplexity")
 # A perplexity task's data may be plain text: the whole file is one document.
@@ -486,8 +486,8 @@ def read_jsonl(
                     obj = loads_json(text, f"{label}:{lineno}")
                 except NotJSON as e:
                     raise error(f"{label}:{lineno}: invalid JSON: {e.problem}") from None
-                except InvalidRequest as e:  # too deep, a number too long, a lone surrogate
-                    raise error(e.message) from None
+                except JSONRefused as e:  # too deep, a number too long, a lone surrogate
+                    raise error(f"{label}:{lineno}: {e.problem}") from None
                 if not isinstance(obj, dict):
                     raise error(f"{label}:{lineno}: {not_object}")
                 yield Doc(index, obj, f"{label}:{lineno}")

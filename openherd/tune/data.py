@@ -35,7 +35,7 @@ from typing import Any
 
 from ..chat_template import ChatTemplate
 from ..errors import HerdError, InvalidRequest
-from ..untrusted import NotJSON, loads_json
+from ..untrusted import JSONRefused, NotJSON, loads_json
 
 log = logging.getLogger("openherd.tune")
 
@@ -94,8 +94,8 @@ def read_jsonl(path: str | Path) -> list[Example]:
             obj = loads_json(text, where)
         except NotJSON as e:
             raise InvalidRequest(f"{where}: invalid JSON ({e.problem})", param="data") from None
-        except InvalidRequest as e:  # too deep, a number too long, a lone surrogate
-            raise InvalidRequest(e.message, param="data") from None
+        except JSONRefused as e:  # too deep, a number too long, a lone surrogate
+            raise InvalidRequest(f"{where}: {e.problem}", param="data") from None
         examples.append(Example(parse_record(obj, where), where))
     if not examples:
         raise InvalidRequest(f"{path} has no examples (expected one JSON object per line)", param="data")
