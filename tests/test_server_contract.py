@@ -256,3 +256,28 @@ def test_an_over_long_raw_prompt_is_refused_with_the_numbers(front):
     with pytest.raises(Refused) as e:
         front.generate(LONG, max_tokens=4)
     assert e.value.status == 400 and str(N_CTX) in e.value.message
+
+
+# ---------------------------------------------------------------------------- constrained output at small budgets
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("max_tokens", [4, 8, 16])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_leaves_no_markup_in_content(server, max_tokens, stream):
+    # OpenAI's API, vLLM, llama.cpp and Ollama put the raw '<tool_call>\n{"name": ...' into
+    # content when max_tokens cuts a required call; here a cut call is never content.
+    client = OpenAIFront(server.url).client
+    kw = dict(model=MODEL, messages=MSG, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=max_tokens,
+              temperature=0, logit_bias=NO_EOS)
+    if stream:
+        chunks = list(client.chat.completions.create(stream=True, **kw))
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
+    else:
+        r = client.chat.completions.create(**kw)
+        content, finish = r.choices[0].message.content or "", r.choices[0].finish_reason
+    assert "<tool_call>" not in content and '"name"' not in content
+    assert finish in ("length", "tool_calls")

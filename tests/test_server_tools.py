@@ -186,3 +186,28 @@ def test_the_streamer_announces_then_streams_arguments():
     assert all(d.id is None and d.name is None and d.index == 0 for d in rest)
     assert json.loads("".join(d.arguments for d in rest)) == {"city": "Oslo"}
     assert s.n_calls == 1
+
+
+# ---------------------------------------------------------------------------- cut by max_tokens
+
+
+@pytest.mark.parametrize("cut", ['<tool_call>\n{"name": "get_wea', '<tool_call>\n{"name": "get_weather", "argu',
+                                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Os'])
+def test_a_call_cut_by_max_tokens_never_becomes_content(cut):
+    for streamer in (False, True):
+        p = ToolCallStreamer(HERMES, NAMES) if streamer else ToolCallParser(HERMES, NAMES)
+        content, _ = p.push(cut) if streamer else p.feed(cut)
+        tail, _ = p.close(truncated=True) if streamer else p.finish(truncated=True)
+        assert content + tail == ""
+    # Not cut (the model stopped there): the unfinished markup is what it wrote, kept as text.
+    p = ToolCallParser(HERMES, NAMES)
+    content, _ = p.feed(cut)
+    tail, calls = p.finish()
+    assert calls == [] and content + tail == cut
+
+
+def test_content_before_a_cut_call_stays():
+    p = ToolCallParser(HERMES, NAMES)
+    content, _ = p.feed('Let me check.\n<tool_call>\n{"name": "get_ti')
+    tail, calls = p.finish(truncated=True)
+    assert calls == [] and (content + tail).strip() == "Let me check."

@@ -383,13 +383,13 @@ class ChoiceStream:
         self.done = False  # the choice has had its last step (finish or block)
         self.finish_event: FinishEvent | None = None
 
-    def _parse(self, text: str, final: bool) -> tuple[str, list]:
+    def _parse(self, text: str, final: bool, truncated: bool) -> tuple[str, list]:
         p = self.parser
         if p is None:
             return text, []
         content, calls = p.push(text) if self.incremental else p.feed(text)
         if final:
-            c2, k2 = p.close() if self.incremental else p.finish()
+            c2, k2 = p.close(truncated) if self.incremental else p.finish(truncated)
             content, calls = content + c2, calls + k2
         return content, calls
 
@@ -398,7 +398,7 @@ class ChoiceStream:
         if final:
             self.finish_event = ev
             raise_for_finish(ev)
-        content, calls = self._parse(ev.text, final)
+        content, calls = self._parse(ev.text, final, final and ev.reason == "length")
         screen = self.screen
         content = screen.feed(content) if content else ""
         if final:
@@ -465,7 +465,7 @@ async def finish_whole(state: ServerState, turn: Turn, plan: ToolPlan | None, r:
     parser = plan.parser() if plan is not None else None
     if parser is not None:
         c1, k1 = parser.feed(r.text)
-        c2, k2 = parser.finish()
+        c2, k2 = parser.finish(truncated=r.finish.reason == "length")  # a cut call is no content
         content, calls = c1 + c2, k1 + k2
         if calls:
             content = content.strip()

@@ -350,13 +350,18 @@ class ToolCallParser:
         out, self._buf = self._buf, ""
         return self._content(out), []
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
+    def finish(self, truncated: bool = False) -> tuple[str, list[ParsedCall]]:
+        """Flush at the end of generation. `truncated`: max_tokens cut the output, so a call
+        still open is a call the model did not get to finish, never content: its markup
+        (``<tool_call>{"name": ..., "argu``) is dropped rather than shown as text."""
         buf, self._buf = self._buf, ""
         content, calls = "", []
         if self._in_call:
             body = _llama3_body(buf) if self.fmt.name == "llama3" else buf
             self._grow(body)
             content, calls = self._close(body, (self.fmt.open if self.fmt.name != "llama3" else "") + buf)
+            if truncated and not calls:
+                content = ""
         else:
             content = self._content(buf)
         if not self._any_calls():
@@ -733,8 +738,8 @@ class ToolCallStreamer(ToolCallParser):
         content, _ = self.feed(text)
         return content, self._take_deltas()
 
-    def close(self) -> tuple[str, list[CallDelta]]:
-        content, _ = self.finish()
+    def close(self, truncated: bool = False) -> tuple[str, list[CallDelta]]:
+        content, _ = self.finish(truncated)
         return content, self._take_deltas()
 
     def _take_deltas(self) -> list[CallDelta]:
