@@ -4,6 +4,8 @@
     lora.py     LoRALinear, apply_lora, mark_only_lora_as_trainable, merge_lora_weights
     data.py     chat / prompt-completion JSONL -> token rows with assistant-only targets
     sft.py      `herd tune`: setup -> fit -> validate -> finish (adapter GGUF + store manifest)
+    kernels.py  the model step: LoRA-aware forward/backward as fused autograd functions
+    checkpoint.py  checkpoints, resume checks, history.json and loss.png, the run-dir lock
     export.py   llama.cpp adapter GGUF, merged GGUF, merged safetensors, PEFT
     distill.py  `herd distill`: answers from an OpenAI-compatible endpoint or a local model
 
