@@ -13,6 +13,7 @@ written against :class:`FrontEnd` so another backend can run it unchanged.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 import ollama
@@ -264,20 +265,49 @@ WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "paramet
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 
 
-@pytest.mark.parametrize("max_tokens", [4, 8, 16])
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_forced_call_cut_by_max_tokens_leaves_no_markup_in_content(server, max_tokens, stream):
-    # OpenAI's API, vLLM, llama.cpp and Ollama put the raw '<tool_call>\n{"name": ...' into
-    # content when max_tokens cuts a required call; here a cut call is never content.
+def _forced(server, max_tokens: int, stream: bool, **extra):
     client = OpenAIFront(server.url).client
     kw = dict(model=MODEL, messages=MSG, tools=[WEATHER_TOOL], tool_choice="required", max_tokens=max_tokens,
-              temperature=0, logit_bias=NO_EOS)
+              temperature=0, logit_bias=NO_EOS, **extra)
     if stream:
         chunks = list(client.chat.completions.create(stream=True, **kw))
         content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         finish = next(c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason)
-    else:
-        r = client.chat.completions.create(**kw)
-        content, finish = r.choices[0].message.content or "", r.choices[0].finish_reason
+        return content, finish
+    r = client.chat.completions.create(**kw)
+    return r.choices[0].message.content or "", r.choices[0].finish_reason
+
+
+def _shortest(server) -> int:
+    """The shortest valid forced call, in tokens, as the server's 400 states it."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _forced(server, 1, False)
+    m = re.search(r"max_tokens is 1, but the shortest valid output .* is (\d+) tokens", e.value.message)
+    assert m and e.value.body["param"] == "max_tokens", e.value.message
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_budget_below_the_shortest_valid_call_is_a_400_with_both_numbers(server, stream):
+    need = _shortest(server)
+    assert need > 8  # '<tool_call>\n{"name":"get_weather","arguments":{"city":""}}\n</tool_call>'
+    for budget in (8, need - 1):
+        with pytest.raises(openai.BadRequestError) as e:
+            _forced(server, budget, stream)
+        assert f"max_tokens is {budget}" in e.value.message and f"is {need} tokens" in e.value.message
+    # json_schema the same way: {"city": ""} at the least.
+    schema = {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER_TOOL["function"]["parameters"]}}
+    with pytest.raises(openai.BadRequestError) as e:
+        OpenAIFront(server.url).client.chat.completions.create(model=MODEL, messages=MSG, max_tokens=2,
+                                                               response_format=schema)
+    assert "max_tokens is 2" in e.value.message
+
+
+@pytest.mark.parametrize("extra", [0, 2, 6])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_forced_call_cut_by_max_tokens_leaves_no_markup_in_content(server, extra, stream):
+    # OpenAI's API, vLLM, llama.cpp and Ollama put the raw '<tool_call>\n{"name": ...' into
+    # content when max_tokens cuts a required call; here a cut call is never content.
+    content, finish = _forced(server, _shortest(server) + extra, stream)
     assert "<tool_call>" not in content and '"name"' not in content
     assert finish in ("length", "tool_calls")

@@ -19,8 +19,10 @@ from openherd.server.tools import (
     ToolCallStreamer,
     detect_format,
     forced_call_grammar,
+    minimal_instance,
     new_call_id,
     prepare_messages,
+    shortest_call,
 )
 
 WEATHER = {
@@ -211,3 +213,32 @@ def test_content_before_a_cut_call_stays():
     content, _ = p.feed('Let me check.\n<tool_call>\n{"name": "get_ti')
     tail, calls = p.finish(truncated=True)
     assert calls == [] and (content + tail).strip() == "Let me check."
+
+
+# ---------------------------------------------------------------------------- the shortest valid output
+
+
+@pytest.mark.parametrize("schema, shortest", [
+    ({"type": "object", "properties": {"a": {"type": "string"}, "b": {"type": "integer"}}, "required": ["a"]},
+     {"a": ""}),
+    ({"type": "object", "properties": {"e": {"enum": ["north", "s", "west"]}}, "required": ["e"]}, {"e": "s"}),
+    ({"type": "array", "items": {"type": "boolean"}, "minItems": 2}, [False, False]),
+    ({"type": "object", "required": ["n"], "properties": {"n": {"type": "object", "required": ["x"],
+      "properties": {"x": {"type": "number", "minimum": 3}}}}}, {"n": {"x": 3}}),
+    ({"anyOf": [{"type": "string", "minLength": 4}, {"type": "null"}]}, None),
+    ({"type": "string", "minLength": 2}, "xx"),
+    ("not a schema", {}),
+])  # fmt: skip
+def test_minimal_instance(schema, shortest):
+    assert minimal_instance(schema) == shortest
+
+
+def test_the_shortest_forced_call(byte_grammar_support):
+    call = shortest_call(TOOLS, HERMES, None)
+    assert call == '<tool_call>\n{"name":"get_time","arguments":{}}\n</tool_call>'  # the cheaper tool
+    named = shortest_call(TOOLS, HERMES, "get_weather")
+    assert named == '<tool_call>\n{"name":"get_weather","arguments":{"city":""}}\n</tool_call>'
+    # Each is a sentence of the forced-call grammar: the bound is reachable.
+    assert _accepts(forced_call_grammar(TOOLS, HERMES, None), call)
+    assert _accepts(forced_call_grammar(TOOLS, HERMES, "get_weather"), named)
+    assert shortest_call(TOOLS, MISTRAL, "get_time") == '[TOOL_CALLS][{"name":"get_time","arguments":{}}]'

@@ -27,6 +27,7 @@ defaults, then what the request set; ``top_p == 0`` means greedy.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +47,9 @@ from .tools import (
     ToolFormat,
     detect_format,
     forced_call_grammar,
+    minimal_instance,
     prepare_messages,
+    shortest_call,
 )
 
 __all__ = [
@@ -118,6 +121,7 @@ class ToolPlan:
     parallel: bool
     parse: bool  # read tool calls out of the output
     grammar: GrammarSpec | None  # forced call (required / named)
+    shortest: str = ""  # the shortest text a forced call can be ("" when no call is forced)
 
     def parser(self) -> ToolCallParser | None:
         return ToolCallParser(self.fmt, self.names, self.parallel) if self.parse else None
@@ -136,13 +140,41 @@ def tool_setup(engine: Backend, messages: list[dict], tools: list[dict] | None, 
     choice = choice or ("auto" if tools else "none")
     offered = tools if tools and choice != "none" else None
     messages, template_tools = prepare_messages(messages, offered, fmt)
-    grammar = None
-    if choice == "required":
-        grammar = forced_call_grammar(tools, fmt, None, parallel)
-    elif choice not in ("auto", "none"):
-        grammar = forced_call_grammar(tools, fmt, choice, parallel)
+    grammar, shortest = None, ""
+    if choice not in ("auto", "none"):
+        name = None if choice == "required" else choice
+        grammar, shortest = forced_call_grammar(tools, fmt, name, parallel), shortest_call(tools, fmt, name)
     names = {t["function"]["name"] for t in tools}
-    return messages, template_tools, ToolPlan(fmt, names, parallel, parse=offered is not None, grammar=grammar)
+    plan = ToolPlan(fmt, names, parallel, parse=offered is not None, grammar=grammar, shortest=shortest)
+    return messages, template_tools, plan
+
+
+def shortest_output(grammar: GrammarSpec | None, plan: ToolPlan | None = None) -> str | None:
+    """The shortest output a constrained request can have (None: unconstrained, or no bound)."""
+    if plan is not None and plan.shortest:
+        return plan.shortest
+    if grammar is None:
+        return None
+    if grammar.kind == "json":
+        return "{}"
+    if grammar.kind == "json_schema":
+        return json.dumps(minimal_instance(grammar.value), separators=(",", ":"), ensure_ascii=False)
+    return None
+
+
+def check_budget(engine: Backend, shortest: str | None, max_tokens: int | None) -> None:
+    """A constrained output must be able to end validly: a max_tokens below the shortest valid
+    output (as this model's tokenizer writes it) is a 400 up front, with both numbers, rather
+    than JSON or a call cut off at the limit."""
+    if shortest is None or max_tokens is None:
+        return
+    need = len(engine.tokenize(shortest, add_special=False, parse_special=True))
+    if max_tokens < need:
+        raise InvalidRequest(
+            f"max_tokens is {max_tokens}, but the shortest valid output for this response_format or "
+            f"tool_choice is {need} tokens ({shortest[:120]!r}); raise max_tokens to at least {need}",
+            param="max_tokens",
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -205,8 +237,9 @@ async def prepare_chat(state: ServerState, req: ChatRequest, rid: str) -> Prepar
     )
     grammar = plan.grammar or req.grammar
     check_capabilities(engine, grammar, req.logprobs)
+    max_tokens = req.sent.get("max_tokens", req.defaults.get("max_tokens"))
+    await run_in_threadpool(check_budget, engine, shortest_output(grammar, plan), max_tokens)
     if turn.persona is None:
-        max_tokens = req.sent.get("max_tokens", req.defaults.get("max_tokens"))
 
         def encode(kept: list[dict]) -> list[int]:
             return engine.encode_chat(kept, tools=template_tools)
@@ -342,6 +375,7 @@ async def prepare_prompts(state: ServerState, req: PromptRequest, persona,
             tokens = await run_in_threadpool(_plain_tokens, engine, req, original, text, turn.messages, context_text)
             plan.tokens = raw_prompt(engine, tokens, base)
         check_capabilities(engine, req.grammar, req.logprobs)
+        check_budget(engine, shortest_output(req.grammar), base.max_tokens)
         plan.params = [dataclasses.replace(base, seed=s) for s in seeds(base.seed, req.n)]
     return engine, load_s, plans
 
