@@ -373,7 +373,7 @@ _PERSONA_KEEP = ("repeat_penalty", "repeat_last_n", "frequency_penalty", "presen
 class OpenModel:
     """A LanguageModel and the engines behind it; close() (or ``with``) frees them."""
 
-    def __init__(self, lm, engines: dict[str, Any]):
+    def __init__(self, lm, engines: dict[str, Backend]):
         self.lm = lm
         self.engines = engines  # model -> engine; a persona may load its embedding model lazily
 
@@ -407,7 +407,7 @@ def engine_config(config: EvalModelConfig, lora: str | None) -> EngineConfig:
     )
 
 
-def load_engine(name_or_path: str, config: EvalModelConfig):
+def load_engine(name_or_path: str, config: EvalModelConfig) -> tuple[Backend, str]:
     """(engine, display name) for a store name, catalog alias or .gguf path, with any adapter."""
     from ..store import Store
 
@@ -450,7 +450,7 @@ def _open_persona(persona, config: EvalModelConfig) -> OpenModel:
 
     if config.adapter:
         raise InvalidRequest(f"'{persona.name}' is a persona; its adapter comes from the persona itself")
-    engines: dict[str, Any] = {}
+    engines: dict[str, Backend] = {}
 
     def acquire(model: str):
         if model not in engines:

@@ -22,20 +22,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from ..engine.backend import Backend, require
+from ..engine.backend import Backend, RequestStream, require
 from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..errors import HerdError, InvalidRequest, ModelNotFound, Unavailable
 from ..settings import Settings
 from ..store.manifest import name_candidates, validate_name
 from .metrics import Metrics
 from .moderation import Shields
+
+if TYPE_CHECKING:
+    from ..engine.manager import ModelManager
 
 log = logging.getLogger("openherd.server")
 
@@ -51,7 +54,7 @@ class ServerState:
     """Everything a request handler needs, hung on ``app.state.herd``."""
 
     settings: Settings
-    manager: Any  # openherd.engine.manager.ModelManager
+    manager: ModelManager  # loads, shares and evicts the engines
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
     shields: Shields | None = None  # the global safety policy and audit log (None: from the settings)
@@ -162,7 +165,7 @@ class Generation:
     """The sequences of one HTTP request: submitted together, iterated as one
     merged stream of (index, event), cancelled together."""
 
-    def __init__(self, state: ServerState, model: str, handles: list, t0: float):
+    def __init__(self, state: ServerState, model: str, handles: list[RequestStream], t0: float):
         self.state = state
         self.model = model
         self.handles = handles
@@ -274,7 +277,7 @@ async def start_generation(
     """Submit every (prompt, params) job; all or none (QueueFull/ContextOverflow on
     any job cancels the ones already queued). Metrics are labelled with the engine's
     own (stored) name, never a client-supplied string."""
-    handles: list = []
+    handles: list[RequestStream] = []
 
     def submit_all() -> None:
         for i, (prompt, params) in enumerate(jobs):
