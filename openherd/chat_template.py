@@ -16,6 +16,7 @@ build a 20 MB string, and each request that renders it pays. So rendering has a 
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -23,7 +24,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
+from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .errors import ContextOverflow, InvalidModelFile, InvalidRequest
@@ -69,10 +71,37 @@ def _size(value: Any) -> int:
     return len(value) if isinstance(value, (str, bytes, list, tuple)) else 0
 
 
+class _BudgetedCodeGenerator(CodeGenerator):
+    def visit_Concat(self, node: nodes.Concat, frame) -> None:
+        # "a ~ b" compiles to runtime.str_join, out of the sandbox's reach: route it through
+        # the environment, so that "{% set ns.s = ns.s ~ ns.s %}" in a loop cannot double a
+        # string into gigabytes between two checks of the clock.
+        self.write("environment.concat_checked((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
+
+
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
+    code_generator_class = _BudgetedCodeGenerator
     # Intercepted operators are also kept out of compile-time constant folding, where
     # "{{ 9 ** 9 ** 9 }}" would hang the compile itself.
-    intercepted_binops = frozenset(["*", "**", "+"])
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    def concat_checked(self, parts: tuple[Any, ...]) -> str:
+        texts = [str(p) for p in parts]
+        if sum(map(len, texts)) > MAX_RENDER_CHARS:
+            raise _too_long()
+        return "".join(texts)
+
+    def call(self, __context, __obj, *args: Any, **kwargs: Any) -> Any:
+        # Sizes passed to filters and methods ("x"|center(10**9), "%*d"-style widths) would
+        # build their result before any check could see it.
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_RENDER_CHARS:
+                raise _too_long()
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
@@ -84,6 +113,10 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
                     raise _too_long()
         elif operator == "+" and _size(left) + _size(right) > MAX_RENDER_CHARS:
             raise _too_long()  # long messages, or a template doubling a string
+        elif operator == "%" and isinstance(left, str):
+            values = right if isinstance(right, tuple) else (right,)
+            if any(isinstance(v, int) and v > MAX_RENDER_CHARS for v in values):
+                raise _too_long()  # "%*s" % (10**9, "x")
         return super().call_binop(context, operator, left, right)
 
 
@@ -92,6 +125,17 @@ def _too_long() -> ContextOverflow:
         f"the chat template renders these messages to more than {MAX_RENDER_CHARS} characters, "
         "more than any context holds; send less"
     )
+
+
+def _size_checked(f):
+    @functools.wraps(f)  # keeps jinja_pass_arg (pass_context and the like)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        for v in (*args, *kwargs.values()):
+            if isinstance(v, int) and not isinstance(v, bool) and v > MAX_RENDER_CHARS:
+                raise _too_long()
+        return f(*args, **kwargs)
+
+    return checked
 
 
 def _deadline_tracer(deadline: float):
@@ -116,12 +160,20 @@ def _compile(source: str):
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.filters["tojson"] = _tojson
+    # Compiled templates call filters directly, not through the sandbox's call(): check
+    # their sizes here too ("x"|center(10**9) builds a gigabyte before returning).
+    env.filters = {name: _size_checked(f) for name, f in env.filters.items()}
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:
         return env.from_string(source)
     except TemplateError as e:
         raise InvalidModelFile(f"the model's chat template does not compile: {e}") from None
+    except (SyntaxError, RecursionError, MemoryError, ValueError) as e:
+        # Jinja passes some templates through to Python's compiler unchecked ("{% break %}"
+        # outside a loop, found by tests/test_fuzz_formats.py); they fail there.
+        problem = e.msg if isinstance(e, SyntaxError) else type(e).__name__
+        raise InvalidModelFile(f"the model's chat template does not compile: {problem}") from None
 
 
 class ChatTemplate:

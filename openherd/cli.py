@@ -20,7 +20,7 @@ from . import __version__
 from .errors import HerdError
 
 # Order is the order in `herd --help`.
-COMMAND_MODULES = ["run", "store", "serve", "tune", "persona", "safety", "evals"]
+COMMAND_MODULES = ["run", "store", "serve", "tune", "persona", "safety", "evals", "cost"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -90,6 +90,10 @@ class Settings:
     # a persona's own `safety:` is merged on top of it (the global policy is a floor; see
     # safety.policy.merge_policies). '' = no global shields.
     safety_policy: str = ""
+    # HERD_MACHINE_COST: what this machine costs in USD per hour (cloud price, or hardware and
+    # power amortised), for `herd cost`. 0 = not set.
+    machine_cost: float = 0.0
+    prices: str = ""  # HERD_PRICES: a price table (YAML) replacing the built-in cost_tables.yaml
 
     @property
     def models_dir(self) -> Path:
@@ -140,6 +144,8 @@ def get_settings() -> Settings:
         default_model=os.environ.get("HERD_DEFAULT_MODEL", DEFAULT_MODEL),
         pypi_index=os.environ.get("HERD_PYPI_INDEX", ""),
         safety_policy=os.environ.get("HERD_SAFETY", ""),
+        machine_cost=_float("HERD_MACHINE_COST", 0.0),
+        prices=os.environ.get("HERD_PRICES", ""),
     )
 
 

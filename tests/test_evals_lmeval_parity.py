@@ -182,8 +182,10 @@ def test_multiple_choice_and_perplexity_match_lm_eval(tiny_gguf, tiny_hf_dir, he
     agree = {"acc": 0, "acc_norm": 0}
     for rec in records:
         theirs = ref["mc"][str(rec["index"])]  # JSON object keys are strings
-        # llama.cpp and transformers agree on these tiny models' logits to ~1e-2.
-        assert rec["loglikelihoods"] == pytest.approx(theirs["lls"], abs=0.1)
+        # llama.cpp and transformers agree on these tiny models' summed log-likelihoods to
+        # 1.2e-2 at worst (measured over the 40 items, mean 5e-3); 3e-2 leaves room for other
+        # CPUs' rounding and still fails on a dropped or extra token (~0.5 and more).
+        assert rec["loglikelihoods"] == pytest.approx(theirs["lls"], abs=3e-2)
         for metric in agree:
             agree[metric] += rec[metric] == theirs[metric]
     for metric in agree:

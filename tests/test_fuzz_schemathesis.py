@@ -10,6 +10,9 @@ in-process against an app serving the tiny generated model, with these propertie
 * every response within RESPONSE_SECONDS;
 * afterwards, /health and a normal chat still work.
 
+A stateful phase follows the schema's links (create a persona or a conversation, then
+use, rename, export and delete it by the id the create returned).
+
 Bounded by default (CI): ``derandomize=True`` (a fixed seed) and EXAMPLES examples per
 operation, about a minute in all. The long run, for developers::
 
@@ -41,6 +44,7 @@ from openherd.settings import Settings
 pytestmark = pytest.mark.timeout(900)
 
 EXAMPLES = 12  # per operation, in CI: 50 operations x 12 = 600 requests, about a minute
+STATEFUL_EXAMPLES = 15  # scenarios of up to 6 linked calls
 LONG_EXAMPLES = int(os.environ.get("HERD_FUZZ_EXAMPLES", "300"))
 RESPONSE_SECONDS = 20.0  # the slowest case seen, n=8 chats to the 256-token context, took ~4 s
 # A path on this machine (the test's HERD_HOME, the checkout, site-packages) in a body.
@@ -77,10 +81,12 @@ schema = _schema()
 
 
 def check_response(case, app) -> None:
-    home = app.state.fuzz_home
     t0 = time.monotonic()
     response = case.call(app=app)
-    elapsed = time.monotonic() - t0
+    check(case, response, time.monotonic() - t0, app.state.fuzz_home)
+
+
+def check(case, response, elapsed: float, home: Path) -> None:
     where = f"{case.method} {case.formatted_path}"
     assert response.status_code < 500, f"{where} -> {response.status_code}: {response.text[:500]}"
     text = response.text if "event-stream" not in response.headers.get("content-type", "") else response.text[:20000]
@@ -108,6 +114,35 @@ def test_fuzz(case, fuzz_app):
 @settings(max_examples=LONG_EXAMPLES, **_SETTINGS)
 def test_fuzz_long(case, fuzz_app):
     check_response(case, fuzz_app)
+
+
+def _stateful(fuzz_app, examples: int, derandomize: bool) -> None:
+    """create -> use -> delete chains over the schema's links (personas, conversations)."""
+    home = fuzz_app.state.fuzz_home
+
+    class Workflow(schema.as_state_machine()):
+        def call(self, case, **kwargs):
+            t0 = time.monotonic()
+            response = case.call(app=fuzz_app, **kwargs)
+            self.elapsed = time.monotonic() - t0
+            return response
+
+        def validate_response(self, response, case, **kwargs):
+            check(case, response, self.elapsed, home)
+
+    Workflow.TestCase.settings = settings(
+        max_examples=examples, stateful_step_count=6, derandomize=derandomize, **_SETTINGS
+    )
+    Workflow.TestCase().runTest()
+
+
+def test_fuzz_stateful(fuzz_app):
+    _stateful(fuzz_app, STATEFUL_EXAMPLES, derandomize=True)
+
+
+@pytest.mark.fuzz_long
+def test_fuzz_stateful_long(fuzz_app):
+    _stateful(fuzz_app, LONG_EXAMPLES, derandomize=False)
 
 
 def test_health_and_chat_still_work_after_fuzzing(fuzz_app):

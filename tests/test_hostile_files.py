@@ -50,6 +50,10 @@ LOOPING_TEMPLATES = {
     "20 MB string": "{{ 'x' * 20000000 }}",
     "20 MB by loop": "{% for i in range(99999) %}{{ 'x' * 200 }}{% endfor %}",
     "huge power": "{{ 10 ** 100000000 }}",
+    "doubling by ~": "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+    "huge filter width": "{{ 'x'|center(1000000000) }}",
+    "huge method width": "{{ 'x'.ljust(1000000000) }}",
+    "huge format width": "{{ '%*s' % (1000000000, 'x') }}",
 }
 
 

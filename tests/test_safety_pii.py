@@ -8,6 +8,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -398,11 +399,46 @@ def test_cli_bad_kinds(herd_home):
 
 
 def test_cli_large_input_streams(herd_home, tmp_path):
+    """Streaming: each line's redaction comes out while stdin is still open (a pipeline that
+    never ends, tail -f), and a large input passes through whole."""
+    import selectors
+    import threading
+
+    env = {**os.environ, "HERD_HOME": str(herd_home), "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONUNBUFFERED", None)  # the command flushes its own output; the test must not do it for it
+    proc = subprocess.Popen([sys.executable, "-m", "openherd", "redact"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # fmt: skip
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+
+    def read_line(timeout: float = 30.0) -> bytes:
+        got = b""
+        deadline = time.monotonic() + timeout
+        while not got.endswith(b"\n"):
+            assert sel.select(max(0.0, deadline - time.monotonic())), f"no output while stdin is open: {got!r}"
+            chunk = os.read(proc.stdout.fileno(), 1)
+            assert chunk, f"stdout closed early: {got!r}"
+            got += chunk
+        return got
+
     line = "user {i}: mail u{i}@example.com from 10.0.{a}.{b} paid with 4111 1111 1111 1111\n"
     data = "".join(line.format(i=i, a=i % 250, b=(i * 7) % 250) for i in range(40000)).encode()
-    res = _herd(["redact"], data, herd_home)
-    assert res.returncode == 0, res.stderr
-    out = res.stdout.decode()
+    try:
+        for i in range(3):  # one line at a time, stdin kept open: the answer comes before more input
+            proc.stdin.write(line.format(i=i, a=0, b=i).encode())
+            proc.stdin.flush()
+            assert read_line() == f"user {i}: mail [EMAIL] from [IP_ADDRESS] paid with [CREDIT_CARD]\n".encode()
+        sel.close()
+        # Then 4 MB more, written while the output is read (neither side waits for the other's end).
+        writer = threading.Thread(target=lambda: (proc.stdin.write(data), proc.stdin.close()))
+        writer.start()
+        out = proc.stdout.read().decode()
+        writer.join(60)
+        assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     assert out.count("\n") == 40000
     assert out.count("[EMAIL]") == out.count("[IP_ADDRESS]") == out.count("[CREDIT_CARD]") == 40000
     assert "@example.com" not in out

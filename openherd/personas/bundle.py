@@ -1027,7 +1027,8 @@ class PersonaStore:
             name = validate_persona_name(name)
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        # NotImplementedError: a "version needed to extract" past what zipfile knows (atheris found it).
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
             raise InvalidRequest("not a .herd file (not a zip archive); create one with `herd persona export`",
                                  code="invalid_archive") from None
         with zf:
@@ -1135,7 +1136,9 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> byte
     try:
         with zf.open(info) as f:
             data = _read_limited(f, min(limit, info.file_size), f"member {display(info.filename)}")
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+    # ValueError: a header offset that points before the file ("negative seek value"),
+    # NotImplementedError: an unknown compression method; both found by tests/fuzz_targets.py.
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, NotImplementedError) as e:
         raise _archive_error(f"member {display(info.filename)} is corrupt ({type(e).__name__})") from None
     if len(data) != info.file_size:
         raise _archive_error(f"member {display(info.filename)} is truncated")

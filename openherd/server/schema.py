@@ -100,6 +100,28 @@ RAW_BODIES: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {
     ("/v1/personas/import", "post"): ("application/octet-stream", {"type": "string", "format": "binary"}),
 }
 
+# OpenAPI links: what a create returns (its "id") names the resource of the next calls,
+# so that a client (or schemathesis's stateful phase) can follow create -> use -> delete.
+# (path, method, status) -> {link name: (path, method, parameter)}
+LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
+    ("/v1/personas", "post", "201"): {
+        "GetPersona": ("/v1/personas/{name}", "get", "name"),
+        "PatchPersona": ("/v1/personas/{name}", "patch", "name"),
+        "AddKnowledge": ("/v1/personas/{name}/knowledge", "post", "name"),
+        "ExportPersona": ("/v1/personas/{name}/export", "get", "name"),
+        "PersonaConversations": ("/v1/personas/{name}/conversations", "get", "name"),
+        "DeletePersona": ("/v1/personas/{name}", "delete", "name"),
+    },
+    ("/v1/conversations", "post", "201"): {
+        "GetConversation": ("/v1/conversations/{conv_id}", "get", "conv_id"),
+        "RenameConversation": ("/v1/conversations/{conv_id}", "patch", "conv_id"),
+        "AddTurn": ("/v1/conversations/{conv_id}/turns", "post", "conv_id"),
+        "ExportConversation": ("/v1/conversations/{conv_id}/export", "get", "conv_id"),
+        "ClearTurns": ("/v1/conversations/{conv_id}/turns", "delete", "conv_id"),
+        "DeleteConversation": ("/v1/conversations/{conv_id}", "delete", "conv_id"),
+    },
+}
+
 # Query parameters that /v1/jobs/tune reads from request.query_params itself.
 TUNE_QUERY = ["base", "out", "epochs", "max_steps", "lr", "rank", "seed", "pack"]
 
@@ -124,6 +146,16 @@ def openapi(app: FastAPI) -> dict[str, Any]:
         body(path, method, "application/json", js)
     for (path, method), (content_type, js) in RAW_BODIES.items():
         body(path, method, content_type, js)
+    for (path, method, status), links in LINKS.items():
+        op = paths.get(path, {}).get(method)
+        if op is None:
+            continue
+        response = op.setdefault("responses", {}).setdefault(status, {"description": "Created"})
+        response["links"] = {
+            name: {"operationId": paths[to][to_method]["operationId"], "parameters": {param: "$response.body#/id"}}
+            for name, (to, to_method, param) in links.items()
+            if to_method in paths.get(to, {})
+        }
     tune = paths.get("/v1/jobs/tune", {}).get("post")
     if tune is not None:
         tune["parameters"] = [
