@@ -48,8 +48,9 @@ __all__ = [
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _DELTA = {"[": 1, "{": 1, "]": -1, "}": -1}
-# Only text with one of these escapes (or a raw surrogate, which strict UTF-8 refuses) can
-# decode to a lone surrogate, so the walk over the parsed value is skipped without one.
+# Only text with one of these escapes, or a raw surrogate (a str from outside UTF-8, such
+# as a surrogateescape'd argv), can decode to a lone surrogate: without either, the walk
+# over the parsed value is skipped.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -161,7 +162,7 @@ def loads_json(raw: str | bytes, what: str = "the request body") -> Any:
         raise NotJSON(f"{what} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})", e.msg) from None
     except RecursionError:  # unreachable below MAX_DEPTH; kept so that no limit change can 500
         raise JSONRefused(what, "nested too deeply") from None
-    if _SURROGATE_ESCAPE.search(text):
+    if _SURROGATE_ESCAPE.search(text) or _SURROGATE.search(text):
         where = find_surrogate(value)
         if where is not None:
             raise JSONRefused(what, f"{where} holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text")

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from openherd.engine import GenerationRequest, SamplingParams
+from openherd.evals.humaneval import build_program, load_problems
 from openherd.evals.lm import EvalModelConfig, open_model
 from openherd.evals.runner import run_task
+from openherd.evals.sandbox import check_program
 from openherd.evals.tasks import load_task
 
 pytestmark = pytest.mark.slow
@@ -40,5 +43,19 @@ def test_generation_and_humaneval_run_end_to_end(smol):
     task.spec.max_tokens = 128
     res = run_task(smol, task, workers=2)
     assert res.summary.counts == {"problems": 3, "samples": 3, "sandbox_errors": 0}
-    assert all(r["completion"].strip() for r in res.records)
-    assert all(r["status"] in ("passed", "failed", "timeout") for r in res.records)
+    problems = load_problems()
+    for rec in res.records:
+        problem = problems[rec["task_id"]]
+        # The completion is the model's own greedy continuation of the prompt (what the runner
+        # sent, with its stop strings), not an empty or stale string ...
+        prompt = smol.encode(problem["prompt"].rstrip())
+        params = SamplingParams(temperature=0, max_tokens=128, stop=list(task.spec.stop))
+        want, _ = smol.engine.submit(GenerationRequest(prompt, params)).result()
+        assert rec["completion"] == want and want.strip()
+        # ... and its verdict is what the sandbox says of prompt + completion + tests, run on
+        # their own; the canonical solution of the same problem passes there, so a checker that
+        # fails everything cannot hide behind a weak model.
+        alone = check_program(build_program(problem, rec["completion"]), timeout=task.spec.timeout)
+        assert rec["status"] == alone.status, (rec, alone.detail)
+        assert rec["passed"] == (alone.status == "passed")
+        assert check_program(build_program(problem, problem["canonical_solution"])).status == "passed"

@@ -4,9 +4,10 @@ Setup (what .ci/run installs): ``apt-get install -y chromium`` and ``pip install
 playwright``. Playwright is pointed at the system browser; ``playwright install``
 (which downloads a browser of its own) is never needed.
 
-Every test saves screenshots of the pages it visits under artifacts/screenshots/.
-With HERD_TEST_DOCS_SCREENSHOTS=1 the slow tests also refresh the README's
-pictures in docs/img/.
+Every test saves screenshots of the pages it visits into its own tmp_path (kept by
+pytest for the last few runs), never into the checkout. With
+HERD_TEST_DOCS_SCREENSHOTS=1 the slow tests also refresh the README's pictures
+in docs/img/. The browser is HERD_TEST_CHROMIUM, or the first Chromium on PATH.
 """
 
 from __future__ import annotations
@@ -22,16 +23,14 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import playwright.sync_api as playwright_api  # a declared test dependency: a broken install fails here
 import pytest
 from server_helpers import MODEL, serve_gguf  # noqa: F401  (fixture)
 from test_web_app import web_server
 
-playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
-
 REPO = Path(__file__).resolve().parent.parent
-SHOTS = REPO / "artifacts" / "screenshots"
 DOC_IMAGES = REPO / "docs" / "img"
-CHROMIUM = os.environ.get("HERD_TEST_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -53,18 +52,32 @@ document.addEventListener('securitypolicyviolation', e => window.__cspViolations
 """
 
 
+def find_chromium() -> str:
+    """HERD_TEST_CHROMIUM, else the first Chromium-family browser on PATH."""
+    override = os.environ.get("HERD_TEST_CHROMIUM")
+    if override:
+        if not Path(override).is_file():
+            pytest.fail(f"HERD_TEST_CHROMIUM={override} is not a file")
+        return override
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    pytest.fail(f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)}): apt-get install -y chromium "
+                "or set HERD_TEST_CHROMIUM")
+
+
 @pytest.fixture(scope="module")
 def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (or set HERD_TEST_CHROMIUM)")
+    chromium = find_chromium()
     with playwright_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield b
         b.close()
 
 
 @pytest.fixture
-def page(browser, request):
+def page(browser, request, tmp_path):
     context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
     context.set_default_timeout(TIMEOUT_MS)
     context.add_init_script(INIT_SCRIPT)
@@ -72,6 +85,7 @@ def page(browser, request):
     errors: list[str] = []
     pg.on("pageerror", lambda e: errors.append(str(e)))
     pg.errors = errors  # type: ignore[attr-defined]
+    pg.shots = tmp_path / "screenshots"  # type: ignore[attr-defined]
     yield pg
     try:
         shot(pg, f"{request.node.name}-last")
@@ -81,8 +95,8 @@ def page(browser, request):
 
 
 def shot(pg, name: str, doc: str | None = None) -> Path:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = SHOTS / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+    pg.shots.mkdir(parents=True, exist_ok=True)
+    path = pg.shots / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
     pg.screenshot(path=str(path))
     if doc and os.environ.get("HERD_TEST_DOCS_SCREENSHOTS") == "1":
         DOC_IMAGES.mkdir(parents=True, exist_ok=True)
@@ -384,13 +398,15 @@ def _upload_knowledge(page, tmp_path: Path) -> str:
     return page.locator("[data-testid=documents]").inner_text()
 
 
-def _persona_serving_available(url: str, persona: str) -> bool:
+def _assert_persona_serves(url: str, persona: str) -> None:
+    """The server answers in the persona's name (server/app.py serves personas as models)."""
     r = httpx.post(
         f"{url}/v1/chat/completions",
         json={"model": persona, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]},
         timeout=120,
     )
-    return r.status_code == 200
+    assert r.status_code == 200, r.text
+    assert r.json()["model"] == persona
 
 
 def _ask_side_chat(page, question: str) -> str:
@@ -441,9 +457,9 @@ def test_persona_with_knowledge_side_chat_export_import(page, tmp_path, serve_gg
         assert saved.value.ok
         assert httpx.get(f"{s.url}/v1/personas/glim").json()["description"] == "The lighthouse guide, revised"
 
-        if _persona_serving_available(s.url, "glim"):
-            answer = _ask_side_chat(page, QUESTION)
-            assert answer.strip()  # the tiny model's words mean nothing; the grounding path ran
+        _assert_persona_serves(s.url, "glim")
+        answer = _ask_side_chat(page, QUESTION)
+        assert answer.strip()  # the tiny model's words mean nothing; the grounding path ran
         # Export, delete, import: the .herd file carries the persona and its document.
         with page.expect_download() as dl:
             page.click("text=Export .herd")
@@ -474,8 +490,7 @@ def test_persona_grounded_answer_with_the_default_model(page, tmp_path, serve_gg
             "Welcome to Glimmerfen! Ask me anything about the lighthouse.",
         )
         _upload_knowledge(page, tmp_path)
-        if not _persona_serving_available(s.url, "glimmerfen"):
-            pytest.skip("this server does not serve personas in /v1/chat/completions yet (build_app wiring)")
+        _assert_persona_serves(s.url, "glimmerfen")
         answer = _ask_side_chat(page, QUESTION)
         assert "Bartholomew Quince" in answer, answer
         shot(page, "persona-grounded", doc="web-personas.png")
