@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from ..errors import InvalidRequest
+from ..errors import Unsupported
 from .types import (
     Capabilities,
     EngineConfig,
@@ -33,12 +33,6 @@ if TYPE_CHECKING:
     from ..chat_template import ChatTemplate
 
 __all__ = ["Backend", "Capabilities", "RequestStream", "Unsupported", "load_backend", "require"]
-
-
-class Unsupported(InvalidRequest):
-    """A request needs a capability the serving backend does not have (400)."""
-
-    code = "unsupported_capability"
 
 
 def require(backend: Backend, capability: str, param: str | None = None) -> None:
