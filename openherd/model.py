@@ -75,6 +75,8 @@ __all__ = [
     "LlamaCppLinear",
     "LlamaCppRMSNorm",
     "llama_cpp_attention",
+    "llama_cpp_isa",
+    "LLAMA_CPP_ISAS",
     "Q8Blocks",
     "quantize_q8_0",
     "quantize_q8_1",
@@ -303,6 +305,7 @@ class Attention(nn.Module):
         # "llama.cpp": head dims in the GGUF's order (a buffer so .to() moves it; never saved)
         self.register_buffer("ggml_qk_order", None, persistent=False)
         self.ggml_qkv: LlamaCppFused | None = None  # "llama.cpp": wq, wk, wv as one kernel call
+        self.ggml_isa = "avx2"  # "llama.cpp": the kernel family emulated (LLAMA_CPP_ISAS)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
@@ -336,7 +339,9 @@ class Attention(nn.Module):
             v = v.repeat_interleave(rep, dim=1)
         # mask None means plain causal attention over this forward's own T positions.
         if self.numerics == "llama.cpp":
-            y = llama_cpp_attention(q, k, v, mask, ggml_attention_scale(self.head_dim), self.ggml_qk_order)
+            y = llama_cpp_attention(
+                q, k, v, mask, ggml_attention_scale(self.head_dim), self.ggml_qk_order, self.ggml_isa
+            )
         else:  # (B, nh, T, hd)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
@@ -353,11 +358,12 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
         self.numerics = "torch"  # "llama.cpp": ggml's silu (emulate_llama_cpp)
         self.ggml_w13: LlamaCppFused | None = None  # "llama.cpp": w1, w3 as one kernel call
+        self.ggml_isa = "avx2"  # "llama.cpp": the kernel family emulated (LLAMA_CPP_ISAS)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.numerics == "llama.cpp":
             gate, up = self.ggml_w13(x) if self.ggml_w13 is not None else (self.w1(x), self.w3(x))
-            return self.w2(ggml_swiglu(gate, up))
+            return self.w2(ggml_swiglu(gate, up, self.ggml_isa))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -394,6 +400,7 @@ class Transformer(nn.Module):
         self.ggml_types: dict[str, str] = {}
         self.numerics = "torch"  # "torch" | "llama.cpp" (see emulate_llama_cpp)
         self.ggml_rope_freqs: tuple[float, ...] | None = None  # the GGUF's rope_freqs values, for "llama.cpp"
+        self.ggml_isa: str | None = None  # "llama.cpp": the kernel family emulated, "avx2" | "avx512"
 
     def tie_weights(self) -> None:
         if self.args.tie_embeddings:
@@ -1020,24 +1027,29 @@ def dequantize_gguf_tensor(mm, t) -> Any:
     return data.reshape(tuple(reversed(t.shape)))
 
 
-def load_gguf(path: str | Path, *, device=None, dtype=None, emulate: str | None = None) -> Transformer:
+def load_gguf(
+    path: str | Path, *, device=None, dtype=None, emulate: str | None = None, isa: str | None = None
+) -> Transformer:
     """Build the model of a GGUF file, dequantized to `dtype`.
 
     `emulate="llama.cpp"` makes the model compute what llama.cpp's CPU backend computes from
-    this file, bit for bit (see `emulate_llama_cpp`; float32 only, inference only). Default
+    this file, bit for bit (see `emulate_llama_cpp`; float32 only, inference only), with the
+    kernels of `isa` ("avx2" | "avx512"; None: those of the installed llama.cpp). Default
     None: plain fp32/bf16 arithmetic on the dequantized weights, as for training and parity
     with transformers.
     """
-    return _load_gguf(path, device, dtype, emulate)[0]
+    return _load_gguf(path, device, dtype, emulate, isa)[0]
 
 
-def _load_gguf(path, device, dtype, emulate: str | None = None) -> tuple[Transformer, dict[str, Any]]:
+def _load_gguf(
+    path, device, dtype, emulate: str | None = None, isa: str | None = None
+) -> tuple[Transformer, dict[str, Any]]:
     import numpy as np
     from gguf import GGMLQuantizationType
 
     from .gguf import read_gguf
 
-    _check_emulate(emulate)
+    _check_emulate(emulate, isa)
     # The validating reader checks every count, length and offset before any byte is mapped.
     info = read_gguf(path, load_arrays=True)
     mm = np.memmap(path, dtype=np.uint8, mode="r")
@@ -1071,7 +1083,7 @@ def _load_gguf(path, device, dtype, emulate: str | None = None) -> tuple[Transfo
         parts = [gguf_state_dict_to_ours({n: v[i] for n, v in quants.items() if v[i] is not None}, args)
                  for i in range(3)]  # fmt: skip
         blocks = {name: GGMLBlocks(q, parts[1][name], parts[2].get(name)) for name, q in parts[0].items()}
-        emulate_llama_cpp(model, blocks, rope_freqs)
+        emulate_llama_cpp(model, blocks, rope_freqs, isa)
     return model, info.metadata
 
 
@@ -1130,19 +1142,25 @@ def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
 
 
 def load_torch_model(
-    path_or_name: str | os.PathLike[str], *, device=None, dtype=None, emulate: str | None = None
+    path_or_name: str | os.PathLike[str],
+    *,
+    device=None,
+    dtype=None,
+    emulate: str | None = None,
+    isa: str | None = None,
 ):
     """(model, tokenizer) for a Hugging Face directory, a .gguf file or a store name.
 
     The model is in eval mode on `device` (CUDA when available, else CPU) in `dtype`
     (bf16 on CUDA, fp32 on CPU by default); GGUF weights are dequantized. The tokenizer
     (openherd.tokenizer.Tokenizer) is None for a directory without tokenizer.json.
-    `emulate="llama.cpp"` (GGUF only) reproduces llama.cpp's CPU rounding; see load_gguf.
+    `emulate="llama.cpp"` (GGUF only) reproduces llama.cpp's CPU rounding, `isa` its kernel
+    family; see load_gguf.
     """
     from .gguf import is_gguf
     from .tokenizer import Tokenizer
 
-    _check_emulate(emulate)
+    _check_emulate(emulate, isa)
     path = _resolve(path_or_name)
     if path.is_dir():
         if emulate:
@@ -1150,7 +1168,7 @@ def load_torch_model(
         return load_hf_dir(path, device=device, dtype=dtype), Tokenizer.from_hf_dir(path)
     if not is_gguf(path):
         raise InvalidModelFile(f"{path.name} is neither a GGUF file nor a Hugging Face model directory")
-    model, metadata = _load_gguf(path, device, dtype, emulate)
+    model, metadata = _load_gguf(path, device, dtype, emulate, isa)
     return model, Tokenizer.from_gguf_metadata(metadata)
 
 
@@ -1160,6 +1178,7 @@ from .model_llamacpp import (  # noqa: E402
     _BLOCK_BYTES,
     GGML_EXACT_TYPES,
     GGML_VEC_DOT_TYPE,
+    LLAMA_CPP_ISAS,
     GGMLBlocks,
     LlamaCppFused,
     LlamaCppLinear,
@@ -1177,6 +1196,7 @@ from .model_llamacpp import (  # noqa: E402
     ggml_swiglu,
     gguf_block_quants,
     llama_cpp_attention,
+    llama_cpp_isa,
     quantize_q8_0,
     quantize_q8_1,
     quantize_q8_K,

@@ -35,13 +35,37 @@ if TYPE_CHECKING:  # openherd.model imports this module at its end: no import cy
 # as much as fp32 and Q8_1 do. Measured on SmolLM2-135M Q4_1: reproducing the roundings alone
 # left the mean |logit diff| at 0.22 and greedy agreement at 67% of 320 tokens, as plain fp32.
 #
-# So emulate_llama_cpp is bit-exact with ggml's x86 AVX2 kernels, op by op (checked against
+# So emulate_llama_cpp is bit-exact with ggml's x86 kernels, op by op (checked against
 # llama.cpp's own intermediate tensors through its eval callback): block dot products in the
 # kernels' lane order, fused multiply-adds as FMAs, sqrt through float64 (torch's float32 sqrt
 # is not correctly rounded), ggml's expf polynomial for silu and softmax, libm's cosf/sinf/powf
 # for RoPE, and q.k summed in the GGUF's head-dim order. With it the same model agrees with
 # llama.cpp on 320 of 320 greedy tokens. It models llama.cpp without flash attention
 # (llama-cpp-python's default; the flash kernel accumulates V in fp16 online, not emulated).
+#
+# Which kernels llama.cpp runs depends on the ISA it was compiled for (GGML_NATIVE builds use
+# -march=native), so the emulation takes an `isa` (LLAMA_CPP_ISAS), by default the one the
+# installed llama.cpp reports (llama_cpp_isa, from llama_print_system_info). "avx2" (AVX2 +
+# FMA + F16C) and "avx512" (AVX512F + DQ: AVX512 = 1) differ only in float kernels; read in
+# ggml-cpu of llama-cpp-python 0.3.36:
+#   - ggml_vec_dot_f16/f32 (one-row F16/F32 matmuls, attention of one token): 4 accumulators
+#     of 8 lanes over steps of 32 (AVX2), of 16 lanes over steps of 64 (AVX512); AVX512
+#     reduces them with _mm512_reduce_add_ps (halving tree), AVX2 with two _mm_hadd_ps.
+#   - tinyBLAS (F16/F32 matmuls of 2+ rows): 8 or 16 lanes (KN), so K % 8 or K % 16 == 0.
+#   - ggml_v_expf (silu, softmax): the AVX512 version adds the 1 inside its polynomial and
+#     scales by 2^n with _mm512_scalef_ps (one rounding), not the AVX2 fma(j, k, k).
+#   - silu/swiglu and softmax run groups of 16 (AVX512) or 8 (AVX2), the rest in libm expf.
+# Identical on both: quantize_row_q8_0/q8_1 and the Q4_1/Q5_0/Q5_1/Q8_0 dot products (their
+# x86 code has AVX2 branches only; AVX512-VNNI's vpdpbusd sums the same 4 bytes per int32
+# lane, exactly, as maddubs + madd), tinyBLAS_Q0_AVX (8 float lanes on both), RMS norm, RoPE
+# (scalar C), the F16 conversions (round to nearest even either way). Not emulated: AMX
+# (llama.cpp built with AMX_INT8 runs Q4_1/Q8_0 on tiles) and builds without LLAMAFILE;
+# llama_cpp_isa refuses both with InvalidRequest. Both families are checked bit for bit
+# against llama.cpp (its GGML_NATIVE build on an AVX512 EPYC, and the same source built with
+# GGML_AVX2 only, run on that machine), tiny models and SmolLM2 alike; ggml_v_expf of each
+# against the C kernel compiled for each ISA. Sums that ggml does in order (rms_norm,
+# softmax) are taken in order here too (_sum_in_order), so that torch's own ISA (its
+# AVX2 or AVX512 kernels) cannot change a result.
 
 # Weight ggml type -> the format ggml-cpu converts the other matmul operand to.
 GGML_VEC_DOT_TYPE: dict[str, str] = {
@@ -56,18 +80,71 @@ GGML_VEC_DOT_TYPE: dict[str, str] = {
 # Weight types whose matmuls are bit-exact (measured against llama.cpp on tiny llama and qwen2
 # models): the 32-element integer blocks (one kernel shape: integer lane sums, one FMA per
 # block and lane, hsum, + m * s for Q4_1/Q5_1) and the float types. Q4_0 runs the same
-# vec_dot kernel, but on AVX2 llama.cpp repacks Q4_0 matrices (ggml-cpu/repack.cpp) into
+# vec_dot kernel, but on AVX2 and AVX512 llama.cpp repacks Q4_0 matrices (ggml-cpu/repack.cpp) into
 # interleaved rows whose GEMM sums in another order, so it is close, not exact. K-quants, IQ
 # and BF16 get their input rounding (Q8_K, bf16) and a torch matmul.
 GGML_EXACT_TYPES = ("Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32")
 
 _EMULATE = (None, "llama.cpp")
+LLAMA_CPP_ISAS = ("avx2", "avx512")  # the x86 kernel families emulated (see the section comment)
+_LANES = {"avx2": 8, "avx512": 16}  # float32 lanes of the ISA's vectors: GGML_F32_EPR, tinyBLAS KN
 _ELEMENT_BUDGET = 1 << 23  # elements of one emulation intermediate; rows are chunked to stay under it
 
 
-def _check_emulate(emulate: str | None) -> None:
+def _check_emulate(emulate: str | None, isa: str | None = None) -> None:
     if emulate not in _EMULATE:
         raise InvalidRequest(f"unknown numerics emulation {emulate!r}; supported: 'llama.cpp' (or None)")
+    if isa is not None:
+        if emulate is None:
+            raise InvalidRequest("isa only applies with emulate='llama.cpp'")
+        _check_isa(isa)
+
+
+def _check_isa(isa: str) -> None:
+    if isa not in LLAMA_CPP_ISAS:
+        raise InvalidRequest(
+            f"llama.cpp numerics: no emulation of llama.cpp's {isa!r} kernels; emulated: {', '.join(LLAMA_CPP_ISAS)}"
+        )
+
+
+def _lanes(isa: str) -> int:
+    _check_isa(isa)
+    return _LANES[isa]
+
+
+def llama_cpp_isa(system_info: str | None = None) -> str:
+    """The kernel family ("avx2" | "avx512") of a llama.cpp build, from its
+    llama_print_system_info() text (by default the installed llama-cpp-python's, which
+    reports the features the CPU backend was compiled with, not merely what the CPU has).
+
+    Raises InvalidRequest for builds whose kernels are not emulated: no AVX2 + FMA + F16C
+    (ARM, older x86), AMX_INT8 (tile matmuls for the block types), no LLAMAFILE (batched
+    F16/F32 matmuls by ggml's own loop instead of tinyBLAS)."""
+    if system_info is None:
+        try:
+            import llama_cpp  # lazily: importing it loads llama.cpp's shared library
+        except ImportError as e:
+            raise InvalidRequest(
+                f"llama.cpp numerics: cannot ask llama.cpp which kernels it runs ({e}); pass isa= one of "
+                f"{', '.join(LLAMA_CPP_ISAS)}"
+            ) from None
+        system_info = llama_cpp.llama_print_system_info().decode()
+    cpu = system_info.split("CPU :", 1)[-1]  # other backends list their features first
+    flags = {k.strip() for k, _, v in (f.partition("=") for f in cpu.split("|")) if v.strip() == "1"}
+    if "AMX_INT8" in flags:
+        raise InvalidRequest(
+            "llama.cpp numerics: this llama.cpp uses AMX_INT8 matmuls, which are not emulated"
+        )
+    if not {"AVX2", "FMA", "F16C"} <= flags:
+        raise InvalidRequest(
+            f"llama.cpp numerics: emulated kernels are x86 {' and '.join(LLAMA_CPP_ISAS)}; this llama.cpp reports "
+            f"{' '.join(sorted(flags)) or 'no CPU features'}"
+        )
+    if "LLAMAFILE" not in flags:
+        raise InvalidRequest(
+            "llama.cpp numerics: this llama.cpp is built without LLAMAFILE (tinyBLAS), not emulated"
+        )
+    return "avx512" if "AVX512" in flags else "avx2"
 
 
 def _fp16(x: Tensor) -> Tensor:
@@ -103,12 +180,22 @@ def _fma_(acc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return acc.copy_(a.double() * b.double() + acc.double())
 
 
-def _hsum8(x: Tensor, dim: int = -1) -> Tensor:
-    """hsum_float_8 over `dim` (8 lanes): ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))."""
+def _hsum(x: Tensor, dim: int = -1) -> Tensor:
+    """A horizontal sum over `dim` (8 or 16 lanes) by halving: lane i + lane i + n/2, until one
+    is left. That is hsum_float_8 (AVX2: ((a0+a4) + (a2+a6)) + ((a1+a5) + (a3+a7))) and
+    _mm512_reduce_add_ps (GCC and clang split the 512-bit vector in halves the same way)."""
     x = x.movedim(dim, 0)
-    r = x[:4] + x[4:]  # _mm_add_ps(high half, low half)
-    r = r[:2] + r[2:]  # _mm_movehl_ps
-    return r[0] + r[1]  # _mm_movehdup_ps + _mm_add_ss
+    while x.shape[0] > 1:
+        half = x.shape[0] // 2
+        x = x[:half] + x[half:]  # _mm_add_ps(high half, low half), _mm_movehl_ps, _mm_movehdup_ps
+    return x[0]
+
+
+def _sum_in_order(x: Tensor) -> Tensor:
+    """x (..., n) summed left to right over its last dim, as C's `for (...) sum += x[i]`, kept
+    as (..., 1). torch's sum() vectorizes with partial sums whose order follows the CPU's
+    vector width (ATen's AVX2 and AVX512 kernels differ); its CPU cumsum is one sequential scan."""
+    return x.cumsum(-1)[..., -1:]
 
 
 def _f32(value: float, like: Tensor) -> Tensor:
@@ -220,20 +307,36 @@ def _libm_map(fn: str, x: Tensor) -> Tensor:
     return torch.tensor(out, dtype=torch.float32).view(x.shape).to(x.device)
 
 
-def ggml_expf(x: Tensor) -> Tensor:
-    """ggml_v_expf, the AVX2+FMA path of ggml-cpu/vec.h (ARM's optimized-routines expf):
-    exp(x) = 2^n * (1 + poly(b)), float32 step by step, including its under/overflow path."""
+def ggml_expf(x: Tensor, isa: str = "avx2") -> Tensor:
+    """ggml_v_expf of ggml-cpu/vec.h (ARM's optimized-routines expf) for `isa`, float32 step
+    by step, including its under/overflow path: exp(x) = 2^n * (1 + poly(b)).
+
+    AVX2+FMA scales by k = 2^n built in the exponent bits: fma(j, k, k), j = poly(b) - 1.
+    AVX512F+DQ computes j = poly(b) with its 1 and _mm512_scalef_ps(j, n), one rounding of
+    j * 2^n (gradual underflow included); |n| > 192 gives 0 or inf."""
+    _check_isa(isa)
     x = x.float()
     c = lambda h: _f32(float.fromhex(h), x)  # noqa: E731
     r = c("0x1.8p23")
     z = _fma(x, c("0x1.715476p+0"), r)
     n = z - r
     b = _fma(-n, c("0x1.7f7d1cp-20"), _fma(-n, c("0x1.62e4p-1"), x))
+    u = b * b
+    j = _fma(c("0x1.0e4020p-7"), b, c("0x1.573e2ep-5"))
+    j = _fma(j, u, _fma(c("0x1.555e66p-3"), b, c("0x1.fffdb6p-2")))
+    if isa == "avx512":
+        j = _fma(j, u, _fma(c("0x1.ffffecp-1"), b, _f32(1.0, x)))
+        big = n.abs() > 192
+        # j * 2^n is exact in float64 for |n| <= 192 (2^n built from its exponent bits), so
+        # rounding it to float32 rounds once, as scalef does.
+        e = ((n.clamp(-192, 192).to(torch.int64) + 1023) << 52).view(torch.float64)
+        out = (j.double() * e).float()
+        if not bool(big.any()):
+            return out
+        return torch.where(big, torch.where(n <= 0, 0.0, float("inf")), out)
+    j = _fma(j, u, c("0x1.ffffecp-1") * b)
     e = z.view(torch.int32) << 23
     k = (e + _f32(1.0, x).view(torch.int32)).view(torch.float32)
-    u = b * b
-    j = _fma(_fma(_fma(c("0x1.0e4020p-7"), b, c("0x1.573e2ep-5")), u, _fma(c("0x1.555e66p-3"), b, c("0x1.fffdb6p-2"))),
-             u, c("0x1.ffffecp-1") * b)  # fmt: skip
     fast = _fma(j, k, k)
     big = n.abs() > 126
     if not bool(big.any()):
@@ -247,13 +350,14 @@ def ggml_expf(x: Tensor) -> Tensor:
     return torch.where(n.abs() > 192, s1 * s1, out)
 
 
-def ggml_swiglu(gate: Tensor, up: Tensor) -> Tensor:
+def ggml_swiglu(gate: Tensor, up: Tensor, isa: str = "avx2") -> Tensor:
     """ggml_vec_swiglu_f32: silu(gate) * up, silu = x / (1 + expf(-x)) with ggml_v_expf on
-    whole groups of 8 and libm's expf on the remainder, as the AVX2 loop does."""
+    whole vectors (8 lanes on AVX2, 16 on AVX512) and libm's expf on the remainder, as the
+    kernel's loops do (the AVX512 loop leaves its remainder to the scalar loop, not to AVX2)."""
     n = gate.shape[-1]
-    head = (n // 8) * 8
+    head = (n // _lanes(isa)) * _lanes(isa)
     g = gate[..., :head]
-    y = g / (1.0 + ggml_expf(0.0 - g)) * up[..., :head]
+    y = g / (1.0 + ggml_expf(0.0 - g, isa)) * up[..., :head]
     if head == n:
         return y
     t = gate[..., head:]
@@ -264,7 +368,7 @@ def ggml_swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def ggml_rms_norm(x: Tensor, eps: float) -> Tensor:
     """ggml_compute_forward_rms_norm_f32: sum of float32 squares in double, mean rounded to
     float, scale = 1 / sqrtf(mean + eps), y = x * scale (the gain is a separate multiply)."""
-    total = (x * x).double().sum(-1, keepdim=True)
+    total = _sum_in_order((x * x).double())
     mean = (total / x.shape[-1]).float()
     root = torch.sqrt((mean + _f32(eps, x)).double()).float()  # sqrtf is correctly rounded
     return x * (torch.ones_like(root) / root)
@@ -321,24 +425,30 @@ def ggml_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # -- dot products in the kernels' order
 
 
-def _dot_lanes8(a: Tensor, b: Tensor) -> Tensor:
-    """llamafile's tinyBLAS (ggml's matmul for 2+ rows of F16/F32): per output, 8 lanes each
-    accumulate every 8th product by FMA, then hsum. a, b (..., K) broadcast; K % 8 == 0."""
-    acc = a[..., 0:8] * b[..., 0:8]  # fma(a, b, 0)
-    for lo in range(8, a.shape[-1], 8):
-        _fma_(acc, a[..., lo : lo + 8], b[..., lo : lo + 8])
-    return _hsum8(acc)
+def _dot_lanes(a: Tensor, b: Tensor, lanes: int) -> Tensor:
+    """llamafile's tinyBLAS (ggml's matmul for 2+ rows of F16/F32): per output, `lanes` lanes
+    (KN: 8 on AVX2, 16 on AVX512) each accumulate every KN-th product by FMA, then hsum.
+    a, b (..., K) broadcast; K % lanes == 0."""
+    acc = a[..., 0:lanes] * b[..., 0:lanes]  # fma(a, b, 0)
+    for lo in range(lanes, a.shape[-1], lanes):
+        _fma_(acc, a[..., lo : lo + lanes], b[..., lo : lo + lanes])
+    return _hsum(acc)
 
 
-def _dot_vec(a: Tensor, b: Tensor) -> Tensor:
-    """ggml_vec_dot_f16 / ggml_vec_dot_f32 (AVX2, one output row): four 8-lane accumulators
-    over steps of 32 elements by FMA, GGML_F32x8_REDUCE, then the remainder in double."""
+def _dot_vec(a: Tensor, b: Tensor, isa: str = "avx2", f16: bool = True) -> Tensor:
+    """ggml_vec_dot_f16 / ggml_vec_dot_f32 (one output row): GGML_F32_ARR = 4 accumulators of
+    EPR lanes (8 on AVX2, 16 on AVX512) over steps of 4 * EPR elements by FMA, then
+    GGML_F32x8_REDUCE / GGML_F32x16_REDUCE, then the remainder one element at a time: in double
+    (ggml_float) for F16, in the float sum for F32 (`sumf += x[i]*y[i]`: measured against
+    llama.cpp at K = 96 and 136, GCC 12 does not contract it to an FMA)."""
+    lanes = _lanes(isa)
+    step = 4 * lanes
     K = a.shape[-1]
-    head = (K // 32) * 32
+    head = (K // step) * step
     sums: list[Tensor] = []
-    for lo in range(0, head, 32):
+    for lo in range(0, head, step):
         for j in range(4):
-            s = slice(lo + 8 * j, lo + 8 * j + 8)
+            s = slice(lo + lanes * j, lo + lanes * (j + 1))
             if lo == 0:
                 sums.append(a[..., s] * b[..., s])  # fma(a, b, 0)
             else:
@@ -346,22 +456,36 @@ def _dot_vec(a: Tensor, b: Tensor) -> Tensor:
     if head:
         x0, x1 = sums[0] + sums[2], sums[1] + sums[3]
         x0 = x0 + x1
-        t = x0[..., :4] + x0[..., 4:]  # low half + high half
-        out = ((t[..., 0] + t[..., 1]) + (t[..., 2] + t[..., 3])).double()  # two _mm_hadd_ps
+        if isa == "avx512":
+            out = _hsum(x0)  # _mm512_reduce_add_ps
+        else:
+            t = x0[..., :4] + x0[..., 4:]  # low half + high half
+            out = (t[..., 0] + t[..., 1]) + (t[..., 2] + t[..., 3])  # two _mm_hadd_ps
     else:
-        out = torch.zeros(
-            torch.broadcast_shapes(a.shape[:-1], b.shape[:-1]), dtype=torch.float64, device=a.device
-        )
-    for i in range(head, K):  # leftovers: float products summed in ggml_float (double)
-        out = out + (a[..., i] * b[..., i]).double()
-    return out.float()
+        out = torch.zeros(torch.broadcast_shapes(a.shape[:-1], b.shape[:-1]), device=a.device)
+    if f16:
+        out = out.double()
+        for i in range(head, K):  # leftovers: float products summed in ggml_float (double)
+            out = out + (a[..., i] * b[..., i]).double()
+        return out.float()
+    for i in range(head, K):  # leftovers: float sumf += x[i] * y[i], rounded twice
+        out = out + a[..., i] * b[..., i]
+    return out
 
 
-def _float_matmul(x: Tensor, w: Tensor, rows_vec_dot: bool) -> Tensor:
-    """x (N, K) @ w (O, K)^T in ggml's order: vec_dot for a single row, tinyBLAS for more."""
-    if rows_vec_dot or x.shape[-1] % 8:
-        return _dot_vec(x[:, None, :], w[None])
-    return _dot_lanes8(x[:, None, :], w[None])
+def _use_tinyblas(n_rows: int, n_out: int, k: int, isa: str) -> bool:
+    """Whether ggml's mul_mat hands an F16/F32 product to tinyBLAS: 2+ input rows, and
+    tinyBLAS::matmul accepts K % KN == 0 and M % 4 == 0 (M: the weight's rows); otherwise
+    ggml's own loop runs vec_dot for each output."""
+    return n_rows > 1 and k % _lanes(isa) == 0 and n_out % 4 == 0
+
+
+def _float_matmul(x: Tensor, w: Tensor, isa: str, f16: bool, tinyblas: bool) -> Tensor:
+    """x (N, K) @ w (O, K)^T in ggml's order: tinyBLAS (`tinyblas`, _use_tinyblas of the
+    whole batch, which may come here in chunks) or vec_dot for each output."""
+    if tinyblas:
+        return _dot_lanes(x[:, None, :], w[None], _lanes(isa))
+    return _dot_vec(x[:, None, :], w[None], isa, f16)
 
 
 @dataclass
@@ -437,7 +561,7 @@ def _block_matmul(x: Tensor, lanes: Tensor, d: Tensor, m: Tensor | None) -> Tens
     acc = xy[0] * scale[0]  # fma(d, xy, 0)
     for blk in range(1, xy.shape[0]):  # the kernel's loop over blocks: a float32 recurrence
         _fma_(acc, xy[blk], scale[blk])
-    y = _hsum8(acc, dim=0)  # (N, O)
+    y = _hsum(acc, dim=0)  # (N, O)
     if m is not None:  # Q4_1/Q5_1: summs += m * s block after block (the product is exact)
         mins = acts.s.t()[:, :, None] * m.t()[:, None, :]  # (nb, N, O)
         summs = mins[0].clone()
@@ -462,10 +586,15 @@ class LlamaCppLinear(nn.Module):
     step, bit-exact for GGML_EXACT_TYPES. Others (K-quants, IQ, BF16) get the rounding of the
     type's vec_dot_type on the input and a torch matmul: close, not exact.
     `weight` and `bias` are the replaced module's Parameters (a tied output stays tied).
+    `isa` (LLAMA_CPP_ISAS) picks the F16/F32 kernels' lane count; block kernels are the same.
     """
 
-    def __init__(self, linear: nn.Linear, ggml_type: str, blocks: GGMLBlocks | None = None):
+    def __init__(
+        self, linear: nn.Linear, ggml_type: str, blocks: GGMLBlocks | None = None, isa: str = "avx2"
+    ):
         super().__init__()
+        _check_isa(isa)
+        self.isa = isa
         if ggml_type not in GGML_VEC_DOT_TYPE:
             raise InvalidModelFile(
                 f"llama.cpp numerics: unsupported ggml type {ggml_type} for a linear layer"
@@ -492,9 +621,9 @@ class LlamaCppLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.reshape(-1, x.shape[-1])  # (N, K)
         if self.kernel:
-            # ggml takes its one-row (vec_dot) path when the matmul has a single input row.
-            single = rows.shape[0] == 1
-            y = _in_row_chunks(rows, self.out_features, lambda r: self._exact(r, single))
+            # Decided for the whole batch: ggml takes its vec_dot path for a single input row.
+            tinyblas = _use_tinyblas(rows.shape[0], self.out_features, self.in_features, self.isa)
+            y = _in_row_chunks(rows, self.out_features, lambda r: self._exact(r, tinyblas))
         elif self.vec_dot_type == "BF16":
             y = F.linear(rows.bfloat16().float(), self.weight)
         else:
@@ -503,16 +632,17 @@ class LlamaCppLinear(nn.Module):
             y = y + self.bias
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _exact(self, rows: Tensor, single: bool) -> Tensor:
+    def _exact(self, rows: Tensor, tinyblas: bool) -> Tensor:
         if self.ggml_type == "F16":  # the input is converted to F16 (vec_dot_type) first
-            return _float_matmul(_fp16(rows), self.weight, single)
+            return _float_matmul(_fp16(rows), self.weight, self.isa, True, tinyblas)
         if self.ggml_type == "F32":
-            return _float_matmul(rows, self.weight, single)
+            return _float_matmul(rows, self.weight, self.isa, False, tinyblas)
         return _block_matmul(rows, self.lanes, self.d, self.m)
 
     def extra_repr(self) -> str:
         how = "exact" if self.ggml_type in GGML_EXACT_TYPES else "kernel" if self.kernel else "rounding only"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.ggml_type} ({how})"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.ggml_type} ({how}), "
+                f"isa={self.isa}")  # fmt: skip
 
 
 def _in_row_chunks(rows: Tensor, n_out: int, fn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -560,46 +690,62 @@ def _fuse(parts: Sequence[nn.Module]) -> LlamaCppFused | None:
     return LlamaCppFused(parts) if ok and len({p.ggml_type for p in parts}) == 1 else None
 
 
-def ggml_soft_max(scores: Tensor, mask: Tensor, scale: float) -> Tensor:
+def ggml_soft_max(scores: Tensor, mask: Tensor, scale: float, isa: str = "avx2") -> Tensor:
     """ggml_compute_forward_soft_max_f32 without ALiBi: w = scores * scale + mask (0 / -inf),
-    e = ggml_v_expf(w - max) per 8 elements, float hsum per 8 summed in double, e * (1 / sum).
-    scores (..., S) with S % 8 == 0; mask (T, S) bool, True = attend."""
+    e = ggml_v_expf(w - max) per vector (8 lanes AVX2, 16 AVX512), each vector's float hsum
+    added in double, e * (1 / sum). scores (..., S) with S % lanes == 0 (the caller pads: the
+    kernel's scalar remainder is not modelled); mask (T, S) bool, True = attend."""
+    lanes = _lanes(isa)
+    if scores.shape[-1] % lanes:
+        raise InvalidRequest(
+            f"ggml_soft_max emulates whole {lanes}-lane vectors; got {scores.shape[-1]} scores"
+        )
     w = scores * _f32(scale, scores)
     w = w.masked_fill(~mask, float("-inf"))
-    e = ggml_expf(w - w.amax(-1, keepdim=True))
-    total = _hsum8(e.unflatten(-1, (-1, 8))).double().sum(-1, keepdim=True)
+    e = ggml_expf(w - w.amax(-1, keepdim=True), isa)
+    total = _sum_in_order(_hsum(e.unflatten(-1, (-1, lanes))).double())
     return e * (1.0 / total).float()
 
 
 def llama_cpp_attention(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, qk_order: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    qk_order: Tensor | None = None,
+    isa: str = "avx2",
 ) -> Tensor:
     """Attention (B, nh, T, hd) as llama.cpp's CPU graph computes it without flash attention
     (llm_graph_context::build_attn_mha). k, v (B, nh, S, hd) hold fp16 values (the F16 cache).
     kq = mul_mat(k, q) converts Q to F16 and, like kqv = mul_mat(v, softmax) with F16
     probabilities, sums by tinyBLAS for a multi-token batch and by ggml_vec_dot_f16 for one
-    token. Key positions are padded to a multiple of 32 with zeros (llama.cpp pads its KV view
-    to 256 cells; zero terms change no float sum). `qk_order` lists the head dims in the
-    GGUF's order: q.k is summed in that order (llama-arch files interleave RoPE pairs)."""
-    T, S = q.shape[-2], k.shape[-2]
+    token (`isa`'s lane counts). Key positions are padded with zeros to a multiple of the
+    vec_dot step (32 AVX2, 64 AVX512): llama.cpp's KV view is a multiple of 256 cells, and zero
+    terms change no float sum. `qk_order` lists the head dims in the GGUF's order: q.k is
+    summed in that order (llama-arch files interleave RoPE pairs)."""
+    lanes = _lanes(isa)
+    T, S, hd = q.shape[-2], k.shape[-2], q.shape[-1]
     if qk_order is not None:
         q, k = q[..., qk_order], k[..., qk_order]
     if mask is None:  # plain causal over this forward's own positions
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
-    pad = -S % 32
+    pad = -S % (4 * lanes)
     q16 = _fp16(q)
-    dot = _dot_vec if T == 1 else _dot_lanes8  # tinyBLAS takes batches of 2+ rows
-    kq_dot = _dot_vec if T == 1 or q.shape[-1] % 8 else _dot_lanes8  # ... and K % 8 == 0 only
-    chunk = max(1, _ELEMENT_BUDGET // max(1, q.shape[0] * q.shape[1] * (S + pad) * 8))
+    # kq: M = the KV positions (a multiple of 256 in llama.cpp), K = hd; kqv: M = hd, K = S + pad.
+    kq_blas, kqv_blas = _use_tinyblas(T, 256, hd, isa), _use_tinyblas(T, hd, S + pad, isa)
+    kq_dot = (lambda a, b: _dot_lanes(a, b, lanes)) if kq_blas else (lambda a, b: _dot_vec(a, b, isa))
+    kqv_dot = (lambda a, b: _dot_lanes(a, b, lanes)) if kqv_blas else (lambda a, b: _dot_vec(a, b, isa))
+    chunk = max(1, _ELEMENT_BUDGET // max(1, q.shape[0] * q.shape[1] * (S + pad) * lanes))
     outs = []
-    for lo in range(0, T, chunk):  # query chunks bound the (.., T, S, 8) intermediates
+    for lo in range(0, T, chunk):  # query chunks bound the (.., T, S, lanes) intermediates
         qc = q16[:, :, lo : lo + chunk]
         scores = kq_dot(k[:, :, None], qc[:, :, :, None])  # (B, nh, t, S)
         scores = F.pad(scores, (0, pad))
         m = F.pad(mask[lo : lo + chunk], (0, pad), value=False)
-        probs = _fp16(ggml_soft_max(scores, m, scale))  # (B, nh, t, S + pad), as F16 for kqv
+        probs = _fp16(ggml_soft_max(scores, m, scale, isa))  # (B, nh, t, S + pad), as F16 for kqv
         vt = F.pad(v.transpose(-2, -1), (0, pad))  # (B, nh, hd, S + pad)
-        outs.append(dot(vt[:, :, None], probs[:, :, :, None]))  # (B, nh, t, hd)
+        outs.append(kqv_dot(vt[:, :, None], probs[:, :, :, None]))  # (B, nh, t, hd)
     return torch.cat(outs, dim=2)
 
 
@@ -607,6 +753,7 @@ def emulate_llama_cpp(
     model: Transformer,
     blocks: dict[str, GGMLBlocks] | None = None,
     rope_freqs: Sequence[float] | None = None,
+    isa: str | None = None,
 ) -> Transformer:
     """Make `model` (loaded from GGUF in float32) compute what llama.cpp's CPU backend computes.
 
@@ -616,11 +763,21 @@ def emulate_llama_cpp(
     `rope_freqs` are the file's rope_freqs.weight values, if any. Inference only: the
     roundings have no useful gradient. load_gguf(path, emulate="llama.cpp") does all this.
 
-    Bit-exact with llama.cpp's x86 AVX2 build, without flash attention, for GGML_EXACT_TYPES
-    weights. llama.cpp picks kernels per batch (one token: vec_dot, more: tinyBLAS), and so does
-    this per forward: feed it tokens as llama.cpp was fed (prompt at once, then one at a time).
+    `isa` is the kernel family to emulate, "avx2" or "avx512" (LLAMA_CPP_ISAS); None (the
+    default) takes the one the installed llama.cpp was built for (llama_cpp_isa), which raises
+    InvalidRequest for a build whose kernels are not emulated. Bit-exact with llama.cpp's x86
+    AVX2 and AVX512 builds, without flash attention, for GGML_EXACT_TYPES weights. llama.cpp
+    picks kernels per batch (one token: vec_dot, more: tinyBLAS), and so does this per
+    forward: feed it tokens as llama.cpp was fed (prompt at once, then one at a time).
     """
+    if isa is None:
+        isa = llama_cpp_isa()
+    _check_isa(isa)
     if model.numerics == "llama.cpp":
+        if model.ggml_isa != isa:
+            raise InvalidRequest(
+                f"the model already emulates llama.cpp's {model.ggml_isa} kernels, not {isa}"
+            )
         return model
     if not model.ggml_types:
         raise InvalidRequest("llama.cpp numerics need a model loaded from a GGUF file (its tensor types)")
@@ -637,7 +794,7 @@ def emulate_llama_cpp(
             ggml_type = model.ggml_types.get(f"{name}.weight")
             if ggml_type is None:
                 raise InvalidRequest(f"no ggml type recorded for {name}.weight")
-            setattr(owner, child, LlamaCppLinear(module, ggml_type, blocks.get(f"{name}.weight")))
+            setattr(owner, child, LlamaCppLinear(module, ggml_type, blocks.get(f"{name}.weight"), isa))
         elif isinstance(module, _rms_norm_class()):
             setattr(owner, child, LlamaCppRMSNorm(module))
     hd = model.args.head_dim
@@ -647,11 +804,12 @@ def emulate_llama_cpp(
     for block in model.layers:
         att, ffn = block.attention, block.feed_forward
         att.numerics = ffn.numerics = "llama.cpp"
+        att.ggml_isa = ffn.ggml_isa = isa
         att.ggml_qk_order = order.to(model.output.weight.device) if order is not None else None
         att.ggml_qkv, ffn.ggml_w13 = _fuse([att.wq, att.wk, att.wv]), _fuse([ffn.w1, ffn.w3])
     # Only the tables and kernels change; every Parameter is the one the model had.
     model.ggml_rope_freqs = tuple(float(f) for f in rope_freqs) if rope_freqs is not None else None
-    model.numerics = "llama.cpp"
+    model.numerics, model.ggml_isa = "llama.cpp", isa
     return model
 
 
