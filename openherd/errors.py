@@ -10,6 +10,7 @@ any ``HerdError`` into one line on stderr and a non-zero exit code
     ├── InvalidRequest          400  bad parameters, bad JSON, bad names
     │   ├── InvalidName         400  a model/persona name that could escape the store
     │   ├── ContextOverflow     400  prompt + max_tokens exceed the context window
+    │   ├── Unsupported         400  the serving backend lacks a capability (names both)
     │   └── TaskError           400  a malformed eval task/samples file (names file:line)
     ├── InvalidModelFile        400  a GGUF/safetensors file that fails validation
     ├── AuthError               401  missing or wrong API key
@@ -56,6 +57,12 @@ class InvalidName(InvalidRequest):
 
 class ContextOverflow(InvalidRequest):
     code = "context_length_exceeded"
+
+
+class Unsupported(InvalidRequest):
+    """A request needs a capability the serving backend does not have (engine.backend.require)."""
+
+    code = "unsupported_capability"
 
 
 class TaskError(InvalidRequest):

@@ -152,10 +152,11 @@ def cmd_chat(args) -> int:
         raise InvalidRequest("--new starts a conversation and --resume continues one; give one of them")
     if args.model:
         from ..personas.chat import find_persona, run_persona_chat
+        from .store import progress_printer
 
         # Store models win over a persona of the same name, as on the server.
         if find_persona(args.model) is not None:
-            return run_persona_chat(args)
+            return run_persona_chat(args, progress_printer)
     if args.list:
         return _list_model_chats(args.model)
     return _model_chat(args)

@@ -9,6 +9,34 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..tune.config import field_default, field_type  # dataclasses only: no torch at --help
+
+# (group, [(TuneConfig field, help)]): the `herd tune` flags, in --help order.
+TUNE_FLAGS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+    ("LoRA", (
+        ("rank", "rank r of the update"),
+        ("alpha", "the update is scaled by alpha / rank"),
+        ("dropout", "dropout on the LoRA input"),
+    )),
+    ("training", (
+        ("epochs", "passes over the data (unless --max-steps)"),
+        ("max_steps", "optimizer steps; 0 = decided by --epochs"),
+        ("lr", "peak learning rate (cosine decay to lr/10)"),
+        ("warmup", "linear warmup steps; -1 = 5%% of the run"),
+        ("batch_size", "rows per micro-batch"),
+        ("grad_accum", "micro-batches per optimizer step"),
+        ("seq_len", "tokens per row; longer examples are truncated"),
+        ("pack", "pack several examples per row (isolated attention)"),
+        ("weight_decay", "AdamW weight decay"),
+        ("grad_clip", "max gradient norm; 0 disables"),
+        ("eval_split", "fraction of examples held out for validation"),
+        ("eval_every", "steps between validations; 0 = at checkpoints"),
+        ("save_every", "steps between checkpoints"),
+        ("seed", "same seed, data and flags = same adapter"),
+        ("device", "cpu or cuda (default: cuda when available)"),
+    )),
+)  # fmt: skip
+
 
 def register(sub) -> None:
     t = sub.add_parser(
@@ -25,26 +53,17 @@ def register(sub) -> None:
     t.add_argument("base", metavar="BASE", help="base model: store name, .gguf path or Hugging Face directory")
     t.add_argument("--data", required=True, metavar="FILE.jsonl", help="training data (chat or prompt/completion JSONL)")
     t.add_argument("--out", required=True, metavar="NAME", help="store name for the tuned model")
-    g = t.add_argument_group("LoRA")
-    g.add_argument("--rank", type=int, default=8, help="rank r of the update")
-    g.add_argument("--alpha", type=float, default=16.0, help="the update is scaled by alpha / rank")
-    g.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
-    o = t.add_argument_group("training")
-    o.add_argument("--epochs", type=float, default=3.0, help="passes over the data (unless --max-steps)")
-    o.add_argument("--max-steps", type=int, default=0, help="optimizer steps; 0 = decided by --epochs")
-    o.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine decay to lr/10)")
-    o.add_argument("--warmup", type=int, default=-1, help="linear warmup steps; -1 = 5%% of the run")
-    o.add_argument("--batch-size", type=int, default=4, help="rows per micro-batch")
-    o.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    o.add_argument("--seq-len", type=int, default=1024, help="tokens per row; longer examples are truncated")
-    o.add_argument("--pack", action="store_true", help="pack several examples per row (isolated attention)")
-    o.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables")
-    o.add_argument("--eval-split", type=float, default=0.1, help="fraction of examples held out for validation")
-    o.add_argument("--eval-every", type=int, default=0, help="steps between validations; 0 = at checkpoints")
-    o.add_argument("--save-every", type=int, default=100, help="steps between checkpoints")
-    o.add_argument("--seed", type=int, default=1337, help="same seed, data and flags = same adapter")
-    o.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    # Every training knob is a TuneConfig field: its flag, type and default come from there;
+    # only the help text (and the grouping) is the CLI's own.
+    for title, knobs in TUNE_FLAGS:
+        group = t.add_argument_group(title)
+        for name, help_text in knobs:
+            flag = "--" + name.replace("_", "-")
+            kind = field_type(name)
+            if kind is bool:
+                group.add_argument(flag, action="store_true", help=help_text)
+            else:
+                group.add_argument(flag, type=kind, default=field_default(name), help=help_text)
     r = t.add_argument_group("run directory")
     r.add_argument("--run-dir", default=None, help="where checkpoints go (default $HERD_HOME/runs/NAME)")
     r.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
@@ -204,12 +223,9 @@ def cmd_tune(args) -> int:
     from ..tune.sft import TuneConfig, tune
 
     gate, gate_extra = _gate_args(args)
+    knobs = {name: getattr(args, name) for _, group in TUNE_FLAGS for name, _ in group}
     cfg = TuneConfig(
-        base=args.base, data=args.data, out=args.out, rank=args.rank, alpha=args.alpha, dropout=args.dropout,
-        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, warmup=args.warmup, batch_size=args.batch_size,
-        grad_accum=args.grad_accum, seq_len=args.seq_len, pack=args.pack, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, eval_split=args.eval_split, eval_every=args.eval_every,
-        save_every=args.save_every, seed=args.seed, device=args.device, run_dir=args.run_dir,
+        base=args.base, data=args.data, out=args.out, **knobs, run_dir=args.run_dir,
         resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.progress_json),
         gate=gate, **gate_extra,
     )  # fmt: skip

@@ -45,59 +45,23 @@ from ..errors import ContextOverflow, HerdError, InvalidRequest, QueueFull, Unav
 from ..settings import default_threads
 from . import grammar as _grammar
 from .detok import StreamDecoder
-from .runtime import ContextConfig, LlamaContext, LlamaModel, ModelInfo, load_lora
+from .runtime import ContextConfig, LlamaContext, LlamaModel, load_lora
 from .sampling import Sampler, log_softmax, token_logprobs
-from .types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent, Usage
+from .types import (
+    Capabilities,
+    EngineConfig,
+    EngineStats,
+    FinishEvent,
+    GenerationRequest,
+    ModelInfo,
+    SamplingParams,
+    TokenEvent,
+    Usage,
+)
 
 log = logging.getLogger("openherd.engine")
 
 Event = TokenEvent | FinishEvent
-
-
-@dataclass
-class EngineConfig:
-    n_ctx: int = 4096  # context per sequence (clamped to the model's training context)
-    n_parallel: int = 8  # sequences decoded together (llama.cpp sequence ids)
-    n_threads: int = 0  # 0 = settings.default_threads()
-    n_batch: int = 512  # max tokens per llama_decode
-    prefill_chunk: int = 256  # prompt tokens per step while other sequences decode
-    max_queue: int = 64  # waiting requests before QueueFull
-    lora: str | None = None  # GGUF LoRA adapter applied to every sequence of this engine
-    lora_scale: float = 1.0
-    n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp
-    embed_ctx: int = 2048  # context of the lazily created embedding context
-    # A prefix shared between slots (n>1 choices, users behind one system prompt, an eval
-    # wave) is computed once either way: unified KV shares its cells (seq_cp, free), split
-    # KV copies them (LlamaContext.copy_prefix) and decodes ~15% faster on CPU when prompts
-    # differ, its numbers independent of the other sequences' cells.
-    kv_unified: bool = False
-    # Reuse KV cells across requests (a finished slot's tokens, a prefix another slot holds or
-    # is computing). Off, every request evaluates its whole prompt, as llama.cpp's server with
-    # cache_prompt=false or vLLM without enable_prefix_caching do: results then never depend
-    # on what ran before, at the price of recomputing shared prefixes (bench/eval.py).
-    prefix_cache: bool = True
-
-    def __post_init__(self):
-        if self.n_ctx < 16:
-            raise InvalidRequest("context size must be at least 16 tokens")
-        if not 1 <= self.n_parallel <= 256:
-            raise InvalidRequest("n_parallel must be between 1 and 256")
-        if self.n_batch < 1 or self.prefill_chunk < 1:
-            raise InvalidRequest("n_batch and prefill_chunk must be positive")
-        if self.max_queue < 0:
-            raise InvalidRequest("max_queue must be >= 0")
-
-
-@dataclass
-class EngineStats:
-    queue_depth: int = 0
-    active: int = 0
-    requests: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    steps: int = 0  # llama_decode calls
-    evaluated_tokens: int = 0  # prompt tokens put through llama_decode (the rest came from the cache)
 
 
 class RequestHandle:
@@ -313,6 +277,11 @@ def _lcp(a: list[int], b: list[int]) -> int:
 
 
 class Engine:
+    """The llama.cpp backend (openherd.engine.backend.Backend): everything, LoRA included."""
+
+    kind = "llama.cpp"
+    capabilities = Capabilities()
+
     def __init__(self, model: LlamaModel, config: EngineConfig, name: str = "", own_model: bool = True):
         self.config = config
         self.model = model
@@ -431,6 +400,22 @@ class Engine:
             self._cond.notify()
         self.last_used = time.monotonic()
         return handle
+
+    def submit_many(self, reqs: list[GenerationRequest]) -> list[RequestHandle]:
+        """Submit every request under the scheduler's lock (it is re-entrant), so they are
+        admitted in one step: a wave of scoring requests computes the prefix it shares once,
+        and no request can finish and hand its slot to a stranger before its siblings are in.
+        All or none: on an error the ones already queued are cancelled."""
+        handles: list[RequestHandle] = []
+        with self._cond:
+            try:
+                for r in reqs:
+                    handles.append(self.submit(r))
+            except BaseException:
+                for h in handles:
+                    h.cancel()
+                raise
+        return handles
 
     def generate(self, req: GenerationRequest) -> Iterator[Event]:
         return iter(self.submit(req))

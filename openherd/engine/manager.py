@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from ..errors import HerdError, InvalidRequest, ModelNotFound, Unavailable
+from ..errors import HerdError, ModelNotFound, Unavailable
 from ..settings import Settings, get_settings
 from .engine import Engine, EngineConfig
 from .runtime import LlamaModel
@@ -263,29 +263,3 @@ class ModelManager:
                         await self.unload(name)
                     except Exception:  # keep reaping the others
                         log.exception("unloading %s failed", name)
-
-
-def parse_keep_alive(value) -> float | None:
-    """Ollama keep_alive: seconds as a number, or a duration string '5m', '1h30m', '-1'."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise InvalidRequest("keep_alive must be a duration like '5m' or a number of seconds", param="keep_alive")
-    if isinstance(value, (int, float)):
-        return float(value)
-    s = str(value).strip()
-    if not s:
-        return None
-    try:
-        return float(s)
-    except ValueError:
-        pass
-    import re
-
-    m = re.fullmatch(r"(-)?((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+)", s)
-    if not m:
-        raise InvalidRequest(f"invalid keep_alive duration {s!r}; use e.g. '5m', '30s', '1h' or -1",
-                             param="keep_alive")
-    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
-    total = sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", m.group(2)))
-    return -total if m.group(1) else total

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidModelFile
+from .types import ModelInfo
 
 log = logging.getLogger("openherd.engine")
 
@@ -61,28 +62,6 @@ def init_backend() -> None:
         ll.llama_log_set(_cb, ctypes.c_void_p(0))
         ll.llama_backend_init()
         _backend_ready = True
-
-
-@dataclass
-class ModelInfo:
-    name: str
-    path: str
-    architecture: str
-    n_ctx: int  # context available to one sequence
-    n_ctx_train: int
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_params: int
-    size_bytes: int
-    bos: int
-    eos: int
-    eog_tokens: frozenset[int]  # every end-of-generation token (eos, eot, <|im_end|>, ...)
-    add_bos: bool
-    bos_text: str
-    eos_text: str
-    chat_template: str | None
-    description: str
 
 
 class LlamaModel:

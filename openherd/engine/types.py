@@ -7,7 +7,7 @@ into a ``GenerationRequest`` and read back ``TokenEvent``s and one final
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ..errors import InvalidRequest
@@ -127,3 +127,85 @@ class FinishEvent:
     text: str = ""  # any held-back text flushed at the end
     error: str | None = None
     prompt_logprobs: list[tuple[float, bool]] = field(default_factory=list)  # (logprob, is_greedy) per scored token
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    path: str
+    architecture: str
+    n_ctx: int  # context available to one sequence
+    n_ctx_train: int
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_params: int
+    size_bytes: int
+    bos: int
+    eos: int
+    eog_tokens: frozenset[int]  # every end-of-generation token (eos, eot, <|im_end|>, ...)
+    add_bos: bool
+    bos_text: str
+    eos_text: str
+    chat_template: str | None
+    description: str
+
+
+@dataclass
+class EngineConfig:
+    n_ctx: int = 4096  # context per sequence (clamped to the model's training context)
+    n_parallel: int = 8  # sequences decoded together (llama.cpp sequence ids)
+    n_threads: int = 0  # 0 = settings.default_threads()
+    n_batch: int = 512  # max tokens per llama_decode
+    prefill_chunk: int = 256  # prompt tokens per step while other sequences decode
+    max_queue: int = 64  # waiting requests before QueueFull
+    lora: str | None = None  # GGUF LoRA adapter applied to every sequence of this engine
+    lora_scale: float = 1.0
+    n_gpu_layers: int = 0  # layers offloaded to a GPU build of llama.cpp
+    embed_ctx: int = 2048  # context of the lazily created embedding context
+    # A prefix shared between slots (n>1 choices, users behind one system prompt, an eval
+    # wave) is computed once either way: unified KV shares its cells (seq_cp, free), split
+    # KV copies them (LlamaContext.copy_prefix) and decodes ~15% faster on CPU when prompts
+    # differ, its numbers independent of the other sequences' cells.
+    kv_unified: bool = False
+    # Reuse KV cells across requests (a finished slot's tokens, a prefix another slot holds or
+    # is computing). Off, every request evaluates its whole prompt, as llama.cpp's server with
+    # cache_prompt=false or vLLM without enable_prefix_caching do: results then never depend
+    # on what ran before, at the price of recomputing shared prefixes (bench/eval.py).
+    prefix_cache: bool = True
+
+    def __post_init__(self):
+        if self.n_ctx < 16:
+            raise InvalidRequest("context size must be at least 16 tokens")
+        if not 1 <= self.n_parallel <= 256:
+            raise InvalidRequest("n_parallel must be between 1 and 256")
+        if self.n_batch < 1 or self.prefill_chunk < 1:
+            raise InvalidRequest("n_batch and prefill_chunk must be positive")
+        if self.max_queue < 0:
+            raise InvalidRequest("max_queue must be >= 0")
+
+
+@dataclass
+class EngineStats:
+    queue_depth: int = 0
+    active: int = 0
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0  # llama_decode calls
+    evaluated_tokens: int = 0  # prompt tokens put through llama_decode (the rest came from the cache)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do beyond plain generation and tokenizing."""
+
+    grammar: bool = True  # constrained decoding (json_object, json_schema, forced tool calls)
+    logprobs: bool = True  # per-token log-probabilities and top alternatives
+    embeddings: bool = True  # embed(): /v1/embeddings, /api/embed, dense retrieval
+    lora: bool = True  # LoRA adapters applied to the weights
+    score: bool = True  # prompt log-likelihoods (score_many): evals
+
+    def names(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name)]

@@ -12,8 +12,9 @@ from .compare import Comparison, compare_results, comparison_table
 from .gate import GateFailed, GateResult, check_gate
 from .humaneval import build_program, evaluate_samples, load_problems, read_samples
 from .lm import EngineLM, EvalModelConfig, PersonaLM, open_model
-from .report import EvalSummary, write_comparison, write_report
-from .runner import GenRequest, LanguageModel, TaskResult, run_task
+from .report import write_comparison, write_report
+from .results import EvalSummary, TaskResult
+from .runner import GenRequest, LanguageModel, run_task
 from .sandbox import SandboxLimits, SandboxResult, SandboxUnavailable, check_program, run_program
 from .scoring import estimate_pass_at_k, pass_at_k
 from .tasks import Task, TaskError, TaskSpec, builtin_tasks, load_task

@@ -13,53 +13,11 @@ seeded, so the same runs always give the same interval.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 from . import scoring
-from .runner import TaskResult
-
-N_RESAMPLES = 1000
-SEED = 0
-CONFIDENCE = 0.95
+from .results import CONFIDENCE, N_RESAMPLES, SEED, Comparison, MetricComparison, TaskResult
 
 # Metrics where a lower value is better; every other metric is higher-is-better.
 LOWER_IS_BETTER = frozenset({"bits_per_byte", "word_perplexity", "byte_perplexity", "token_perplexity"})
-
-
-@dataclass
-class MetricComparison:
-    metric: str
-    a: float  # the metric of A (as in A's summary)
-    b: float
-    diff: float  # b - a
-    low: float  # confidence interval of b - a
-    high: float
-    p_value: float  # two-sided paired bootstrap p-value for "no difference"
-    n: int  # paired items (problems for HumanEval, documents for perplexity)
-    higher_is_better: bool = True
-
-    @property
-    def improvement(self) -> float:
-        """How much better B is than A in this metric's units (negative: B is worse)."""
-        return self.diff if self.higher_is_better else -self.diff
-
-
-@dataclass
-class Comparison:
-    task: str
-    task_type: str
-    a: str  # what was evaluated as A
-    b: str
-    metrics: list[MetricComparison]
-    n_resamples: int = N_RESAMPLES
-    seed: int = SEED
-    confidence: float = CONFIDENCE
-    summaries: dict = field(default_factory=dict)  # "a"/"b" -> EvalSummary.to_dict()
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["metrics"] = {m.metric: {k: v for k, v in asdict(m).items() if k != "metric"} for m in self.metrics}
-        return d
 
 
 def headline_metrics(result: TaskResult) -> list[str]:

@@ -31,12 +31,13 @@ request types, on the native engine API:
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.backend import Backend, load_backend, require
+from ..engine.types import EngineConfig
 from ..errors import ContextOverflow, InvalidRequest, Unavailable
 
 
@@ -120,14 +121,13 @@ def score_pairs(
     return [scored[(tuple(c), tuple(x))] for c, x in pairs]
 
 
-def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """``Engine.score_many`` for one wave, admitted by the scheduler as a whole.
+def score_wave(engine: Backend, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """``Backend.score_many`` for one wave, admitted by the scheduler as a whole.
 
     The same requests as score_many (prompt = context + continuation, logprobs
     from the continuation's first position, ``max_tokens=0``: prefill only), and
     like it, all of them reach the scheduler's queue before it admits any
-    (``Engine.submit`` takes the scheduler's condition lock, which is re-entrant,
-    so holding it across the loop enqueues atomically). Admitted in one step, the
+    (``Backend.submit_many``). Admitted in one step, the
     wave's requests wait for the one that computes the prefix they share instead
     of each computing it (``Engine._assign``), and no request finishes and gives
     up its slot, with the context a later choice needs, before the rest arrive.
@@ -145,12 +145,11 @@ def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tup
                 prompt_logprobs_from=len(ctx),
             )
         )
+    require(engine, "score")
     handles = []
     out = []
     try:
-        with getattr(engine, "_cond", None) or contextlib.nullcontext():
-            for r in requests:
-                handles.append(engine.submit(r))
+        handles = engine.submit_many(requests)
         for h in handles:
             _, fin = h.result()
             if fin.reason == "error":
@@ -163,12 +162,11 @@ def score_wave(engine, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tup
     return out
 
 
-def generate_all(engine, prompts: Sequence[list[int]], params: Sequence[Any]) -> list[str]:
+def generate_all(engine: Backend, prompts: Sequence[list[int]], params: Sequence[Any]) -> list[str]:
     """Submit every request (a sliding window as deep as the engine's queue) and collect the texts in order."""
     from ..engine.types import GenerationRequest
 
-    cfg = getattr(engine, "config", None)
-    window = max(1, getattr(cfg, "n_parallel", 8) + getattr(cfg, "max_queue", 0))
+    window = max(1, engine.config.n_parallel + engine.config.max_queue)
     handles: dict[int, Any] = {}
     out: list[str] = []
     submitted = 0
@@ -208,11 +206,11 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[
     return out
 
 
-def _n_parallel(engine) -> int:
-    return max(1, getattr(getattr(engine, "config", None), "n_parallel", 8))
+def _n_parallel(engine: Backend) -> int:
+    return max(1, engine.config.n_parallel)
 
 
-def _prefix_token(engine) -> int:
+def _prefix_token(engine: Backend) -> int:
     """lm-eval's prefix_token_id: BOS, or EOS for models without one."""
     info = engine.info
     bos = getattr(info, "bos", -1)
@@ -244,7 +242,7 @@ class EngineLM:
 
     chat = False  # prompts are raw text (see PersonaLM for chat-formatted ones)
 
-    def __init__(self, engine, name: str):
+    def __init__(self, engine: Backend, name: str):
         self.engine = engine
         self.name = name
 
@@ -324,7 +322,7 @@ class PersonaLM:
 
     chat = True
 
-    def __init__(self, runtime, engine, name: str):
+    def __init__(self, runtime, engine: Backend, name: str):
         self.runtime = runtime
         self.engine = engine
         self.name = name
@@ -375,7 +373,7 @@ _PERSONA_KEEP = ("repeat_penalty", "repeat_last_n", "frequency_penalty", "presen
 class OpenModel:
     """A LanguageModel and the engines behind it; close() (or ``with``) frees them."""
 
-    def __init__(self, lm, engines: dict[str, Any]):
+    def __init__(self, lm, engines: dict[str, Backend]):
         self.lm = lm
         self.engines = engines  # model -> engine; a persona may load its embedding model lazily
 
@@ -394,8 +392,7 @@ class OpenModel:
         self.close()
 
 
-def engine_config(config: EvalModelConfig, lora: str | None):
-    from ..engine.engine import EngineConfig
+def engine_config(config: EvalModelConfig, lora: str | None) -> EngineConfig:
     from ..settings import get_settings
 
     return EngineConfig(
@@ -410,9 +407,8 @@ def engine_config(config: EvalModelConfig, lora: str | None):
     )
 
 
-def load_engine(name_or_path: str, config: EvalModelConfig):
+def load_engine(name_or_path: str, config: EvalModelConfig) -> tuple[Backend, str]:
     """(engine, display name) for a store name, catalog alias or .gguf path, with any adapter."""
-    from ..engine.engine import Engine
     from ..store import Store
 
     manifest = Store().ensure(name_or_path)
@@ -426,7 +422,7 @@ def load_engine(name_or_path: str, config: EvalModelConfig):
     if lora and not os.path.isfile(lora):
         raise InvalidRequest(f"adapter file {lora} does not exist")
     name = manifest.name or os.path.basename(manifest.path)
-    engine = Engine.load(manifest.path, engine_config(config, lora), name=name)
+    engine = load_backend(manifest.path, engine_config(config, lora), name=name)
     if config.adapter:
         name = f"{name}+{os.path.basename(config.adapter)}"
     return engine, name
@@ -454,7 +450,7 @@ def _open_persona(persona, config: EvalModelConfig) -> OpenModel:
 
     if config.adapter:
         raise InvalidRequest(f"'{persona.name}' is a persona; its adapter comes from the persona itself")
-    engines: dict[str, Any] = {}
+    engines: dict[str, Backend] = {}
 
     def acquire(model: str):
         if model not in engines:

@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
-@dataclass
-class EvalSummary:
-    task: str
-    type: str  # the task type
-    subject: str  # what was evaluated: a model name, or "samples:FILE"
-    metrics: dict[str, float]  # e.g. {"acc": 0.7, "acc_norm": 0.75} or {"pass@1": 0.5}
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> 95% CI (low, high)
-    counts: dict[str, int] = field(default_factory=dict)  # items, problems, samples, errors...
-    settings: dict = field(default_factory=dict)  # fewshot, limit, timeout...: what reproduces the run
-    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["intervals"] = {k: list(v) for k, v in self.intervals.items()}
-        return d
+from ..atomic import atomic_write
+from .compare import comparison_table
+from .results import Comparison, EvalSummary
 
 
 def default_out_dir(home: Path, task: str) -> Path:
@@ -116,9 +101,9 @@ def write_report(out_dir: Path, summary: EvalSummary, records: Iterable[dict]) -
         "records": out_dir / "records.jsonl",
         "report": out_dir / "report.md",
     }
-    _atomic_write(paths["records"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    _atomic_write(paths["results"], json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["report"], markdown_table(summary))
+    atomic_write(paths["records"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write(paths["results"], json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["report"], markdown_table(summary))
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -129,27 +114,19 @@ def write_report(out_dir: Path, summary: EvalSummary, records: Iterable[dict]) -
     return paths
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- comparisons
 
 
 def write_comparison(
-    out_dir: Path, comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]
+    out_dir: Path, comparison: Comparison, results: dict[str, tuple[EvalSummary, Iterable[dict]]]
 ) -> dict[str, Path]:
     """A comparison's directory: comparison.json, report.md, chart.png, and each run's own files in a/ and b/."""
-    from .compare import comparison_table
-
     out_dir.mkdir(parents=True, exist_ok=True)
     for side, (summary, records) in results.items():
         write_report(out_dir / side, summary, records)
     paths = {"comparison": out_dir / "comparison.json", "report": out_dir / "report.md"}
-    _atomic_write(paths["comparison"], json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
-    _atomic_write(paths["report"], comparison_table(comparison))
+    atomic_write(paths["comparison"], json.dumps(comparison.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    atomic_write(paths["report"], comparison_table(comparison))
     try:
         import matplotlib  # noqa: F401
     except ImportError:

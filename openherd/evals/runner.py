@@ -32,7 +32,7 @@ from typing import Protocol
 import numpy as np
 
 from . import scoring
-from .report import EvalSummary
+from .results import EvalSummary, TaskResult
 from .sandbox import Isolation, SandboxLimits
 from .tasks import HUMANEVAL_STOP, Task
 
@@ -70,15 +70,6 @@ class LanguageModel(Protocol):
     def generate(self, requests: Sequence[GenRequest]) -> list[str]:
         """For each request: the generated text, without the stop sequence that ended it."""
         ...
-
-
-@dataclass
-class TaskResult:
-    summary: EvalSummary
-    records: list[dict]  # one per item (per sample for humaneval)
-    scores: dict[str, list[float]]  # per-item scores per metric, in item order: input to paired_bootstrap
-    # metric -> per-item weights when the metric is a weighted mean (perplexity: bytes per document)
-    weights: dict[str, list[float]] = field(default_factory=dict)
 
 
 def run_task(

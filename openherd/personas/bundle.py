@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .. import untrusted
+from ..atomic import atomic_write, fsync_dir, write_new
 from ..errors import HerdError, InvalidName, InvalidRequest, NotFound, PayloadTooLarge, StoreError
 from ..settings import Settings, get_settings
 from ..store.manifest import NAME_RE, display, utcnow
@@ -618,32 +619,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_dir(path: Path) -> None:
-    from ..store.blobs import fsync_dir
-
-    fsync_dir(path)
-
-
-def _write_new(path: Path, data: bytes) -> None:
-    """Create `path` (never overwrite, never follow a symlink) and make it durable."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        _write_new(tmp, data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def _read_limited(f: IO[bytes], limit: int, what: str) -> bytes:
     """Read at most `limit` bytes; more is an error (a zip member's declared size can lie)."""
     buf = io.BytesIO()
@@ -783,7 +758,7 @@ class PersonaStore:
     # ------------------------------------------------------------------ writing
 
     def _write_yaml(self, persona: Persona, directory: Path) -> None:
-        _atomic_write(directory / PERSONA_FILE, persona.to_yaml().encode("utf-8"))
+        atomic_write(directory / PERSONA_FILE, persona.to_yaml().encode("utf-8"))
 
     def create(self, persona: Persona, documents: list[tuple[str, bytes]] = ()) -> Persona:
         """Write a new persona with its knowledge documents [(original file name, bytes)]."""
@@ -874,7 +849,7 @@ class PersonaStore:
             if old is None and len(persona.knowledge.sources) >= MAX_DOCUMENTS:
                 raise InvalidRequest(f"persona '{name}' already has {MAX_DOCUMENTS} documents")
             _check_document(file, data)
-            _atomic_write(directory / KNOWLEDGE_DIR / file, data)
+            atomic_write(directory / KNOWLEDGE_DIR / file, data)
             src = KnowledgeSource(file=file, sha256=_sha256(data), size=len(data), title=title or (old.title if old else ""),
                                   added_at=utcnow())
             persona.knowledge.sources = [s for s in persona.knowledge.sources if s.file != file] + [src]
@@ -903,7 +878,7 @@ class PersonaStore:
             # Rename first so a crash half-way leaves a hidden leftover, never a half persona.
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(directory, trash)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
             shutil.rmtree(trash, ignore_errors=True)
         return name
 
@@ -948,7 +923,7 @@ class PersonaStore:
         if len(taken) >= MAX_DOCUMENTS:
             raise InvalidRequest(f"a persona holds at most {MAX_DOCUMENTS} documents")
         _check_document(file, data)
-        _write_new(directory / KNOWLEDGE_DIR / file, data)
+        write_new(directory / KNOWLEDGE_DIR / file, data)
         return KnowledgeSource(file=file, sha256=_sha256(data), size=len(data), added_at=utcnow())
 
     def _staging(self) -> Path:
@@ -961,10 +936,10 @@ class PersonaStore:
         final = self.root / name
         if final.exists() or final.is_symlink():
             raise PersonaExists(f"persona '{name}' already exists", param="name")
-        _fsync_dir(staging / KNOWLEDGE_DIR)
-        _fsync_dir(staging)
+        fsync_dir(staging / KNOWLEDGE_DIR)
+        fsync_dir(staging)
         os.rename(staging, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def clean_staging(self) -> None:
         """Remove leftovers of interrupted creates, imports and removals."""
@@ -1082,7 +1057,7 @@ class PersonaStore:
                         _check_digest(f"{KNOWLEDGE_DIR}/{src.file}", data, manifest)
                         if _sha256(data) != src.sha256 or len(data) != src.size:
                             raise _archive_error(f"{display(src.file)} does not match its sha256 in persona.yaml")
-                        _write_new(kdir / src.file, data)
+                        write_new(kdir / src.file, data)
                         written += len(data)
                     persona.updated_at = utcnow()
                     self._write_yaml(persona, staging)

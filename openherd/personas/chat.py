@@ -17,7 +17,7 @@ a model::
 
     from ..personas.chat import find_persona, run_persona_chat
     if args.model and find_persona(args.model) is not None:
-        return run_persona_chat(args)
+        return run_persona_chat(args, progress_printer)
 
 and ``--new``, ``--resume [ID]`` and ``--list`` flags on the ``chat`` parser. Store
 models win over personas of the same name, as on the server.
@@ -25,10 +25,14 @@ models win over personas of the same name, as on the server.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from ..engine.backend import Backend
 from ..engine.types import GenerationRequest
 from ..repl import chat_loop, print_conversations, setup_history, show_recap, stream_answer, usage_line
 from .bundle import Persona, PersonaStore
@@ -36,6 +40,9 @@ from .memory import Conversation, ConversationStore, conversations_exist, open_c
 from .runtime import LocalEngines, PersonaRuntime
 
 __all__ = ["find_persona", "run_persona_chat"]
+
+# () -> a context manager yielding a pull progress callback (commands.store.progress_printer).
+ProgressPrinter = Callable[[], AbstractContextManager[Any]]
 
 SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "seed", "max_tokens")
 
@@ -55,7 +62,7 @@ class PersonaChat:
 
     persona: Persona
     runtime: PersonaRuntime
-    engine: Any  # the engine the persona's model runs on
+    engine: Backend  # the runtime the persona's model runs on
     memory: ConversationStore
     conv: Conversation
     overrides: dict[str, Any] = field(default_factory=dict)  # sampling flags given on the command line
@@ -94,13 +101,14 @@ class PersonaChat:
             print(f"  [{s.get('index')}] {s.get('title', '')}")
 
 
-def run_persona_chat(args: Any) -> int:
+def run_persona_chat(args: Any, progress_printer: ProgressPrinter | None = None) -> int:
     """The REPL. `args` carries the chat flags: model (the persona name), new, resume, list, ctx,
     verbose and the sampling flags (temperature, top_p, top_k, seed, max_tokens; unset = persona
-    default)."""
-    from ..commands.store import progress_printer
+    default). `progress_printer` shows a model pull (the CLI passes its terminal bars; the
+    personas layer does not reach back into the CLI for them); None shows nothing."""
     from ..settings import get_settings
 
+    progress_printer = progress_printer or _no_progress
     settings = get_settings()
     personas = PersonaStore(settings)
     persona = personas.get(args.model)
@@ -151,7 +159,12 @@ def run_persona_chat(args: Any) -> int:
     return 0
 
 
-def _load(persona: Persona, settings: Any, n_ctx: int | None, progress_printer: Any) -> tuple[LocalEngines, Any]:
+def _no_progress() -> AbstractContextManager[Any]:
+    return contextlib.nullcontext(None)
+
+
+def _load(persona: Persona, settings: Any, n_ctx: int | None,
+          progress_printer: ProgressPrinter) -> tuple[LocalEngines, Any]:
     """The persona's model (and its embedding model, for dense retrieval), pulled if need be."""
     with progress_printer() as progress:
         engines = LocalEngines(settings, progress=progress, n_ctx=n_ctx)

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..engine.types import FinishEvent, GenerationRequest, SamplingParams
+from ..context import DROP_OLDEST, fit_messages
+from ..engine.backend import Backend, load_backend, require
+from ..engine.types import EngineConfig, FinishEvent, GenerationRequest, SamplingParams
 from ..errors import ContextOverflow, InvalidRequest, StoreError
 from ..settings import Settings
 from .bundle import KnowledgeSource, Persona, PersonaStore
@@ -72,7 +74,7 @@ Acquire = Callable[[str], Any]  # name -> Engine, or an awaitable of one (ModelM
 DEFAULT_RESERVE = 512  # completion tokens kept free when the request sets no max_tokens
 
 
-def model_key(engine) -> str:
+def model_key(engine: Backend) -> str:
     """Identifies the weights (and so the tokenizer and embedding space) of an engine:
     store blobs are named by their sha256, so the file name plus size is stable and
     changes whenever the model does."""
@@ -96,7 +98,7 @@ class PreparedChat:
     """Everything needed to run one persona turn on the engine."""
 
     persona: Persona
-    engine: Any  # openherd.engine.Engine
+    engine: Backend  # the served model's runtime
     messages: list[dict[str, Any]]  # final messages (system + examples + history)
     prompt: list[int]  # engine.encode_chat(messages, tools)
     params: SamplingParams
@@ -271,11 +273,11 @@ class PersonaRuntime:
     def index(self) -> KnowledgeIndex:
         return knowledge_index(self.store.knowledge_db(self.persona.name))
 
-    def chunker(self, engine) -> str:
+    def chunker(self, engine: Backend) -> str:
         k = self.persona.knowledge
         return chunker_id(model_key(engine), k.chunk_tokens, k.chunk_overlap)
 
-    def sync(self, engine, embedder=None) -> SyncReport:
+    def sync(self, engine: Backend, embedder: Backend | None = None) -> SyncReport:
         """Bring the index up to date: ingest new/changed documents, embed what lacks vectors."""
         k = self.persona.knowledge
         with self.index().sync_lock:  # per index: concurrent requests of one persona ingest once
@@ -294,7 +296,8 @@ class PersonaRuntime:
         policy = self.persona.safety
         return policy.injection if policy is not None else "quarantine"
 
-    def retrieve(self, engine, query: str, embedder=None, k: int | None = None) -> SearchResult:
+    def retrieve(self, engine: Backend, query: str, embedder: Backend | None = None,
+                 k: int | None = None) -> SearchResult:
         persona = self.persona
         if not persona.knowledge.sources or not query.strip():
             return SearchResult([], [])
@@ -303,6 +306,7 @@ class PersonaRuntime:
         vector = None
         key = None
         if self.retrieval != "bm25":
+            require(embedder, "embeddings")
             key = model_key(embedder)
             vector = _embedder(embedder)([query])[0]
         return self.index().search(query, persona.knowledge.sources, self.chunker(engine),
@@ -313,7 +317,7 @@ class PersonaRuntime:
 
     # ------------------------------------------------------------------ the prompt
 
-    def build(self, engine, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None,
+    def build(self, engine: Backend, messages: Sequence[Mapping[str, Any]], overrides: Mapping[str, Any] | None = None,
               tools: list[dict] | None = None, embedder=None) -> PreparedChat:
         persona = self.persona
         params = self.sampling(overrides)
@@ -332,11 +336,9 @@ class PersonaRuntime:
         count = _counter(engine)
         n_ctx = engine.info.n_ctx
         reserve = params.max_tokens if params.max_tokens is not None else min(DEFAULT_RESERVE, n_ctx // 4)
-        budget = n_ctx - reserve - 1
         examples = [m for e in persona.examples for m in ({"role": "user", "content": e.user},
                                                            {"role": "assistant", "content": e.assistant})]
         passage_budget = persona.knowledge.max_context_tokens
-        dropped = 0
         system = "\n\n".join(s for s in [persona.system.strip(), *[c.strip() for c in client_system]] if s)
         # Sentences mode scores every unit of the retrieved passages once; the loop below only
         # chooses within a budget that may shrink.
@@ -354,41 +356,45 @@ class PersonaRuntime:
             if sentences:
                 notes = choose_notes(ranked, self.context.sentences, passage_budget, count)
                 block, placed = render_notes(notes)
-                asked = _ask_with(history, block, notes=True)
             else:
                 block, placed = render_context(result.passages, passage_budget, count)
-                asked = _ask_with(history, block)
-            final = ([{"role": "system", "content": system}] if system else []) + examples + asked
-            prompt = engine.encode_chat(final, tools=tools) if tools else engine.encode_chat(final)
-            prefix = self._answer_prefix(notes, asked, tools, params)
-            if prefix:
-                prompt = prompt + engine.tokenize(prefix, add_special=False, parse_special=False)
-            if len(prompt) <= budget:
+            head = ([{"role": "system", "content": system}] if system else []) + examples
+
+            def encode(kept: list[dict[str, Any]], head=head, block=block, notes=notes) -> list[int]:
+                asked = _ask_with(kept, block, notes=sentences)
+                prompt = engine.encode_chat(head + asked, tools=tools) if tools else engine.encode_chat(head + asked)
+                prefix = self._answer_prefix(notes, asked, tools, params)
+                if prefix:
+                    prompt = prompt + engine.tokenize(prefix, add_special=False, parse_special=False)
+                return prompt
+
+            # The one context policy (openherd.context): the oldest history turns go first; when the
+            # last message alone does not fit, the examples go, then half the passages at a time.
+            try:
+                # reserve + 1: the answer's room and one token of slack, as this loop always kept.
+                fitted = fit_messages(encode, history, n_ctx, reserve + 1, DROP_OLDEST)
                 break
-            # Too long: drop the oldest history turn (keeping the last user message, and starting
-            # at a user turn, which strict templates require), then the examples, then passages.
-            if len(history) > 1:
-                history.pop(0)
-                dropped += 1
-                while len(history) > 1 and history[0].get("role") != "user":
-                    history.pop(0)
-                    dropped += 1
-                continue
-            if examples:
-                examples = []
-                continue
-            if placed and passage_budget > 64:
-                passage_budget //= 2
-                continue
+            except ContextOverflow:
+                if examples:
+                    examples = []
+                    continue
+                if placed and passage_budget > 64:
+                    passage_budget //= 2
+                    continue
+                n_prompt = len(encode(history[-1:]))
             raise ContextOverflow(
-                f"the conversation needs {len(prompt)} tokens but persona '{persona.name}' has a context of "
+                f"the conversation needs {n_prompt} tokens but persona '{persona.name}' has a context of "
                 f"{n_ctx} tokens with {reserve} kept for the answer; shorten the message or lower max_tokens")
+        asked = _ask_with(fitted.messages, block, notes=sentences)
+        final = head + asked
+        prompt, dropped = fitted.prompt, len(history) - len(fitted.messages)
+        prefix = self._answer_prefix(notes, asked, tools, params)
         return PreparedChat(persona=persona, engine=engine, messages=final, prompt=prompt, params=params,
                             sources=placed, quarantined=result.quarantined, dropped_turns=dropped,
                             decisions=self._decisions(query, placed, result.quarantined), notes=notes,
                             answer_prefix=prefix)
 
-    def _unit_embedder(self, engine, embedder):
+    def _unit_embedder(self, engine: Backend, embedder: Backend | None):
         """Sentence scoring uses the retrieval's embedder, when retrieval uses one: a sentence
         encoder compares a question with one line as well as with a chunk, while a small chat
         model's mean-pooled vectors are noise (bench/RESULTS.md), so BM25 mode goes without."""
@@ -464,18 +470,18 @@ def attribute(answer: str, passages: Sequence[Passage], share: float = 0.6) -> l
     return [p for p, sc in zip(passages, scores, strict=True) if sc >= share * best]
 
 
-def _tokenizer(engine):
+def _tokenizer(engine: Backend):
     return lambda text: engine.tokenize(text, add_special=False, parse_special=False)
 
 
-def _counter(engine):
+def _counter(engine: Backend):
     return lambda text: len(engine.tokenize(text, add_special=False, parse_special=False))
 
 
 EMBED_BATCH_TOKENS = 512  # llama.cpp's n_ubatch in the engine's embedding context
 
 
-def _embedder(engine):
+def _embedder(engine: Backend):
     """texts -> vectors through engine.embed, in calls of at most EMBED_BATCH_TOKENS tokens.
 
     Encoder models (BERT) must see every token of a llama_decode call in one
@@ -537,13 +543,12 @@ class LocalEngines:
     def __call__(self, name: str):
         engine = self._engines.get(name)
         if engine is None:
-            from ..engine.engine import Engine, EngineConfig
             from ..store import Store
 
             manifest = Store(self.settings).ensure(name, progress=self.progress)
             cfg = EngineConfig(n_ctx=self.n_ctx or self.settings.num_ctx, n_parallel=1,
                                n_threads=self.settings.threads, max_queue=1, lora=manifest.adapter)
-            engine = self._engines[name] = Engine.load(manifest.path, cfg, name=manifest.name or name)
+            engine = self._engines[name] = load_backend(manifest.path, cfg, name=manifest.name or name)
         return engine
 
     def close(self) -> None:

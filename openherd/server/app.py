@@ -9,7 +9,7 @@ The request path, outermost first::
     auth           Bearer API key on every route but /health, when keys are set
     size limits    headers (431); Content-Length checked up front, streamed bodies counted (413)
     body check     JSON too deep, numbers too long, lone surrogates -> 400 (untrusted.check_json)
-    routes         /v1 (openai.py, moderation.py, personas.api), /api (ollama.py), /health, /metrics
+    routes         /v1 (openai.py, moderations.py, personas.api), /api (ollama.py), /health, /metrics
 
 Every error leaves through ``error_response``: OpenAI's ``{"error": {message,
 type, param, code}}`` everywhere except under ``/api/``, where Ollama clients
@@ -51,8 +51,9 @@ from ..settings import Settings
 from ..untrusted import check_json
 from ..web import check_csrf, is_public_path, mount_web, session_auth
 from . import metrics as _metrics
+from .models import router as models_router
 from .moderation import Shields
-from .moderation import router as moderation_router
+from .moderations import router as moderation_router
 from .ollama import router as ollama_router
 from .openai import router as openai_router
 from .protocol import KEEP_FOREVER
@@ -554,6 +555,7 @@ def build_app(settings: Settings, manager=None, preload: str | None = None) -> F
         return Response(text, media_type=_metrics.CONTENT_TYPE)
 
     app.include_router(openai_router)
+    app.include_router(models_router)
     app.include_router(moderation_router)
     app.include_router(personas_router)  # /v1/personas: CRUD (personas are served as model ids above)
     app.include_router(ollama_router)

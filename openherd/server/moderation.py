@@ -1,4 +1,4 @@
-"""Safety shields as a step in serving, and ``POST /v1/moderations``.
+"""Safety shields as a step in serving.
 
 The shields themselves live in ``openherd.safety``; this module binds them to
 the server:
@@ -21,38 +21,32 @@ the server:
 * **Audit.** Every decision goes to ``AuditLog`` ($HERD_HOME/audit.db): kinds,
   categories and counts, never what was said.
 
-``/v1/moderations`` answers in OpenAI's shape from the same shields (see
-``moderate``), with what OpenAI has no field for in the ``herd`` extension.
+``moderate`` is one result of ``/v1/moderations`` (the route is ``moderations.py``),
+in OpenAI's shape, with what OpenAI has no field for in the ``herd`` extension.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
-from ..engine.types import SamplingParams
-from ..errors import HerdError, InvalidRequest
+from ..errors import HerdError, InvalidRequest, Unavailable
 from ..safety import injection as _injection
 from ..safety.llama_guard import LlamaGuardShield, Verdict
 from ..safety.pii import find_pii
 from ..safety.policy import Decision, SafetyPolicy, TopicMatcher, aapply_input, merge_policies, refusal
 from ..settings import Settings
 from ..untrusted import load_yaml
-from . import protocol as p
 
 log = logging.getLogger("openherd.server")
 
-router = APIRouter()
+GuardComplete = Callable[[str, str, int], Awaitable[str]]  # (model, prompt, max_tokens) -> text
 
 MAX_POLICY_BYTES = 1024 * 1024
 GUARD_MAX_TOKENS = 32  # 'unsafe' and a line of codes; more is rambling
@@ -123,6 +117,10 @@ class Shields:
 
     settings: Settings
     policy: SafetyPolicy | None = None  # the global policy (HERD_SAFETY), None = none
+    # Greedy decoding on a guard model: (model, prompt, max_tokens) -> text. Injected by the
+    # server (ServerState), which owns the engines; the shields never import serving.
+    complete: GuardComplete | None = field(default=None, repr=False)
+    _store_of: Callable[[], Any] | None = field(default=None, repr=False)  # -> the server's Store
     _audit: Any = field(default=None, repr=False)
 
     @classmethod
@@ -143,6 +141,14 @@ class Shields:
         (the request then takes the plain path)."""
         policy = self.effective(persona)
         return policy if policy is not None and policy.active else None
+
+    def bind(self, complete: GuardComplete, store_of: Callable[[], Any]) -> None:
+        """Give the shields the server's guard completion and (a getter of) its model store."""
+        self.complete = complete
+        self._store_of = store_of
+
+    def store(self):
+        return self._store_of() if self._store_of is not None else _store(self.settings)
 
     def audit(self):
         if self._audit is None:
@@ -181,50 +187,40 @@ def _store(settings: Settings):
 # ----------------------------------------------------------------------------
 
 
-async def guard_complete(state, model: str, prompt: str, max_tokens: int) -> str:
-    """Greedy decoding of `prompt` (special tokens parsed: it carries <|begin_of_text|> and
-    the header tokens itself) on the guard model's engine."""
-    from .serving import request_id, start_generation
-
-    t0 = time.perf_counter()
-    engine, _ = await state.engine(model)
-    tokens = await run_in_threadpool(engine.tokenize, prompt, False, True)
-    params = SamplingParams(temperature=0.0, top_k=0, min_p=0.0, top_p=1.0, max_tokens=max_tokens)
-    gen = await start_generation(state, engine, [(tokens, params)], t0, request_id("guard"))
-    [result] = await gen.collect()
-    return result.text
-
-
-async def guard_for(state, policy: SafetyPolicy) -> LlamaGuardShield | None:
-    """The policy's Llama Guard shield, bound to the server's engines; None without one."""
+async def guard_for(shields: Shields, policy: SafetyPolicy) -> LlamaGuardShield | None:
+    """The policy's Llama Guard shield, bound to the server's engines through
+    ``shields.complete``; None without one."""
     if not policy.llama_guard:
         return None
+    if shields.complete is None:
+        raise Unavailable("the safety policy names a Llama Guard model but no engine is bound to the shields")
 
     def build() -> LlamaGuardShield:
-        return policy.shield(store=state.store)
+        return policy.shield(store=shields.store())
 
     shield = await run_in_threadpool(build)
-    model = shield.model
+    model, complete = shield.model, shields.complete
 
-    async def complete(prompt: str, max_tokens: int) -> str:
-        return await guard_complete(state, model, prompt, max_tokens)
+    async def bound(prompt: str, max_tokens: int) -> str:
+        return await complete(model, prompt, max_tokens)
 
-    shield.complete = complete
+    shield.complete = bound
     return shield
 
 
 async def screen_input(
-    state, policy: SafetyPolicy, messages: list[dict[str, Any]]
+    shields: Shields, policy: SafetyPolicy, messages: list[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], list[Decision], str | None]:
     """Input shields on the client's messages: (messages to use, decisions, refusal or None)."""
-    guard = await guard_for(state, policy)
+    guard = await guard_for(shields, policy)
     messages, decisions = await aapply_input(policy, messages, guard)
     return messages, decisions, refusal(decisions)
 
 
-async def check_answer(state, policy: SafetyPolicy, messages: list[dict[str, Any]], answer: str) -> Decision | None:
+async def check_answer(shields: Shields, policy: SafetyPolicy, messages: list[dict[str, Any]],
+                       answer: str) -> Decision | None:
     """Llama Guard on a finished answer (the Agent turn); None when the policy has no guard."""
-    guard = await guard_for(state, policy)
+    guard = await guard_for(shields, policy)
     if guard is None:
         return None
     verdict = await guard.acheck([*messages, {"role": "assistant", "content": answer}], "Agent")
@@ -246,7 +242,7 @@ def _guard_decision(policy: SafetyPolicy, guard: LlamaGuardShield, verdict: Verd
 # ----------------------------------------------------------------------------
 
 
-async def moderate(state, policy: SafetyPolicy, text: str) -> dict[str, Any]:
+async def moderate(shields: Shields, policy: SafetyPolicy, text: str) -> dict[str, Any]:
     """One result of OpenAI's shape for `text`. Every shield runs: PII (the policy's kinds),
     the policy's blocked topics, the injection scan, and Llama Guard when the policy names
     one. `flagged` is true when any of them found something; scores are 1.0 or 0.0 (the
@@ -254,7 +250,7 @@ async def moderate(state, policy: SafetyPolicy, text: str) -> dict[str, Any]:
     pii = Counter(f.kind for f in await run_in_threadpool(find_pii, text, policy.pii_kinds or None))
     topics = TopicMatcher(policy.blocked_topics).find(text) if policy.blocked_topics else Counter()
     report = await run_in_threadpool(_injection.scan, text)
-    guard = await guard_for(state, policy)
+    guard = await guard_for(shields, policy)
     verdict: Verdict | None = None
     if guard is not None:
         verdict = await guard.acheck([{"role": "user", "content": text}], "User")
@@ -279,19 +275,3 @@ async def moderate(state, policy: SafetyPolicy, text: str) -> dict[str, Any]:
         "category_applied_input_types": {k: ["text"] for k in categories},
         "herd": herd,
     }
-
-
-@router.post("/v1/moderations")
-async def moderations(request: Request) -> Response:
-    from .personas import find_persona
-    from .serving import request_id
-
-    state = request.app.state.herd
-    req = p.parse_request(p.ModerationRequest, await request.body())
-    persona = await find_persona(state, req.model) if req.model else None
-    # What a request to this persona (or any model) runs under; with no policy at all the
-    # shields still run with their defaults (all PII kinds, the injection scan).
-    policy = state.shields.effective(persona) or SafetyPolicy()
-    results = [await moderate(state, policy, text) for text in req.inputs()]
-    model = req.model or policy.llama_guard or "openherd-shields"
-    return JSONResponse({"id": request_id("modr"), "model": model, "results": results})

@@ -158,7 +158,7 @@ class Turn:
             if screen.blocked:
                 return screen.refusal, True, decisions
         if text and self.policy.llama_guard:
-            verdict = await check_answer(state, self.policy, self.messages, text)
+            verdict = await check_answer(state.shields, self.policy, self.messages, text)
             if verdict is not None:
                 decisions.append(verdict)
                 if verdict.action == "block":
@@ -197,7 +197,7 @@ async def screen_turn(state, model: str, persona: Persona | None, messages: list
     turn = Turn(rid=rid, model=model, persona=persona, policy=policy, messages=messages)
     if policy is None:
         return turn
-    turn.messages, turn.decisions, turn.refusal = await screen_input(state, policy, messages)
+    turn.messages, turn.decisions, turn.refusal = await screen_input(state.shields, policy, messages)
     await state.shields.record(turn.decisions, persona=persona.name if persona else None,
                                model=turn.served_model, request_id=rid)
     return turn

@@ -22,18 +22,23 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from ..engine.backend import Backend, RequestStream, require
 from ..engine.types import FinishEvent, GenerationRequest, SamplingParams, TokenEvent
 from ..errors import HerdError, InvalidRequest, ModelNotFound, Unavailable
 from ..settings import Settings
 from ..store.manifest import name_candidates, validate_name
 from .metrics import Metrics
+from .moderation import Shields
+
+if TYPE_CHECKING:
+    from ..engine.manager import ModelManager
 
 log = logging.getLogger("openherd.server")
 
@@ -49,17 +54,17 @@ class ServerState:
     """Everything a request handler needs, hung on ``app.state.herd``."""
 
     settings: Settings
-    manager: Any  # openherd.engine.manager.ModelManager
+    manager: ModelManager  # loads, shares and evicts the engines
     metrics: Metrics = field(default_factory=Metrics)
     started_at: float = field(default_factory=time.time)
-    shields: Any = None  # openherd.server.moderation.Shields: the global safety policy and audit log
+    shields: Shields | None = None  # the global safety policy and audit log (None: from the settings)
     _store: Any = None
 
     def __post_init__(self):
         if self.shields is None:
-            from .moderation import Shields
-
             self.shields = Shields(self.settings)
+        # The shields run Llama Guard on this server's engines, through this completion.
+        self.shields.bind(self.guard_complete, lambda: self.store)
 
     @property
     def store(self):
@@ -71,7 +76,8 @@ class ServerState:
                 self._store = Store(self.settings)
         return self._store
 
-    async def engine(self, name: str, keep_alive: float | None = None, num_ctx: int | None = None):
+    async def engine(self, name: str, keep_alive: float | None = None,
+                     num_ctx: int | None = None) -> tuple[Backend, float]:
         """The loaded engine for a registered *store name* and the seconds spent
         loading it (0 when it was already loaded).
 
@@ -96,6 +102,17 @@ class ServerState:
         for c in name_candidates(name):
             await self.manager.unload(c)
 
+    async def guard_complete(self, model: str, prompt: str, max_tokens: int) -> str:
+        """Greedy decoding of `prompt` (special tokens parsed: it carries <|begin_of_text|> and
+        the header tokens itself) on the guard model's engine."""
+        t0 = time.perf_counter()
+        engine, _ = await self.engine(model)
+        tokens = await run_in_threadpool(engine.tokenize, prompt, False, True)
+        params = SamplingParams(temperature=0.0, top_k=0, min_p=0.0, top_p=1.0, max_tokens=max_tokens)
+        gen = await start_generation(self, engine, [(tokens, params)], t0, request_id("guard"))
+        [result] = await gen.collect()
+        return result.text
+
     def engine_stats(self) -> dict[str, Any]:
         return {lm.name: lm.engine.stats() for lm in self.manager.loaded()}
 
@@ -111,13 +128,23 @@ def seeds(seed: int | None, n: int) -> list[int | None]:
     return [(seed + i) % SEED_SPACE for i in range(n)]
 
 
-def check_token_ids(engine, tokens: list[int], param: str) -> None:
+def check_token_ids(engine: Backend, tokens: list[int], param: str) -> None:
     n_vocab = engine.info.n_vocab
     for t in tokens:
         if not 0 <= t < n_vocab:
             raise InvalidRequest(
                 f"token id {t} is outside this model's vocabulary (0..{n_vocab - 1})", param=param
             )
+
+
+def check_dimensions(engine: Backend, dimensions: int | None) -> None:
+    """The embedding routes' `dimensions`: accepted only as the model's own size (no truncation)."""
+    require(engine, "embeddings")
+    if dimensions is not None and dimensions != engine.info.n_embd:
+        raise InvalidRequest(
+            f"this model's embeddings have {engine.info.n_embd} dimensions; 'dimensions' cannot change that",
+            param="dimensions",
+        )
 
 
 # ----------------------------------------------------------------------------
@@ -138,7 +165,7 @@ class Generation:
     """The sequences of one HTTP request: submitted together, iterated as one
     merged stream of (index, event), cancelled together."""
 
-    def __init__(self, state: ServerState, model: str, handles: list, t0: float):
+    def __init__(self, state: ServerState, model: str, handles: list[RequestStream], t0: float):
         self.state = state
         self.model = model
         self.handles = handles
@@ -242,7 +269,7 @@ def raise_for_finish(fin: FinishEvent) -> None:
 
 async def start_generation(
     state: ServerState,
-    engine,
+    engine: Backend,
     jobs: list[tuple[list[int], SamplingParams]],
     t0: float,
     rid: str = "",
@@ -250,7 +277,7 @@ async def start_generation(
     """Submit every (prompt, params) job; all or none (QueueFull/ContextOverflow on
     any job cancels the ones already queued). Metrics are labelled with the engine's
     own (stored) name, never a client-supplied string."""
-    handles: list = []
+    handles: list[RequestStream] = []
 
     def submit_all() -> None:
         for i, (prompt, params) in enumerate(jobs):

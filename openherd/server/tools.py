@@ -350,13 +350,18 @@ class ToolCallParser:
         out, self._buf = self._buf, ""
         return self._content(out), []
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
+    def finish(self, truncated: bool = False) -> tuple[str, list[ParsedCall]]:
+        """Flush at the end of generation. `truncated`: max_tokens cut the output, so a call
+        still open is a call the model did not get to finish, never content: its markup
+        (``<tool_call>{"name": ..., "argu``) is dropped rather than shown as text."""
         buf, self._buf = self._buf, ""
         content, calls = "", []
         if self._in_call:
             body = _llama3_body(buf) if self.fmt.name == "llama3" else buf
             self._grow(body)
             content, calls = self._close(body, (self.fmt.open if self.fmt.name != "llama3" else "") + buf)
+            if truncated and not calls:
+                content = ""
         else:
             content = self._content(buf)
         if not self._any_calls():
@@ -733,8 +738,8 @@ class ToolCallStreamer(ToolCallParser):
         content, _ = self.feed(text)
         return content, self._take_deltas()
 
-    def close(self) -> tuple[str, list[CallDelta]]:
-        content, _ = self.finish()
+    def close(self, truncated: bool = False) -> tuple[str, list[CallDelta]]:
+        content, _ = self.finish(truncated)
         return content, self._take_deltas()
 
     def _take_deltas(self) -> list[CallDelta]:
@@ -793,3 +798,61 @@ class ToolCallStreamer(ToolCallParser):
 
     def _any_calls(self) -> bool:
         return bool(self.calls) or self.n_calls > 0
+
+
+# ----------------------------------------------------------------------------
+# The shortest valid output: what max_tokens must leave room for
+# ----------------------------------------------------------------------------
+
+
+def minimal_instance(schema: Any) -> Any:
+    """The shortest JSON value a schema accepts, as compact JSON writes it: required
+    properties only, each at its shortest (the shortest enum member or const, "" , 0,
+    false, [] or the minimum items, {}, null). Used to refuse, up front, a max_tokens too
+    small for any valid constrained output; a schema it cannot read gives {} (no bound)."""
+    if not isinstance(schema, dict):
+        return {}
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return min(schema["enum"], key=lambda v: len(json.dumps(v, separators=(",", ":"))))
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            options = [minimal_instance(s) for s in schema[key]]
+            return min(options, key=lambda v: len(json.dumps(v, separators=(",", ":"))))
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = "null" if "null" in kind else (kind[0] if kind else None)
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {k: minimal_instance(props.get(k, {})) for k in schema.get("required") or []}
+    if kind == "array":
+        return [minimal_instance(schema.get("items", {})) for _ in range(int(schema.get("minItems", 0)))]
+    if kind == "string":
+        return "x" * int(schema.get("minLength", 0))
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        return int(low) + (1 if "exclusiveMinimum" in schema else 0) if isinstance(low, int | float) and low > 0 else 0
+    if kind == "boolean":
+        return False
+    if kind == "null":
+        return None
+    return {}
+
+
+def shortest_call(tools: list[dict], fmt: ToolFormat, name: str | None) -> str:
+    """The shortest text a forced call (tool_choice "required", or the named function) can be."""
+    texts = []
+    for t in tools:
+        fn = t["function"]
+        if name is not None and fn["name"] != name:
+            continue
+        body = {"name": fn["name"], fmt.args_key: minimal_instance(fn.get("parameters") or {"type": "object"})}
+        call = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        if fmt.name == "mistral":
+            texts.append(f"{fmt.open}[{call}]")
+        elif fmt.name == "llama3":
+            texts.append(call)
+        else:
+            texts.append(f"{fmt.open}\n{call}\n{fmt.close}")
+    return min(texts, key=len) if texts else ""

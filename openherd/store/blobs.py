@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from ..atomic import fsync_dir
 from ..errors import InvalidModelFile, StoreError
 
 try:  # POSIX; on Windows the store runs without the cross-process lock
@@ -92,35 +93,6 @@ class Blob:
     sha256: str  # hex
     size: int
     path: Path
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (POSIX); a no-op where directories can't be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `path` so readers see the old content or the new, never half of it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def hash_file(path: Path, reporter: Reporter | None = None) -> tuple[str, int]:

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Output types of the Hugging Face directory converter (store.convert). Here, with the other
+# data about what `herd pull` can fetch, so that the store checks a --quant without importing
+# the converter (numpy) and the converter needs nothing from the sources that call it.
+QUANTS = ("f16", "q8_0", "f32")
+
 
 @dataclass(frozen=True)
 class CatalogEntry:

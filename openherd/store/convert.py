@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import InvalidModelFile
 from .blobs import ProgressFn, Reporter
-from .sources import QUANTS
+from .catalog import QUANTS
 
 # config.json "architectures"[0] -> GGUF general.architecture. Mistral is the llama graph
 # in llama.cpp (sliding-window attention is not used by any llama.cpp Mistral path).

@@ -29,8 +29,6 @@ from .catalog import CatalogEntry
 from .hub import HubRef, is_hub_ref, parse_hub_ref
 from .manifest import display, is_valid_name, validate_name
 
-QUANTS = ("f16", "q8_0", "f32")  # output types of the Hugging Face directory converter
-
 # --------------------------------------------------------------------------- source specs
 
 

@@ -20,10 +20,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..errors import InvalidName, InvalidRequest, ModelNotFound, StoreError
 from ..settings import Settings, get_settings
-from .blobs import Blob, BlobStore, Progress, ProgressFn, Reporter, atomic_write_text, store_lock
-from .catalog import CATALOG, CatalogEntry
+from .blobs import Blob, BlobStore, Progress, ProgressFn, Reporter, store_lock
+from .catalog import CATALOG, QUANTS, CatalogEntry
 from .manifest import (
     DEFAULT_TAG,
     Manifest,
@@ -35,7 +36,7 @@ from .manifest import (
     utcnow,
     validate_name,
 )
-from .sources import QUANTS, HFDirSource, default_name, fetch, looks_like_path, parse_source
+from .sources import HFDirSource, default_name, fetch, looks_like_path, parse_source
 
 log = logging.getLogger("openherd.store")
 
@@ -292,7 +293,7 @@ class Store:
         """Write the manifest (caller holds the lock) and collect the blob it replaced."""
         path = self.manifest_path(manifest.name)
         old_refs = (_raw_refs(path) or set()) if path.is_file() else set()
-        atomic_write_text(path, manifest.to_json())
+        atomic_write(path, manifest.to_json())
         self._collect(old_refs - _manifest_refs(manifest))
 
     def _collect(self, candidates: set[str]) -> None:

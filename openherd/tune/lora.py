@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,9 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import InvalidRequest
-
-# The seven projections of a Llama block, in openherd.model's names.
-ALL_LINEAR = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from .config import ALL_LINEAR, LoRAConfig
 
 __all__ = [
     "ALL_LINEAR",
@@ -52,33 +49,6 @@ __all__ = [
     "merge_lora_weights",
     "unwrap_lora",
 ]
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 8  # r: rank of the update B A
-    alpha: float = 16.0  # the update is scaled by alpha / rank (so changing r keeps the lr meaningful)
-    dropout: float = 0.05  # dropout on the LoRA branch's input only (the frozen path never drops)
-    targets: tuple[str, ...] = ALL_LINEAR  # which projections get an adapter
-
-    def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1:
-            raise InvalidRequest(f"--rank must be a positive integer, got {self.rank!r}", param="rank")
-        if not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise InvalidRequest(f"--alpha must be a positive number, got {self.alpha!r}", param="alpha")
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidRequest(f"--dropout must be in [0, 1), got {self.dropout!r}", param="dropout")
-        self.targets = tuple(self.targets)
-        unknown = sorted(set(self.targets) - set(ALL_LINEAR))
-        if unknown or not self.targets:
-            raise InvalidRequest(
-                f"LoRA targets must be among {', '.join(ALL_LINEAR)}; got {', '.join(unknown) or 'none'}",
-                param="targets",
-            )
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
 
 
 class LoRALinear(nn.Module):

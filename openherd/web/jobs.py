@@ -50,8 +50,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..atomic import atomic_write
 from ..errors import HerdError, InvalidRequest, ModelNotFound, NotFound, QueueFull
 from ..settings import Settings
+from ..tune.config import field_type
 
 log = logging.getLogger("openherd.web")
 
@@ -244,11 +246,7 @@ class JobManager:
             self.jobs[job.id] = job
 
     def _save(self, job: Job) -> None:
-        d = self.root / job.id
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / "job.json.tmp"
-        tmp.write_text(json.dumps(job.to_dict()))
-        os.replace(tmp, d / "job.json")
+        atomic_write(self.root / job.id / "job.json", json.dumps(job.to_dict()))
 
     # ------------------------------------------------------------------ submit / cancel
 
@@ -615,25 +613,21 @@ def _signal_group(proc: asyncio.subprocess.Process, sig: int) -> None:
 
 # ----------------------------------------------------------------------------- requests
 
-# query parameter -> (CLI flag, type, minimum, maximum); the CLI checks again.
-TUNE_FLAGS = {
-    "epochs": "--epochs", "max_steps": "--max-steps", "lr": "--lr", "rank": "--rank", "alpha": "--alpha",
-    "dropout": "--dropout", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "seq_len": "--seq-len",
-    "warmup": "--warmup", "eval_split": "--eval-split", "eval_every": "--eval-every",
-    "save_every": "--save-every", "seed": "--seed",
+# Query parameter (a TuneConfig field) -> (minimum, maximum): what a browser may ask for. The
+# CLI flag and the type come from TuneConfig (tune/config.py), whose checks run again in the job.
+TUNE_LIMITS: dict[str, tuple[float, float]] = {
+    "epochs": (0.01, 1000), "max_steps": (0, 10_000_000), "lr": (1e-8, 1.0),
+    "rank": (1, 1024), "alpha": (0.01, 10_000), "dropout": (0.0, 0.9),
+    "batch_size": (1, 4096), "grad_accum": (1, 4096), "seq_len": (8, 1 << 20),
+    "warmup": (-1, 10_000_000), "eval_split": (0.0, 0.9), "eval_every": (0, 10_000_000),
+    "save_every": (1, 10_000_000), "seed": (0, 2**31 - 1),
 }  # fmt: skip
-TUNE_LIMITS: dict[str, tuple[type, float, float]] = {
-    "epochs": (float, 0.01, 1000), "max_steps": (int, 0, 10_000_000), "lr": (float, 1e-8, 1.0),
-    "rank": (int, 1, 1024), "alpha": (float, 0.01, 10_000), "dropout": (float, 0.0, 0.9),
-    "batch_size": (int, 1, 4096), "grad_accum": (int, 1, 4096), "seq_len": (int, 8, 1 << 20),
-    "warmup": (int, -1, 10_000_000), "eval_split": (float, 0.0, 0.9), "eval_every": (int, 0, 10_000_000),
-    "save_every": (int, 1, 10_000_000), "seed": (int, 0, 2**31 - 1),
-}  # fmt: skip
+TUNE_FLAGS = {name: "--" + name.replace("_", "-") for name in TUNE_LIMITS}
 BOOL_FLAGS = ("pack", "resume", "overwrite")
 
 
 def _number(name: str, raw: str) -> float | int:
-    kind, lo, hi = TUNE_LIMITS[name]
+    kind, (lo, hi) = field_type(name), TUNE_LIMITS[name]
     try:
         value = kind(raw)
     except ValueError:
