@@ -1,15 +1,23 @@
-"""Serving under concurrency: `herd serve` vs llama-cpp-python's own server.
+"""Serving under concurrency: `herd serve` against llama.cpp's own `llama-server`.
 
-Closed-loop streaming clients (each sends its next request as soon as the
-previous one finishes) at several concurrency levels, max_tokens 128, against
-both servers in the same run, on the same GGUF and thread count. Reports
-aggregate completion tok/s, time to first token (p50/p99), inter-token latency
-(p50/p99) and errors. Traffic goes to 127.0.0.1 only; every loop is bounded.
+Closed-loop streaming clients (each sends its next request as soon as the previous
+one finishes) at several concurrency levels, max_tokens 128, against both servers in
+the same run, on the same GGUF, thread count and number of parallel sequences (`-np`
+equal to HERD_NUM_PARALLEL), each server alone on the machine. The two sides alternate
+for --rounds rounds (herd, peer, herd, peer, ...), because this machine is shared and
+noisy, and the table reports medians and the per-round ratios. Reports aggregate
+completion tok/s, time to first token (p50/p99), inter-token latency (p50/p99) and
+errors. Traffic goes to 127.0.0.1 only; every loop is bounded.
 
-    python bench/serve.py [--model smollm2] [--threads 2] [--levels 1,4,8,16]
+    python bench/serve.py [--model smollm2] [--threads 2] [--levels 1,8,16] [--rounds 2]
+                          [--peer llama-server|llama-cpp-python]
 
-Goals (issue 3): at concurrency 8, aggregate >= 2.5x the peer, TTFT p99 <= 1.5 s,
-zero errors; single stream >= 0.95x raw llama.cpp decode (see bench/decode.py).
+`llama-server` is built once from the llama.cpp source that the installed
+llama-cpp-python vendors (bench/llama_server.py) and cached.
+
+Goal (the serving-core issue): aggregate tok/s at least 1.0x llama-server at
+concurrency 1, 8 and 16, TTFT p99 no higher than llama-server's, zero errors; single
+stream decode at least 0.95x raw llama.cpp (bench/decode.py).
 """
 
 from __future__ import annotations
@@ -25,11 +33,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import date
+from statistics import median
 
 import httpx
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import resolve_model, write_section  # noqa: E402
+from llama_server import ensure_llama_server  # noqa: E402
 
 TOPICS = ["a lighthouse", "the moon", "a tiny robot", "autumn", "the sea", "a library", "a fox", "a city",
           "mountains", "a violin", "the desert", "a garden", "a train", "snow", "a market", "a comet"]
@@ -211,7 +221,8 @@ def start_herd(path: str, threads: int, parallel: int, home: str) -> tuple[subpr
     return proc, f"http://127.0.0.1:{port}", "bench"
 
 
-def start_peer(path: str, threads: int) -> tuple[subprocess.Popen, str, str]:
+def start_llama_cpp_python(path: str, threads: int, parallel: int) -> tuple[subprocess.Popen, str, str]:
+    """llama-cpp-python's own server (one sequence at a time: it has no continuous batching)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", path, "--host", "127.0.0.1", "--port", str(port),
@@ -219,6 +230,22 @@ def start_peer(path: str, threads: int) -> tuple[subprocess.Popen, str, str]:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     return proc, f"http://127.0.0.1:{port}", path
+
+
+def start_llama_server(path: str, threads: int, parallel: int) -> tuple[subprocess.Popen, str, str]:
+    """llama.cpp's C++ server with herd's settings: `parallel` slots of HERD_NUM_CTX (1024)
+    tokens each (-c is the total that the slots share), continuous batching (its default)."""
+    binary = ensure_llama_server(log=lambda m: print(m, flush=True))
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(binary), "-m", path, "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+         "-tb", str(threads), "-np", str(parallel), "-c", str(1024 * parallel)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    return proc, f"http://127.0.0.1:{port}", "bench"
+
+
+PEERS = {"llama-server": start_llama_server, "llama-cpp-python": start_llama_cpp_python}
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -230,69 +257,120 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def serve_side(starter, levels: list[int], args) -> dict[int, tuple[Stats, float]]:
+    """Start one server, warm it up, run every level, stop it."""
+    proc, base, model = starter()
+    out: dict[int, tuple[Stats, float]] = {}
+    try:
+        wait_ready(base, proc)
+        asyncio.run(run_level(base, model, 1, 1, 8))  # warm-up
+        for c in levels:
+            out[c] = asyncio.run(run_level(base, model, c, args.per_client, args.max_tokens))
+    finally:
+        stop(proc)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--levels", default="1,8,16")
     ap.add_argument("--per-client", type=int, default=2, help="requests each closed-loop client sends")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--parallel", type=int, default=8, help="herd sequences decoded together")
+    ap.add_argument("--parallel", type=int, default=8, help="sequences decoded together (herd and the peer)")
+    ap.add_argument("--peer", choices=sorted(PEERS), default="llama-server")
+    ap.add_argument("--rounds", type=int, default=2, help="alternate the two sides this many times")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the raw batched llama.cpp ceiling")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     import tempfile
 
     path = resolve_model(args.model)
     levels = [int(x) for x in args.levels.split(",")]
-    results: dict[str, dict[int, tuple[Stats, float]]] = {}
+    if args.peer == "llama-server":
+        ensure_llama_server(log=lambda m: print(m, flush=True))  # build before anything is timed
+    # rounds[side][r][c] = (stats, wall)
+    rounds: dict[str, list[dict[int, tuple[Stats, float]]]] = {"openherd": [], args.peer: []}
     with tempfile.TemporaryDirectory() as home:
-        for name, starter in (("openherd", lambda: start_herd(path, args.threads, args.parallel, home)),
-                              ("llama-cpp-python server", lambda: start_peer(path, args.threads))):
-            proc, base, model = starter()
-            try:
-                wait_ready(base, proc)
-                asyncio.run(run_level(base, model, 1, 1, 8))  # warm-up
-                results[name] = {}
-                for c in levels:
-                    results[name][c] = asyncio.run(run_level(base, model, c, args.per_client, args.max_tokens))
-                    st, wall = results[name][c]
-                    print(f"{name:>24} c={c:<3} {st.tokens / wall:7.1f} tok/s  ttft p50 {pct(st.ttft, 50):.2f}s "
-                          f"p99 {pct(st.ttft, 99):.2f}s  itl p50 {pct(st.itl, 50) * 1000:.0f}ms "
-                          f"p99 {pct(st.itl, 99) * 1000:.0f}ms  errors {st.errors} {st.error_samples[:2]}",
-                          flush=True)
-            finally:
-                stop(proc)
+        sides = {
+            "openherd": lambda: start_herd(path, args.threads, args.parallel, home),
+            args.peer: lambda: PEERS[args.peer](path, args.threads, args.parallel),
+        }
+        for r in range(args.rounds):
+            for name, starter in sides.items():
+                res = serve_side(starter, levels, args)
+                rounds[name].append(res)
+                for c, (st, wall) in res.items():
+                    print(f"round {r + 1} {name:>18} c={c:<3} {st.tokens / wall:7.1f} tok/s  "
+                          f"ttft p50 {pct(st.ttft, 50):.2f}s p99 {pct(st.ttft, 99):.2f}s  "
+                          f"itl p50 {pct(st.itl, 50) * 1000:.0f}ms p99 {pct(st.itl, 99) * 1000:.0f}ms  "
+                          f"errors {st.errors} {st.error_samples[:2]}", flush=True)
     # The ceiling: what llama.cpp itself does with c sequences decoded together and
     # nothing else running (same prompts, max_tokens, sampler settings, threads).
-    ceiling = {c: raw_batched(path, args.threads, c, args.max_tokens) for c in levels if 1 < c <= args.parallel}
-    lines = [
-        f"Date {date.today()}, {platform.node() or 'host'} ({os.cpu_count()} CPUs, {platform.machine()}), "
-        f"model {os.path.basename(path)}, {args.threads} threads, max_tokens {args.max_tokens}, "
-        f"{args.per_client} requests per closed-loop client; herd HERD_NUM_PARALLEL={args.parallel}; peer "
-        "`python -m llama_cpp.server --interrupt_requests False` (same GGUF and threads).",
-        "",
-        "| server | concurrency | tok/s | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, by_c in results.items():
-        for c, (st, wall) in by_c.items():
-            lines.append(f"| {name} | {c} | {st.tokens / wall:.1f} | {pct(st.ttft, 50):.2f} s | {pct(st.ttft, 99):.2f} s "
-                         f"| {pct(st.itl, 50) * 1000:.0f} ms | {pct(st.itl, 99) * 1000:.0f} ms | {st.errors} |")
-    lines.append("")
-    herd, peer = results["openherd"], results["llama-cpp-python server"]
-    for c in levels:
-        h = herd[c][0].tokens / herd[c][1]
-        p = peer[c][0].tokens / peer[c][1]
-        line = f"- concurrency {c}: openherd / peer aggregate tok/s = **{h / p:.2f}x**"
-        if c in ceiling:
-            line += (f"; raw batched llama.cpp ceiling {ceiling[c]:.1f} tok/s ({ceiling[c] / p:.2f}x the peer), "
-                     f"openherd reaches {h / ceiling[c]:.0%} of it")
-        lines.append(line)
-    text = "\n".join(lines)
+    ceiling = {} if args.no_ceiling else {
+        c: raw_batched(path, args.threads, c, args.max_tokens) for c in levels if 1 < c <= args.parallel
+    }
+    text = report(rounds, levels, ceiling, args, os.path.basename(path))
     print(text)
     if not args.no_write:
         write_section("serve", text)
     return 0
+
+
+def report(rounds, levels: list[int], ceiling: dict[int, float], args, model: str) -> str:
+    peer = args.peer
+    peer_cmd = (
+        f"`llama-server -t {args.threads} -tb {args.threads} -np {args.parallel} -c {1024 * args.parallel}` "
+        "built from the llama.cpp that llama-cpp-python vendors"
+        if peer == "llama-server" else "`python -m llama_cpp.server --interrupt_requests False`"
+    )
+    lines = [
+        f"Date {date.today()}, {platform.node() or 'host'} ({os.cpu_count()} CPUs, {platform.machine()}), "
+        f"model {model}, {args.threads} threads, max_tokens {args.max_tokens}, "
+        f"{args.per_client} requests per closed-loop client, {args.rounds} interleaved rounds (medians); "
+        f"herd HERD_NUM_PARALLEL={args.parallel}; peer {peer_cmd} (same GGUF and threads).",
+        "",
+        "| server | concurrency | tok/s (median) | per round | TTFT p50 | TTFT p99 | ITL p50 | ITL p99 | errors |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def med(side: str, c: int, f) -> float:
+        return median(f(r[c][0], r[c][1]) for r in rounds[side])
+
+    def tps(st: Stats, wall: float) -> float:
+        return st.tokens / wall
+
+    for side in rounds:
+        for c in levels:
+            per = ", ".join(f"{tps(*r[c]):.1f}" for r in rounds[side])
+            lines.append(
+                f"| {side} | {c} | {med(side, c, tps):.1f} | {per} "
+                f"| {med(side, c, lambda st, w: pct(st.ttft, 50)):.2f} s "
+                f"| {med(side, c, lambda st, w: pct(st.ttft, 99)):.2f} s "
+                f"| {med(side, c, lambda st, w: pct(st.itl, 50)) * 1000:.0f} ms "
+                f"| {med(side, c, lambda st, w: pct(st.itl, 99)) * 1000:.0f} ms "
+                f"| {sum(r[c][0].errors for r in rounds[side])} |"
+            )
+    lines.append("")
+    met = True
+    for c in levels:
+        h, p = med("openherd", c, tps), med(peer, c, tps)
+        per_round = ", ".join(
+            f"{tps(*a[c]) / tps(*b[c]):.2f}" for a, b in zip(rounds["openherd"], rounds[peer], strict=True)
+        )
+        th = med("openherd", c, lambda st, w: pct(st.ttft, 99))
+        tp = med(peer, c, lambda st, w: pct(st.ttft, 99))
+        errors = sum(r[c][0].errors for side in rounds for r in rounds[side])
+        met = met and h >= p and th <= tp and errors == 0
+        line = (f"- concurrency {c}: openherd / {peer} aggregate tok/s = **{h / p:.2f}x** (per round {per_round}); "
+                f"TTFT p99 {th:.2f} s against {tp:.2f} s")
+        if c in ceiling:
+            line += f"; raw batched llama.cpp ceiling {ceiling[c]:.1f} tok/s, openherd reaches {h / ceiling[c]:.0%} of it"
+        lines.append(line)
+    if peer == "llama-server":
+        lines.append(f"- goal (>= 1.0x at every level, TTFT p99 no higher, zero errors): **{'met' if met else 'not met'}**")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
