@@ -656,6 +656,24 @@ def test_isa_is_a_checked_parameter(tiny_gguf):
         load_gguf(tiny_gguf, isa="avx2")
 
 
+def test_emulating_an_unemulated_build_is_refused(tiny_gguf, monkeypatch):
+    """load_gguf asks the installed llama.cpp for its kernels unless told: a build it cannot
+    emulate (here its system info says ARM) is an InvalidRequest; an explicit isa is taken as is."""
+    import llama_cpp
+
+    arm = b"CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | "
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: arm)
+    with pytest.raises(
+        InvalidRequest, match="emulated kernels are x86 avx2 and avx512; this llama.cpp reports ARM_FMA"
+    ):
+        load_gguf(tiny_gguf, device="cpu", dtype=torch.float32, emulate="llama.cpp")
+    assert emulated_or_refused(tiny_gguf) is None  # what the parity tests assert on such a build
+    assert (
+        load_gguf(tiny_gguf, device="cpu", dtype=torch.float32, emulate="llama.cpp", isa="avx2").ggml_isa
+        == "avx2"
+    )
+
+
 # ggml_v_expf compiled from llama-cpp-python 0.3.36's ggml-cpu/vec.h by GCC 12, once with -mavx2
 # -mfma, once with -mavx512f -mavx512dq: (x, AVX2 result, AVX512 result). The first seven are
 # inputs where the two differ (24% of inputs do); both kernels were bit-identical to ggml_expf on
