@@ -194,8 +194,17 @@ def test_chat_streams_token_by_token_and_persists(page, tmp_path, serve_gguf):  
         page.wait_for_selector(".msg.assistant[data-streaming]")
         wait_answer_done(page)
         assert page.locator(".msg.assistant").count() == 1
-        with ConversationStore(model_chats_db(s.settings)) as mem:
-            assert [t.role for t in mem.turns(conv.id)] == ["user", "assistant"]
+        # The page saves the new answer once it has rendered it (chat.ts answer()), so the
+        # store catches up a moment after the page shows the answer done: poll, bounded.
+        deadline = time.monotonic() + 30
+        while True:
+            with ConversationStore(model_chats_db(s.settings)) as mem:
+                after = mem.turns(conv.id)
+            if [t.role for t in after] == ["user", "assistant"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [t.role for t in after] == ["user", "assistant"]
+        assert after[1].created_at > turns[1].created_at  # the old answer was deleted, a new one saved
 
         # A reload finds the conversation in the sidebar; opening it shows the turns.
         page.reload()
